@@ -1,0 +1,218 @@
+//! The wire contract: what a job and a result look like on AMQP (see `docs/protocol.md`).
+
+use serde::{Deserialize, Serialize};
+
+/// Header names carried on job and result messages.
+pub mod header {
+    /// Job: when the client submitted it, unix milliseconds.
+    pub const SUBMITTED_AT: &str = "ember-submitted-at";
+    /// Job: after this instant (unix milliseconds) no model time is spent on it.
+    pub const DEADLINE: &str = "ember-deadline";
+    /// Job: POST the result to this URL (handled by the dispatcher's callback sender).
+    pub const CALLBACK_URL: &str = "ember-callback-url";
+    /// Job and result: W3C trace context, passed through unchanged.
+    pub const TRACEPARENT: &str = "traceparent";
+    /// Result: `ok` or `error`.
+    pub const STATUS: &str = "ember-status";
+    /// Result: the model that produced it.
+    pub const MODEL: &str = "ember-model";
+    /// Set by RabbitMQ quorum queues on redelivery: how many times the job was delivered before.
+    pub const DELIVERY_COUNT: &str = "x-delivery-count";
+}
+
+/// Content types a job body may have.
+pub mod content_type {
+    pub const JPEG: &str = "image/jpeg";
+    pub const PNG: &str = "image/png";
+    pub const JSON: &str = "application/json";
+}
+
+/// Whether a job succeeded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Ok,
+    Error,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Error => "error",
+        }
+    }
+}
+
+/// Stable, snake_case error codes. Clients may match on them; new ones may be added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The body is empty or otherwise not a usable input.
+    InvalidInput,
+    /// The body is not a decodable image (garbage, truncated, zero-sized).
+    InvalidImage,
+    /// The content type is not one the model accepts.
+    UnsupportedContentType,
+    /// The body or the decoded image exceeds the worker's limits.
+    InputTooLarge,
+    /// The job's `ember-deadline` passed before it could run.
+    DeadlineExceeded,
+    /// The model failed on this input.
+    ModelError,
+    /// The job was cancelled before it ran.
+    Cancelled,
+    /// Anything else on the worker side.
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::InvalidInput => "invalid_input",
+            ErrorCode::InvalidImage => "invalid_image",
+            ErrorCode::UnsupportedContentType => "unsupported_content_type",
+            ErrorCode::InputTooLarge => "input_too_large",
+            ErrorCode::DeadlineExceeded => "deadline_exceeded",
+            ErrorCode::ModelError => "model_error",
+            ErrorCode::Cancelled => "cancelled",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// The `error` member of a failed result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// One detected object; `box` is `[x1, y1, x2, y2]` in the input image's pixels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Detection {
+    pub label: String,
+    pub class_id: u32,
+    pub score: f32,
+    #[serde(rename = "box")]
+    pub bbox: [f32; 4],
+}
+
+/// What the model produced for one job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Outputs {
+    pub detections: Vec<Detection>,
+}
+
+/// Where the time went for one job, in milliseconds.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timing {
+    /// From `ember-submitted-at` (or from arrival at the worker when absent) to the batch start.
+    pub queue_ms: f64,
+    /// How many jobs shared the `session.run` call.
+    pub batch_size: u32,
+    /// The batch's `session.run` time.
+    pub inference_ms: f64,
+    /// From arrival at the worker to the result being ready to publish.
+    pub worker_ms: f64,
+}
+
+/// The body of a result message (`content_type: application/json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobResult {
+    pub job_id: String,
+    pub model: String,
+    pub status: Status,
+    pub outputs: Option<Outputs>,
+    pub error: Option<ErrorBody>,
+    pub timing: Timing,
+    pub worker: String,
+    /// 1 for the first delivery, 2 after one redelivery, ...
+    pub attempt: u32,
+}
+
+/// A worker's state as it reports it in heartbeats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkerState {
+    Starting,
+    Ready,
+    Draining,
+}
+
+/// GPU readings from NVML, present only where a driver is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuReading {
+    pub index: u32,
+    /// 0..=1 over the driver's last sample period.
+    pub utilization: f64,
+    pub memory_used_bytes: u64,
+    pub memory_total_bytes: u64,
+}
+
+/// Published every second to `ember.telemetry` with routing key `<model>.<worker-id>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub worker: String,
+    pub model: String,
+    pub state: WorkerState,
+    /// Jobs delivered to this worker and not yet acked.
+    pub in_flight: u64,
+    /// Jobs answered (ok or error) since start.
+    pub completed: u64,
+    /// Seconds spent inside `session.run` since start.
+    pub busy_seconds: f64,
+    pub model_load_seconds: f64,
+    /// Unix milliseconds when the heartbeat was made.
+    pub at_ms: u64,
+    pub gpu: Option<GpuReading>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_result_serialises_to_the_documented_shape() {
+        let result = JobResult {
+            job_id: "j1".into(),
+            model: "ssdlite-person".into(),
+            status: Status::Ok,
+            outputs: Some(Outputs {
+                detections: vec![Detection {
+                    label: "person".into(),
+                    class_id: 1,
+                    score: 0.5,
+                    bbox: [1.0, 2.0, 3.0, 4.0],
+                }],
+            }),
+            error: None,
+            timing: Timing::default(),
+            worker: "w".into(),
+            attempt: 1,
+        };
+        let value = serde_json::to_value(&result).expect("serialises");
+        assert_eq!(value["status"], "ok");
+        assert_eq!(value["outputs"]["detections"][0]["box"][2], 3.0);
+        assert!(value["error"].is_null());
+        let back: JobResult = serde_json::from_value(value).expect("round-trips");
+        assert_eq!(back, result);
+    }
+
+    #[test]
+    fn error_codes_serialise_as_their_stable_strings() {
+        for code in [
+            ErrorCode::InvalidInput,
+            ErrorCode::InvalidImage,
+            ErrorCode::UnsupportedContentType,
+            ErrorCode::InputTooLarge,
+            ErrorCode::DeadlineExceeded,
+            ErrorCode::ModelError,
+            ErrorCode::Cancelled,
+            ErrorCode::Internal,
+        ] {
+            let json = serde_json::to_string(&code).expect("serialises");
+            assert_eq!(json, format!("\"{}\"", code.as_str()));
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! Logging, the per-process metrics registry and the admin HTTP server.
+//!
+//! The admin server answers `/metrics` (Prometheus text format from the process's own
+//! [`prometheus::Registry`], never a global one), `/livez` (the process is running) and `/readyz`
+//! (the part says it can do its work: for a worker, model loaded and consuming).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus::{Encoder, Registry, TextEncoder};
+use tokio_util::sync::CancellationToken;
+
+/// Log output settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogConfig {
+    /// Log format: `text` for terminals, `json` for containers.
+    #[arg(long = "log-format", env = "EMBER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub format: String,
+    /// Log filter in `tracing` EnvFilter syntax (e.g. `info,ember_worker=debug`).
+    #[arg(long = "log", env = "EMBER_LOG", default_value = "info,ort=warn")]
+    pub filter: String,
+}
+
+/// Installs the global `tracing` subscriber (logs go to stderr).
+pub fn init(config: &LogConfig) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.filter)?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if config.format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    }
+}
+
+/// A readiness flag shared between the part's work and `/readyz`.
+#[derive(Debug, Clone, Default)]
+pub struct Readiness(Arc<AtomicBool>);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Release);
+    }
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+#[derive(Clone)]
+struct AdminState {
+    registry: Registry,
+    readiness: Readiness,
+}
+
+async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
+    let mut buffer = Vec::with_capacity(8 * 1024);
+    match TextEncoder::new().encode(&state.registry.gather(), &mut buffer) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)],
+            buffer,
+        )
+            .into_response(),
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, error.to_string()).into_response(),
+    }
+}
+
+async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
+    if state.readiness.get() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+/// The admin router, for embedding or testing.
+pub fn admin_router(registry: Registry, readiness: Readiness) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/livez", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(AdminState {
+            registry,
+            readiness,
+        })
+}
+
+/// Binds `addr` and serves the admin endpoints until `stop` is cancelled. Returns the bound
+/// address (useful with port 0).
+pub async fn serve_admin(
+    addr: SocketAddr,
+    registry: Registry,
+    readiness: Readiness,
+    stop: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = admin_router(registry, readiness);
+    tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "admin server failed");
+        }
+    });
+    tracing::info!(%bound, "admin server listening");
+    Ok(bound)
+}

@@ -1,0 +1,198 @@
+//! The AMQP topology every part declares at start (idempotently: re-declaring with the same
+//! arguments is a no-op, so any part may come up first).
+
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+/// Direct exchange jobs are published to, routing key = model name.
+pub const JOBS_EXCHANGE: &str = "ember.jobs";
+/// Dead-letter exchange; routes by the job's routing key (the model) to `ember.dead.<model>`.
+pub const DEAD_LETTER_EXCHANGE: &str = "ember.dlx";
+/// Topic exchange carrying every result, routing key `<model>.<status>`.
+pub const RESULTS_EXCHANGE: &str = "ember.results";
+/// Quorum queue of results whose job asked for an HTTP callback.
+pub const CALLBACKS_QUEUE: &str = "ember.callbacks";
+/// Transient topic exchange for worker heartbeats, routing key `<model>.<worker-id>`.
+pub const TELEMETRY_EXCHANGE: &str = "ember.telemetry";
+
+/// The model's work queue.
+pub fn jobs_queue(model: &str) -> String {
+    format!("ember.jobs.{model}")
+}
+
+/// Where the model's poison and expired jobs end up.
+pub fn dead_letter_queue(model: &str) -> String {
+    format!("ember.dead.{model}")
+}
+
+/// The routing key of a result on [`RESULTS_EXCHANGE`].
+pub fn result_routing_key(model: &str, status: crate::protocol::Status) -> String {
+    format!("{model}.{}", status.as_str())
+}
+
+/// Per-model queue settings. Every part declaring a model's queue must agree on them (RabbitMQ
+/// refuses a re-declaration with different arguments), so they have one default here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueSettings {
+    /// Deliveries after which a job is dead-lettered (`x-delivery-limit`).
+    pub delivery_limit: u32,
+    /// Ready messages beyond which publishes are refused (`x-max-length`, `reject-publish`).
+    pub max_length: u32,
+}
+
+impl Default for QueueSettings {
+    fn default() -> Self {
+        Self {
+            delivery_limit: 5,
+            max_length: 10_000,
+        }
+    }
+}
+
+fn long_string(value: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(value))
+}
+
+/// Arguments of a model's job queue.
+pub fn jobs_queue_arguments(settings: QueueSettings) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(ShortString::from("x-queue-type"), long_string("quorum"));
+    args.insert(
+        ShortString::from("x-delivery-limit"),
+        AMQPValue::LongInt(settings.delivery_limit as i32),
+    );
+    args.insert(
+        ShortString::from("x-dead-letter-exchange"),
+        long_string(DEAD_LETTER_EXCHANGE),
+    );
+    args.insert(
+        ShortString::from("x-dead-letter-strategy"),
+        long_string("at-least-once"),
+    );
+    args.insert(
+        ShortString::from("x-overflow"),
+        long_string("reject-publish"),
+    );
+    args.insert(
+        ShortString::from("x-max-length"),
+        AMQPValue::LongLongInt(i64::from(settings.max_length)),
+    );
+    args
+}
+
+fn quorum_arguments() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(ShortString::from("x-queue-type"), long_string("quorum"));
+    args
+}
+
+fn durable_exchange() -> ExchangeDeclareOptions {
+    ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    }
+}
+
+fn durable_queue() -> QueueDeclareOptions {
+    QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    }
+}
+
+/// Declares the shared exchanges and the callbacks queue.
+pub async fn declare_shared(channel: &Channel) -> lapin::Result<()> {
+    for (name, kind) in [
+        (JOBS_EXCHANGE, ExchangeKind::Direct),
+        (DEAD_LETTER_EXCHANGE, ExchangeKind::Direct),
+        (RESULTS_EXCHANGE, ExchangeKind::Topic),
+    ] {
+        channel
+            .exchange_declare(name.into(), kind, durable_exchange(), FieldTable::default())
+            .await?;
+    }
+    channel
+        .exchange_declare(
+            TELEMETRY_EXCHANGE.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(CALLBACKS_QUEUE.into(), durable_queue(), quorum_arguments())
+        .await?;
+    Ok(())
+}
+
+/// Declares everything a model needs: the shared parts, its job queue bound to
+/// [`JOBS_EXCHANGE`], and its dead-letter queue bound to [`DEAD_LETTER_EXCHANGE`].
+pub async fn declare_model(
+    channel: &Channel,
+    model: &str,
+    settings: QueueSettings,
+) -> lapin::Result<()> {
+    declare_shared(channel).await?;
+    let jobs = jobs_queue(model);
+    let dead = dead_letter_queue(model);
+    channel
+        .queue_declare(
+            jobs.as_str().into(),
+            durable_queue(),
+            jobs_queue_arguments(settings),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            jobs.as_str().into(),
+            JOBS_EXCHANGE.into(),
+            model.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_declare(dead.as_str().into(), durable_queue(), quorum_arguments())
+        .await?;
+    channel
+        .queue_bind(
+            dead.as_str().into(),
+            DEAD_LETTER_EXCHANGE.into(),
+            model.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_queue_arguments_bound_the_backlog_and_dead_letter_poison() {
+        let args = jobs_queue_arguments(QueueSettings {
+            delivery_limit: 3,
+            max_length: 7,
+        });
+        let get = |k: &str| args.inner().get(k).cloned();
+        assert_eq!(get("x-delivery-limit"), Some(AMQPValue::LongInt(3)));
+        assert_eq!(get("x-max-length"), Some(AMQPValue::LongLongInt(7)));
+        assert_eq!(get("x-overflow"), Some(long_string("reject-publish")));
+        assert_eq!(get("x-dead-letter-strategy"), Some(long_string("at-least-once")));
+        assert_eq!(get("x-dead-letter-exchange"), Some(long_string(DEAD_LETTER_EXCHANGE)));
+        assert_eq!(get("x-queue-type"), Some(long_string("quorum")));
+    }
+
+    #[test]
+    fn names_follow_the_documented_pattern() {
+        assert_eq!(jobs_queue("m"), "ember.jobs.m");
+        assert_eq!(dead_letter_queue("m"), "ember.dead.m");
+        assert_eq!(
+            result_routing_key("m", crate::protocol::Status::Error),
+            "m.error"
+        );
+    }
+}

@@ -1,0 +1,157 @@
+//! Worker configuration: every flag is also an `EMBER_WORKER_*` environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ember_core::amqp::AmqpConfig;
+use ember_core::telemetry::LogConfig;
+
+/// Where inference runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    /// CUDA device index.
+    Cuda(i32),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            other => match other.strip_prefix("cuda:").map(str::parse::<i32>) {
+                Some(Ok(index)) if index >= 0 => Ok(Device::Cuda(index)),
+                _ => Err(format!("`{other}` is not a device: use cpu, cuda or cuda:<N>")),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(index) => write!(f, "cuda:{index}"),
+        }
+    }
+}
+
+/// An Ember worker: keeps one model resident and answers its jobs.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "ember-worker", version, about)]
+pub struct Config {
+    /// The model directory (model.onnx + model.toml).
+    #[arg(long, env = "EMBER_WORKER_MODEL_DIR", default_value = "models/ssdlite-person")]
+    pub model_dir: PathBuf,
+
+    /// Serve the model under this name (queue `ember.jobs.<name>`) instead of model.toml's.
+    #[arg(long, env = "EMBER_WORKER_MODEL_NAME")]
+    pub model_name: Option<String>,
+
+    /// This worker's id in heartbeats and results (default: host name + random suffix).
+    #[arg(long, env = "EMBER_WORKER_ID")]
+    pub worker_id: Option<String>,
+
+    /// Path of libonnxruntime.so (default: found in the project's .venv).
+    #[arg(long, env = "ORT_DYLIB_PATH")]
+    pub ort_dylib_path: Option<PathBuf>,
+
+    /// Execution provider: cpu, cuda or cuda:<N>.
+    #[arg(long, env = "EMBER_WORKER_DEVICE", default_value = "cpu")]
+    pub device: Device,
+
+    /// Run on CPU if the asked-for GPU cannot be used (logged loudly). Without it, that is a
+    /// startup error.
+    #[arg(long, env = "EMBER_WORKER_ALLOW_CPU_FALLBACK")]
+    pub allow_cpu_fallback: bool,
+
+    /// ONNX Runtime intra-op threads (0 = ONNX Runtime's default: one per core).
+    #[arg(long, env = "EMBER_WORKER_INTRA_THREADS", default_value_t = 0)]
+    pub intra_threads: usize,
+
+    /// Most jobs per session.run (default and ceiling: model.toml's max_batch).
+    #[arg(long, env = "EMBER_WORKER_MAX_BATCH")]
+    pub max_batch: Option<usize>,
+
+    /// How long a batch waits for more jobs after its first one.
+    #[arg(long, env = "EMBER_WORKER_MAX_BATCH_DELAY", default_value = "5ms", value_parser = humantime::parse_duration)]
+    pub max_batch_delay: Duration,
+
+    /// Unacked jobs the broker may hand this worker (default: 2 x max batch).
+    #[arg(long, env = "EMBER_WORKER_PREFETCH")]
+    pub prefetch: Option<u16>,
+
+    /// Largest accepted job body, in bytes.
+    #[arg(long, env = "EMBER_WORKER_MAX_INPUT_BYTES", default_value_t = 16 * 1024 * 1024)]
+    pub max_input_bytes: usize,
+
+    /// Largest accepted image, in pixels (width x height), checked before decoding.
+    #[arg(long, env = "EMBER_WORKER_MAX_PIXELS", default_value_t = 40_000_000)]
+    pub max_pixels: u64,
+
+    /// Load the model for every job (the stateless-function baseline) instead of keeping it.
+    #[arg(long, env = "EMBER_WORKER_RELOAD_PER_JOB")]
+    pub reload_per_job: bool,
+
+    /// After SIGTERM, how long to finish the jobs in hand before exiting anyway.
+    #[arg(long, env = "EMBER_WORKER_DRAIN_TIMEOUT", default_value = "25s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// How often to publish a heartbeat to ember.telemetry.
+    #[arg(long, env = "EMBER_WORKER_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// `x-delivery-limit` of the model's queue (must agree with every other declarer).
+    #[arg(long, env = "EMBER_WORKER_DELIVERY_LIMIT", default_value_t = 5)]
+    pub delivery_limit: u32,
+
+    /// `x-max-length` of the model's queue (must agree with every other declarer).
+    #[arg(long, env = "EMBER_WORKER_QUEUE_MAX_LENGTH", default_value_t = 10_000)]
+    pub queue_max_length: u32,
+
+    /// Admin server address (/metrics, /livez, /readyz).
+    #[arg(long, env = "EMBER_WORKER_ADMIN_ADDR", default_value = "127.0.0.1:9100")]
+    pub admin_addr: SocketAddr,
+
+    #[command(flatten)]
+    pub amqp: AmqpConfig,
+
+    #[command(flatten)]
+    pub log: LogConfig,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn devices_parse_and_bad_ones_are_refused() {
+        assert_eq!("cpu".parse::<Device>(), Ok(Device::Cpu));
+        assert_eq!("cuda".parse::<Device>(), Ok(Device::Cuda(0)));
+        assert_eq!("cuda:3".parse::<Device>(), Ok(Device::Cuda(3)));
+        assert!("cuda:-1".parse::<Device>().is_err());
+        assert!("tpu".parse::<Device>().is_err());
+    }
+
+    #[test]
+    fn flags_parse_with_humantime_durations() {
+        let config = Config::try_parse_from([
+            "ember-worker",
+            "--max-batch-delay",
+            "20ms",
+            "--max-batch",
+            "4",
+            "--device",
+            "cuda:1",
+        ])
+        .expect("parses");
+        assert_eq!(config.max_batch_delay, Duration::from_millis(20));
+        assert_eq!(config.max_batch, Some(4));
+        assert_eq!(config.device, Device::Cuda(1));
+        assert!(!config.reload_per_job);
+    }
+}

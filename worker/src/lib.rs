@@ -1,0 +1,183 @@
+//! # ember-worker
+//!
+//! Keeps one model resident (the study's "callable object": loaded once, warmed up, never per
+//! job) and answers the jobs of its queue: consume with prefetch, decode and resize off the async
+//! runtime, gather dynamic batches, one `session.run` per batch on a dedicated thread, publish
+//! results with confirms, then ack.
+//!
+//! # Layout
+//!
+//! - [`config`]: flags and `EMBER_WORKER_*` variables.
+//! - [`model`]: the model directory's `model.toml`.
+//! - [`preprocess`]: job body -> model input, with limits.
+//! - [`engine`]: ONNX Runtime session on its own thread; SSD decoding.
+//! - [`batcher`]: dynamic batching.
+//! - [`service`]: the AMQP loop for one connection: consume, batch, publish, ack, heartbeats.
+//! - [`metrics`], [`gpu`]: Prometheus metrics and NVML readings.
+//! - [`error`]: the error type and what each error does to a job.
+
+pub mod batcher;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod gpu;
+pub mod metrics;
+pub mod model;
+pub mod preprocess;
+pub mod service;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use ember_core::telemetry::{Readiness, serve_admin};
+use ember_core::topology::QueueSettings;
+use prometheus::Registry;
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+pub use error::{Error, Result};
+
+use crate::config::Device;
+use crate::engine::{Engine, Loaded, SessionOptions};
+use crate::model::{InputSpec, ModelSpec};
+use crate::preprocess::InputLimits;
+use crate::service::{SessionEnd, Shared, Stats};
+
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "worker".into());
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}", &suffix[..8])
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// Runs the worker until `shutdown` is cancelled and the jobs in hand are answered.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    let spec = Arc::new(ModelSpec::load(&config.model_dir)?);
+    let model = config.model_name.clone().unwrap_or_else(|| spec.name.clone());
+    if !valid_name(&model) {
+        return Err(Error::Config(format!(
+            "model name `{model}`: use letters, digits, '-' and '_'"
+        )));
+    }
+    let worker_id = config.worker_id.clone().unwrap_or_else(default_worker_id);
+    if !valid_name(&worker_id) {
+        return Err(Error::Config(format!(
+            "worker id `{worker_id}`: use letters, digits, '-' and '_'"
+        )));
+    }
+    let max_batch = if config.reload_per_job {
+        1
+    } else {
+        config.max_batch.unwrap_or(spec.max_batch).clamp(1, spec.max_batch)
+    };
+    let prefetch = config
+        .prefetch
+        .unwrap_or_else(|| u16::try_from(max_batch * 2).unwrap_or(u16::MAX))
+        .max(1);
+
+    let registry = Registry::new();
+    let metrics = metrics::Metrics::register(&registry)
+        .map_err(|e| Error::Internal(format!("metrics: {e}")))?;
+    let readiness = Readiness::default();
+    let admin_stop = CancellationToken::new();
+    serve_admin(
+        config.admin_addr,
+        registry.clone(),
+        readiness.clone(),
+        admin_stop.clone(),
+    )
+    .await
+    .map_err(|e| Error::Config(format!("admin server on {}: {e}", config.admin_addr)))?;
+
+    let InputSpec::Image { width, height, .. } = spec.input;
+    let dylib = engine::resolve_dylib(config.ort_dylib_path.as_deref())?;
+    let options = SessionOptions {
+        model_path: config.model_dir.join(&spec.file),
+        device: config.device,
+        allow_cpu_fallback: config.allow_cpu_fallback,
+        intra_threads: config.intra_threads,
+    };
+    tracing::info!(model = %model, path = %options.model_path.display(), device = %config.device, ort = %dylib.display(), "loading the model");
+    let load_started = Instant::now();
+    let reload = config.reload_per_job;
+    let engine_spec = spec.clone();
+    let engine = tokio::task::spawn_blocking(move || -> Result<Engine> {
+        let env = engine::init_runtime(&dylib)?;
+        let loaded = Loaded::new(env, options, reload)?;
+        Engine::start(loaded, engine_spec)
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("model loading panicked: {e}")))??;
+    let model_load_seconds = load_started.elapsed().as_secs_f64();
+    metrics.model_load.set(model_load_seconds);
+    tracing::info!(
+        model_load_seconds,
+        max_batch,
+        prefetch,
+        reload_per_job = reload,
+        "model loaded and warmed up"
+    );
+
+    let gpu = match config.device {
+        Device::Cuda(index) => gpu::Gpu::open(index.unsigned_abs()),
+        Device::Cpu => None,
+    };
+    let shared = Arc::new(Shared {
+        model,
+        worker_id: worker_id.clone(),
+        engine,
+        metrics,
+        stats: Stats::default(),
+        readiness,
+        gpu,
+        limits: InputLimits {
+            max_bytes: config.max_input_bytes,
+            max_pixels: config.max_pixels,
+        },
+        input_size: (width, height),
+        max_batch,
+        max_batch_delay: config.max_batch_delay,
+        prefetch,
+        queue: QueueSettings {
+            delivery_limit: config.delivery_limit,
+            max_length: config.queue_max_length,
+        },
+        heartbeat_interval: config.heartbeat_interval,
+        drain_timeout: config.drain_timeout,
+        model_load_seconds,
+    });
+
+    let mut result = Ok(());
+    while !shutdown.is_cancelled() {
+        let client_name = format!("ember-worker {worker_id}");
+        let Some(connection) = ember_core::amqp::connect(&config.amqp, &client_name, &shutdown).await
+        else {
+            break;
+        };
+        match service::serve_connection(&shared, &connection, &shutdown).await {
+            SessionEnd::Drained { timed_out } => {
+                let _ = connection.close(200, "worker shutting down".into()).await;
+                if timed_out {
+                    result = Err(Error::Internal("drain timed out".into()));
+                }
+                break;
+            }
+            SessionEnd::Lost(reason) => {
+                shared.metrics.reconnects.inc();
+                tracing::warn!(%reason, "reconnecting to the broker");
+                let _ = connection.close(200, "reconnecting".into()).await;
+            }
+        }
+    }
+    admin_stop.cancel();
+    tracing::info!("worker stopped");
+    result
+}

@@ -1,0 +1,245 @@
+//! Job body -> model input: content-type check, size limits, decode (PNG/JPEG; grey and RGBA
+//! become RGB), resize. CPU-bound: the caller runs it off the async runtime.
+
+use std::io::Cursor;
+
+use fast_image_resize::images::Image as FirImage;
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::codecs::jpeg::JpegDecoder;
+use image::codecs::png::PngDecoder;
+use image::{DynamicImage, ImageDecoder, Limits};
+
+use crate::Error;
+
+/// Limits applied before and during decoding (decompression bombs).
+#[derive(Debug, Clone, Copy)]
+pub struct InputLimits {
+    pub max_bytes: usize,
+    pub max_pixels: u64,
+}
+
+/// An image ready for the model: `width x height x 3` RGB bytes at the model's input size, and
+/// the size of the original image (to map boxes back to its pixels).
+#[derive(Debug)]
+pub struct Prepared {
+    pub pixels: Vec<u8>,
+    pub original_width: u32,
+    pub original_height: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Png,
+    Jpeg,
+}
+
+const PNG_MAGIC: &[u8] = b"\x89PNG\r\n\x1a\n";
+const JPEG_MAGIC: &[u8] = b"\xff\xd8\xff";
+
+fn sniff(body: &[u8]) -> Option<Format> {
+    if body.starts_with(PNG_MAGIC) {
+        Some(Format::Png)
+    } else if body.starts_with(JPEG_MAGIC) {
+        Some(Format::Jpeg)
+    } else {
+        None
+    }
+}
+
+/// The format a job's content type names. A missing or generic content type (plain AMQP clients
+/// often send none) is resolved from the body's magic bytes.
+fn format_of(content_type: Option<&str>, body: &[u8]) -> Result<Format, Error> {
+    let essence = content_type
+        .map(|ct| ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    match essence.as_str() {
+        "image/png" => Ok(Format::Png),
+        "image/jpeg" | "image/jpg" => Ok(Format::Jpeg),
+        "" | "application/octet-stream" => sniff(body).ok_or_else(|| {
+            Error::InvalidImage("no content type and the body is neither PNG nor JPEG".into())
+        }),
+        _ => Err(Error::UnsupportedContentType(essence)),
+    }
+}
+
+/// Decodes, checks and resizes one job body.
+pub fn prepare(
+    content_type: Option<&str>,
+    body: &[u8],
+    limits: InputLimits,
+    width: u32,
+    height: u32,
+) -> Result<Prepared, Error> {
+    if body.is_empty() {
+        return Err(Error::InvalidInput("the job body is empty".into()));
+    }
+    if body.len() > limits.max_bytes {
+        return Err(Error::InputTooLarge(format!(
+            "the body is {} bytes; the limit is {}",
+            body.len(),
+            limits.max_bytes
+        )));
+    }
+    let image = match format_of(content_type, body)? {
+        Format::Png => decode(PngDecoder::new(Cursor::new(body)), limits)?,
+        Format::Jpeg => decode(JpegDecoder::new(Cursor::new(body)), limits)?,
+    };
+    let (original_width, original_height) = (image.width(), image.height());
+    let rgb = image.into_rgb8();
+    let pixels = resize_rgb(rgb.into_raw(), original_width, original_height, width, height)?;
+    Ok(Prepared {
+        pixels,
+        original_width,
+        original_height,
+    })
+}
+
+fn decode<D: ImageDecoder>(
+    decoder: image::ImageResult<D>,
+    limits: InputLimits,
+) -> Result<DynamicImage, Error> {
+    let mut decoder = decoder.map_err(|e| Error::InvalidImage(e.to_string()))?;
+    let (w, h) = decoder.dimensions();
+    if w == 0 || h == 0 {
+        return Err(Error::InvalidImage(format!("the image is {w}x{h}")));
+    }
+    let pixels = u64::from(w) * u64::from(h);
+    if pixels > limits.max_pixels {
+        return Err(Error::InputTooLarge(format!(
+            "the image is {w}x{h} = {pixels} pixels; the limit is {}",
+            limits.max_pixels
+        )));
+    }
+    let mut decode_limits = Limits::default();
+    // Enough for the pixels at 16 bits x 4 channels plus the decoder's own buffers.
+    decode_limits.max_alloc = Some(pixels.saturating_mul(8).saturating_add(64 << 20));
+    decoder
+        .set_limits(decode_limits)
+        .map_err(|e| Error::InputTooLarge(e.to_string()))?;
+    DynamicImage::from_decoder(decoder).map_err(|e| match e {
+        image::ImageError::Limits(e) => Error::InputTooLarge(e.to_string()),
+        other => Error::InvalidImage(other.to_string()),
+    })
+}
+
+fn resize_rgb(
+    src: Vec<u8>,
+    src_width: u32,
+    src_height: u32,
+    width: u32,
+    height: u32,
+) -> Result<Vec<u8>, Error> {
+    if (src_width, src_height) == (width, height) {
+        return Ok(src);
+    }
+    let src = FirImage::from_vec_u8(src_width, src_height, src, PixelType::U8x3)
+        .map_err(|e| Error::Internal(format!("resize source: {e}")))?;
+    let mut dst = FirImage::new(width, height, PixelType::U8x3);
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    Resizer::new()
+        .resize(&src, &mut dst, &options)
+        .map_err(|e| Error::Internal(format!("resize: {e}")))?;
+    Ok(dst.into_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ember_core::protocol::ErrorCode;
+
+    const LIMITS: InputLimits = InputLimits {
+        max_bytes: 1 << 20,
+        max_pixels: 1 << 20,
+    };
+
+    fn png(width: u32, height: u32, color: image::ExtendedColorType, bytes: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        image::ImageEncoder::write_image(
+            image::codecs::png::PngEncoder::new(&mut out),
+            bytes,
+            width,
+            height,
+            color,
+        )
+        .expect("encodes");
+        out
+    }
+
+    fn code(result: Result<Prepared, Error>) -> ErrorCode {
+        result.expect_err("should fail").code()
+    }
+
+    #[test]
+    fn grey_and_rgba_become_rgb_at_the_model_size() {
+        let grey = png(4, 2, image::ExtendedColorType::L8, &[200; 8]);
+        let prepared = prepare(Some("image/png"), &grey, LIMITS, 3, 3).expect("prepares");
+        assert_eq!(prepared.pixels.len(), 27);
+        assert!(prepared.pixels.iter().all(|&p| p == 200));
+        assert_eq!((prepared.original_width, prepared.original_height), (4, 2));
+
+        let rgba = png(2, 2, image::ExtendedColorType::Rgba8, &[10, 20, 30, 0].repeat(4));
+        let prepared = prepare(None, &rgba, LIMITS, 2, 2).expect("sniffs PNG");
+        assert_eq!(prepared.pixels, [10, 20, 30].repeat(4));
+    }
+
+    #[test]
+    fn malformed_bodies_get_their_stable_codes() {
+        let good = png(4, 4, image::ExtendedColorType::Rgb8, &[1; 48]);
+        assert_eq!(code(prepare(Some("image/png"), b"", LIMITS, 2, 2)), ErrorCode::InvalidInput);
+        assert_eq!(
+            code(prepare(Some("image/png"), b"not an image", LIMITS, 2, 2)),
+            ErrorCode::InvalidImage
+        );
+        assert_eq!(
+            code(prepare(Some("image/png"), &good[..good.len() / 2], LIMITS, 2, 2)),
+            ErrorCode::InvalidImage
+        );
+        assert_eq!(
+            code(prepare(Some("text/plain"), &good, LIMITS, 2, 2)),
+            ErrorCode::UnsupportedContentType
+        );
+        let tiny = InputLimits {
+            max_bytes: 10,
+            max_pixels: 1 << 20,
+        };
+        assert_eq!(
+            code(prepare(Some("image/png"), &good, tiny, 2, 2)),
+            ErrorCode::InputTooLarge
+        );
+        let few_pixels = InputLimits {
+            max_bytes: 1 << 20,
+            max_pixels: 15,
+        };
+        assert_eq!(
+            code(prepare(Some("image/png"), &good, few_pixels, 2, 2)),
+            ErrorCode::InputTooLarge
+        );
+        assert_eq!(
+            code(prepare(Some("image/jpeg"), &good, LIMITS, 2, 2)),
+            ErrorCode::InvalidImage
+        );
+    }
+
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = 0xffff_ffffu32;
+        for &byte in bytes {
+            crc ^= u32::from(byte);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn a_header_claiming_a_huge_image_is_refused_before_decoding() {
+        let mut bomb = png(1, 1, image::ExtendedColorType::Rgb8, &[0; 3]);
+        // IHDR: type at 12..16, width and height at 16..24, CRC over 12..29 at 29..33.
+        bomb[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+        bomb[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+        let crc = crc32(&bomb[12..29]);
+        bomb[29..33].copy_from_slice(&crc.to_be_bytes());
+        let error = prepare(Some("image/png"), &bomb, LIMITS, 2, 2).expect_err("refused");
+        assert_eq!(error.code(), ErrorCode::InputTooLarge, "{error}");
+    }
+}

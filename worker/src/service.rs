@@ -1,0 +1,647 @@
+//! The AMQP side of the worker: one broker connection at a time. Consume -> prepare (off the
+//! runtime) -> batch -> infer -> publish results with confirms -> ack. When the connection is
+//! lost the caller reconnects and calls [`serve_connection`] again; what was unacked is
+//! redelivered by the broker.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ember_core::amqp::{header_str, header_u64, unix_ms};
+use ember_core::protocol::{
+    self, ErrorBody, Heartbeat, JobResult, Outputs, Status, Timing, WorkerState, header,
+};
+use ember_core::telemetry::Readiness;
+use ember_core::topology::{self, QueueSettings};
+use futures_util::StreamExt;
+use lapin::Acker;
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions,
+    BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, message::Delivery};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::batcher::next_batch;
+use crate::engine::{Engine, ImageSize};
+use crate::error::Disposition;
+use crate::gpu::Gpu;
+use crate::metrics::Metrics;
+use crate::preprocess::{InputLimits, Prepared, prepare};
+use crate::{Error, Result};
+
+/// Counters shared with heartbeats.
+#[derive(Debug, Default)]
+pub struct Stats {
+    in_flight: AtomicU64,
+    completed: AtomicU64,
+    busy_nanos: AtomicU64,
+    state: AtomicU8,
+}
+
+impl Stats {
+    fn set_state(&self, state: WorkerState) {
+        let v = match state {
+            WorkerState::Starting => 0,
+            WorkerState::Ready => 1,
+            WorkerState::Draining => 2,
+        };
+        self.state.store(v, Ordering::Relaxed);
+    }
+    fn state(&self) -> WorkerState {
+        match self.state.load(Ordering::Relaxed) {
+            1 => WorkerState::Ready,
+            2 => WorkerState::Draining,
+            _ => WorkerState::Starting,
+        }
+    }
+}
+
+/// Everything a connection's tasks share; lives for the whole process.
+#[derive(Debug)]
+pub struct Shared {
+    pub model: String,
+    pub worker_id: String,
+    pub engine: Engine,
+    pub metrics: Metrics,
+    pub stats: Stats,
+    pub readiness: Readiness,
+    pub gpu: Option<Gpu>,
+    pub limits: InputLimits,
+    pub input_size: (u32, u32),
+    pub max_batch: usize,
+    pub max_batch_delay: Duration,
+    pub prefetch: u16,
+    pub queue: QueueSettings,
+    pub heartbeat_interval: Duration,
+    pub drain_timeout: Duration,
+    pub model_load_seconds: f64,
+}
+
+/// How a connection's service ended.
+#[derive(Debug)]
+pub enum SessionEnd {
+    /// Shutdown was asked for and the jobs in hand were answered (or the drain timed out).
+    Drained { timed_out: bool },
+    /// The connection or a channel failed; reconnect.
+    Lost(String),
+}
+
+/// A job's envelope: what is needed to answer and ack it.
+struct Job {
+    acker: Acker,
+    job_id: String,
+    reply_to: Option<ShortString>,
+    correlation_id: Option<ShortString>,
+    callback_url: Option<LongString>,
+    traceparent: Option<LongString>,
+    attempt: u32,
+    arrived: Instant,
+    submitted_at_ms: Option<u64>,
+    deadline_ms: Option<u64>,
+}
+
+impl Job {
+    fn expired_by(&self, now_ms: u64) -> Option<u64> {
+        self.deadline_ms
+            .filter(|&deadline| now_ms > deadline)
+            .map(|deadline| now_ms - deadline)
+    }
+
+    fn queue_wait(&self, now_ms: u64) -> Duration {
+        match self.submitted_at_ms {
+            Some(at) if at <= now_ms => Duration::from_millis(now_ms - at),
+            _ => self.arrived.elapsed(),
+        }
+    }
+}
+
+/// A finished job, ready to be published and acked.
+struct Done {
+    job: Job,
+    outcome: Result<Outputs>,
+    timing: Timing,
+}
+
+fn split(delivery: Delivery) -> (Job, Option<ShortString>, Vec<u8>) {
+    let Delivery {
+        acker,
+        properties,
+        data,
+        redelivered,
+        ..
+    } = delivery;
+    let headers = properties.headers().as_ref();
+    let delivery_count = header_u64(headers, header::DELIVERY_COUNT);
+    let attempt = match delivery_count {
+        Some(count) => u32::try_from(count.saturating_add(1)).unwrap_or(u32::MAX),
+        None if redelivered => 2,
+        None => 1,
+    };
+    let long = |name: &str| header_str(headers, name).map(LongString::from);
+    let job = Job {
+        job_id: properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.to_string())
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        reply_to: properties.reply_to().clone(),
+        correlation_id: properties.correlation_id().clone(),
+        callback_url: long(header::CALLBACK_URL),
+        traceparent: long(header::TRACEPARENT),
+        attempt,
+        arrived: Instant::now(),
+        submitted_at_ms: header_u64(headers, header::SUBMITTED_AT),
+        deadline_ms: header_u64(headers, header::DEADLINE),
+        acker,
+    };
+    (job, properties.content_type().clone(), data)
+}
+
+/// Serves one broker connection until shutdown (drain) or failure.
+pub async fn serve_connection(
+    shared: &Arc<Shared>,
+    connection: &Connection,
+    shutdown: &CancellationToken,
+) -> SessionEnd {
+    match serve(shared, connection, shutdown).await {
+        Ok(end) => end,
+        Err(error) => SessionEnd::Lost(error.to_string()),
+    }
+}
+
+async fn serve(
+    shared: &Arc<Shared>,
+    connection: &Connection,
+    shutdown: &CancellationToken,
+) -> Result<SessionEnd> {
+    let publisher = connection.create_channel().await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    topology::declare_model(&publisher, &shared.model, shared.queue).await?;
+    let telemetry = connection.create_channel().await?;
+    let consumer_channel = connection.create_channel().await?;
+    consumer_channel
+        .basic_qos(shared.prefetch, BasicQosOptions::default())
+        .await?;
+    let queue = topology::jobs_queue(&shared.model);
+    let mut consumer = consumer_channel
+        .basic_consume(
+            queue.as_str().into(),
+            shared.worker_id.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    tracing::info!(%queue, prefetch = shared.prefetch, max_batch = shared.max_batch, "consuming");
+    shared.stats.set_state(WorkerState::Ready);
+    shared.readiness.set(true);
+
+    let session_done = CancellationToken::new();
+    let heartbeats = tokio::spawn(heartbeat_loop(
+        shared.clone(),
+        telemetry.clone(),
+        session_done.clone(),
+    ));
+    let tracker = TaskTracker::new();
+    let (prepared_tx, prepared_rx) = mpsc::channel(usize::from(shared.prefetch) + shared.max_batch);
+    tracker.spawn(batch_loop(
+        shared.clone(),
+        publisher.clone(),
+        prepared_rx,
+        tracker.clone(),
+    ));
+
+    let end = loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break None,
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    accept(shared, &publisher, &tracker, &prepared_tx, delivery);
+                }
+                Some(Err(error)) => break Some(format!("consumer failed: {error}")),
+                None => break Some("the broker cancelled the consumer".to_string()),
+            },
+        }
+    };
+    drop(prepared_tx);
+    tracker.close();
+
+    let outcome = match end {
+        None => {
+            shared.stats.set_state(WorkerState::Draining);
+            shared.readiness.set(false);
+            tracing::info!("draining: consumer cancelled, finishing the jobs in hand");
+            if let Err(error) = consumer_channel
+                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+                .await
+            {
+                tracing::warn!(%error, "basic.cancel failed");
+            }
+            let timed_out = tokio::time::timeout(shared.drain_timeout, tracker.wait())
+                .await
+                .is_err();
+            if timed_out {
+                tracing::warn!(timeout = ?shared.drain_timeout, "drain timed out; unacked jobs go back to the queue");
+            }
+            // One last heartbeat so the autoscaler sees the draining state at once.
+            publish_heartbeat(shared, &telemetry).await;
+            SessionEnd::Drained { timed_out }
+        }
+        Some(reason) => {
+            shared.readiness.set(false);
+            shared.stats.set_state(WorkerState::Starting);
+            tracing::warn!(%reason, "lost the broker; jobs in hand will be redelivered");
+            // The jobs in hand cannot be acked on a new channel; let their tasks fail fast.
+            let _ = tokio::time::timeout(Duration::from_secs(30), tracker.wait()).await;
+            // Whatever was not settled went back to the queue with the old channel.
+            shared.stats.in_flight.store(0, Ordering::Relaxed);
+            shared.metrics.in_flight.set(0);
+            SessionEnd::Lost(reason)
+        }
+    };
+    session_done.cancel();
+    let _ = heartbeats.await;
+    Ok(outcome)
+}
+
+/// Takes one delivery: answers an expired job at once, else prepares it off the runtime and
+/// hands it to the batcher.
+fn accept(
+    shared: &Arc<Shared>,
+    publisher: &Channel,
+    tracker: &TaskTracker,
+    prepared_tx: &mpsc::Sender<(Job, Prepared)>,
+    delivery: Delivery,
+) {
+    shared.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+    shared.metrics.in_flight.inc();
+    let (job, content_type, body) = split(delivery);
+    if let Some(late_ms) = job.expired_by(unix_ms()) {
+        let done = Done {
+            job,
+            outcome: Err(Error::DeadlineExceeded(late_ms)),
+            timing: Timing::default(),
+        };
+        tracker.spawn(finish(shared.clone(), publisher.clone(), vec![done]));
+        return;
+    }
+    let shared = shared.clone();
+    let publisher = publisher.clone();
+    let prepared_tx = prepared_tx.clone();
+    tracker.spawn(async move {
+        let limits = shared.limits;
+        let (width, height) = shared.input_size;
+        let prepared = tokio::task::spawn_blocking(move || {
+            prepare(
+                content_type.as_ref().map(|ct| ct.as_str()),
+                &body,
+                limits,
+                width,
+                height,
+            )
+        })
+        .await
+        .unwrap_or_else(|e| Err(Error::Internal(format!("preprocessing panicked: {e}"))));
+        match prepared {
+            Ok(prepared) => {
+                if let Err(mpsc::error::SendError((job, _))) =
+                    prepared_tx.send((job, prepared)).await
+                {
+                    // The batcher is gone (connection lost): the broker redelivers the job.
+                    drop(job);
+                }
+            }
+            Err(error) => {
+                let done = Done {
+                    job,
+                    outcome: Err(error),
+                    timing: Timing::default(),
+                };
+                finish(shared, publisher, vec![done]).await;
+            }
+        }
+    });
+}
+
+async fn batch_loop(
+    shared: Arc<Shared>,
+    publisher: Channel,
+    mut rx: mpsc::Receiver<(Job, Prepared)>,
+    tracker: TaskTracker,
+) {
+    while let Some(batch) = next_batch(&mut rx, shared.max_batch, shared.max_batch_delay).await {
+        let now_ms = unix_ms();
+        let mut expired = Vec::new();
+        let mut jobs = Vec::with_capacity(batch.len());
+        let mut pixels = Vec::with_capacity(batch.len());
+        let mut sizes = Vec::with_capacity(batch.len());
+        for (job, prepared) in batch {
+            if let Some(late_ms) = job.expired_by(now_ms) {
+                expired.push(Done {
+                    job,
+                    outcome: Err(Error::DeadlineExceeded(late_ms)),
+                    timing: Timing::default(),
+                });
+                continue;
+            }
+            sizes.push(ImageSize {
+                width: prepared.original_width,
+                height: prepared.original_height,
+            });
+            pixels.push(prepared.pixels);
+            jobs.push(job);
+        }
+        if !expired.is_empty() {
+            tracker.spawn(finish(shared.clone(), publisher.clone(), expired));
+        }
+        if jobs.is_empty() {
+            continue;
+        }
+        let n = jobs.len();
+        shared.metrics.batch_size.observe(n as f64);
+        let waits: Vec<Duration> = jobs.iter().map(|job| job.queue_wait(now_ms)).collect();
+        for wait in &waits {
+            shared.metrics.queue_wait.observe(wait.as_secs_f64());
+        }
+        let output = shared.engine.infer(pixels, sizes).await;
+        let done: Vec<Done> = match output {
+            Ok(output) => {
+                let seconds = output.inference.as_secs_f64();
+                shared.metrics.inference.observe(seconds);
+                shared
+                    .stats
+                    .busy_nanos
+                    .fetch_add(output.inference.as_nanos() as u64, Ordering::Relaxed);
+                jobs.into_iter()
+                    .zip(output.detections)
+                    .zip(waits)
+                    .map(|((job, detections), wait)| Done {
+                        timing: Timing {
+                            queue_ms: wait.as_secs_f64() * 1e3,
+                            batch_size: n as u32,
+                            inference_ms: seconds * 1e3,
+                            worker_ms: 0.0,
+                        },
+                        job,
+                        outcome: Ok(Outputs { detections }),
+                    })
+                    .collect()
+            }
+            Err(error) => {
+                tracing::error!(%error, batch = n, "inference failed; requeueing the batch");
+                let message = error.to_string();
+                jobs.into_iter()
+                    .map(|job| Done {
+                        job,
+                        outcome: Err(Error::Model(message.clone())),
+                        timing: Timing::default(),
+                    })
+                    .collect()
+            }
+        };
+        tracker.spawn(finish(shared.clone(), publisher.clone(), done));
+    }
+}
+
+fn result_headers(model: &str, status: Status, traceparent: Option<&LongString>) -> FieldTable {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ShortString::from(header::STATUS),
+        AMQPValue::LongString(LongString::from(status.as_str())),
+    );
+    headers.insert(
+        ShortString::from(header::MODEL),
+        AMQPValue::LongString(LongString::from(model)),
+    );
+    if let Some(traceparent) = traceparent {
+        headers.insert(
+            ShortString::from(header::TRACEPARENT),
+            AMQPValue::LongString(traceparent.clone()),
+        );
+    }
+    headers
+}
+
+/// Publishes the results of `done` (to `reply_to`, `ember.results`, and `ember.callbacks` when a
+/// callback was asked for), waits for every confirm, then acks each job; a job whose result was
+/// not confirmed, or whose failure is transient, is requeued.
+async fn finish(shared: Arc<Shared>, publisher: Channel, done: Vec<Done>) {
+    let mut pending = Vec::with_capacity(done.len());
+    for Done {
+        job,
+        outcome,
+        mut timing,
+    } in done
+    {
+        let (status, outputs, error) = match outcome {
+            Ok(outputs) => (Status::Ok, Some(outputs), None),
+            Err(error) if error.disposition() == Disposition::AckWithError => (
+                Status::Error,
+                None,
+                Some(ErrorBody {
+                    code: error.code(),
+                    message: error.to_string(),
+                }),
+            ),
+            Err(error) => {
+                tracing::warn!(job_id = %job.job_id, %error, attempt = job.attempt, "transient failure; requeueing");
+                shared.metrics.requeued.with_label_values(&[error.code().as_str()]).inc();
+                settle(&shared, job, false, None).await;
+                continue;
+            }
+        };
+        timing.worker_ms = job.arrived.elapsed().as_secs_f64() * 1e3;
+        let result = JobResult {
+            job_id: job.job_id.clone(),
+            model: shared.model.clone(),
+            status,
+            outputs,
+            error,
+            timing,
+            worker: shared.worker_id.clone(),
+            attempt: job.attempt,
+        };
+        let outcome = match &result.error {
+            Some(error) => error.code.as_str(),
+            None => "ok",
+        };
+        let confirms = publish_result(&shared, &publisher, &job, &result).await;
+        pending.push((job, confirms, outcome));
+    }
+    for (job, confirms, outcome) in pending {
+        let mut confirmed = confirms.is_ok();
+        if let Ok(confirms) = confirms {
+            for confirm in confirms {
+                match confirm.await {
+                    Ok(confirmation) if confirmation.is_ack() => {}
+                    Ok(_) => confirmed = false,
+                    Err(error) => {
+                        tracing::debug!(%error, "result confirm failed");
+                        confirmed = false;
+                    }
+                }
+            }
+        }
+        settle(&shared, job, confirmed, Some(outcome)).await;
+    }
+}
+
+async fn publish_result(
+    shared: &Shared,
+    publisher: &Channel,
+    job: &Job,
+    result: &JobResult,
+) -> Result<Vec<lapin::PublisherConfirm>> {
+    let body = serde_json::to_vec(result).map_err(|e| Error::Internal(e.to_string()))?;
+    let mut properties = BasicProperties::default()
+        .with_content_type(protocol::content_type::JSON.into())
+        .with_message_id(job.job_id.as_str().into())
+        .with_delivery_mode(2)
+        .with_timestamp(unix_ms() / 1000)
+        .with_headers(result_headers(
+            &shared.model,
+            result.status,
+            job.traceparent.as_ref(),
+        ));
+    if let Some(correlation_id) = &job.correlation_id {
+        properties = properties.with_correlation_id(correlation_id.clone());
+    }
+    let mut confirms = Vec::with_capacity(3);
+    let routing_key = topology::result_routing_key(&shared.model, result.status);
+    confirms.push(
+        publisher
+            .basic_publish(
+                topology::RESULTS_EXCHANGE.into(),
+                routing_key.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                properties.clone(),
+            )
+            .await?,
+    );
+    if let Some(reply_to) = &job.reply_to {
+        confirms.push(
+            publisher
+                .basic_publish(
+                    "".into(),
+                    reply_to.clone(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    properties.clone(),
+                )
+                .await?,
+        );
+    }
+    if let Some(url) = &job.callback_url {
+        let mut headers = result_headers(&shared.model, result.status, job.traceparent.as_ref());
+        headers.insert(
+            ShortString::from(header::CALLBACK_URL),
+            AMQPValue::LongString(url.clone()),
+        );
+        confirms.push(
+            publisher
+                .basic_publish(
+                    "".into(),
+                    topology::CALLBACKS_QUEUE.into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    properties.with_headers(headers),
+                )
+                .await?,
+        );
+    }
+    Ok(confirms)
+}
+
+/// Acks (`answered`) or requeues the job, and counts it.
+async fn settle(shared: &Shared, job: Job, answered: bool, outcome: Option<&'static str>) {
+    let settled = if answered {
+        job.acker.ack(BasicAckOptions::default()).await
+    } else {
+        job.acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await
+    };
+    shared.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    shared.metrics.in_flight.dec();
+    match (settled, answered, outcome) {
+        (Ok(_), true, Some(outcome)) => {
+            shared.stats.completed.fetch_add(1, Ordering::Relaxed);
+            shared.metrics.jobs.with_label_values(&[outcome]).inc();
+        }
+        (Ok(_), false, Some(_)) => {
+            shared.metrics.requeued.with_label_values(&["unconfirmed"]).inc();
+        }
+        (Ok(_), _, _) => {}
+        (Err(error), _, _) => {
+            tracing::debug!(job_id = %job.job_id, %error, "cannot settle the job; the broker will redeliver it");
+        }
+    }
+}
+
+fn heartbeat(shared: &Shared) -> Heartbeat {
+    let gpu = shared.gpu.as_ref().and_then(Gpu::read);
+    if let Some(reading) = &gpu {
+        shared.metrics.gpu_utilization.set(reading.utilization);
+        shared
+            .metrics
+            .gpu_memory_used
+            .set(reading.memory_used_bytes as f64);
+        shared
+            .metrics
+            .gpu_memory_total
+            .set(reading.memory_total_bytes as f64);
+    }
+    Heartbeat {
+        worker: shared.worker_id.clone(),
+        model: shared.model.clone(),
+        state: shared.stats.state(),
+        in_flight: shared.stats.in_flight.load(Ordering::Relaxed),
+        completed: shared.stats.completed.load(Ordering::Relaxed),
+        busy_seconds: shared.stats.busy_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+        model_load_seconds: shared.model_load_seconds,
+        at_ms: unix_ms(),
+        gpu,
+    }
+}
+
+async fn publish_heartbeat(shared: &Shared, channel: &Channel) {
+    let Ok(body) = serde_json::to_vec(&heartbeat(shared)) else {
+        return;
+    };
+    let routing_key = format!("{}.{}", shared.model, shared.worker_id);
+    let published = channel
+        .basic_publish(
+            topology::TELEMETRY_EXCHANGE.into(),
+            routing_key.as_str().into(),
+            BasicPublishOptions::default(),
+            &body,
+            BasicProperties::default()
+                .with_content_type(protocol::content_type::JSON.into())
+                .with_expiration("10000".into()),
+        )
+        .await;
+    if let Err(error) = published {
+        tracing::debug!(%error, "heartbeat not published");
+    }
+}
+
+async fn heartbeat_loop(shared: Arc<Shared>, channel: Channel, done: CancellationToken) {
+    let mut ticker = tokio::time::interval(shared.heartbeat_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = done.cancelled() => return,
+            _ = ticker.tick() => publish_heartbeat(&shared, &channel).await,
+        }
+    }
+}
