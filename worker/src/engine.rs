@@ -462,7 +462,7 @@ mod tests {
         assert_eq!(decoded[0].len(), 1, "the 0.3 detection is under the threshold");
         let d = &decoded[0][0];
         assert_eq!((d.label.as_str(), d.class_id), ("person", 1));
-        let expected = [20.0, 40.0, 60.0, 100.0];
+        let expected = [20.0, 20.0, 60.0, 100.0];
         for (got, want) in d.bbox.iter().zip(expected) {
             assert!((got - want).abs() < 1e-4, "{:?}", d.bbox);
         }

@@ -83,8 +83,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         .unwrap_or_else(|| u16::try_from(max_batch * 2).unwrap_or(u16::MAX))
         .max(1);
 
+    let gpu = match config.device {
+        Device::Cuda(index) => gpu::Gpu::open(index.unsigned_abs()),
+        Device::Cpu => None,
+    };
     let registry = Registry::new();
-    let metrics = metrics::Metrics::register(&registry)
+    let metrics = metrics::Metrics::register(&registry, gpu.is_some())
         .map_err(|e| Error::Internal(format!("metrics: {e}")))?;
     let readiness = Readiness::default();
     let admin_stop = CancellationToken::new();
@@ -126,10 +130,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         "model loaded and warmed up"
     );
 
-    let gpu = match config.device {
-        Device::Cuda(index) => gpu::Gpu::open(index.unsigned_abs()),
-        Device::Cpu => None,
-    };
     let shared = Arc::new(Shared {
         model,
         worker_id: worker_id.clone(),

@@ -4,6 +4,14 @@ use prometheus::{
     Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, exponential_buckets,
 };
 
+/// GPU gauges, from NVML readings.
+#[derive(Debug, Clone)]
+pub struct GpuMetrics {
+    pub utilization: Gauge,
+    pub memory_used: Gauge,
+    pub memory_total: Gauge,
+}
+
 /// Handles to every worker metric; clone freely.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -16,9 +24,8 @@ pub struct Metrics {
     pub inference: Histogram,
     pub model_load: Gauge,
     pub in_flight: IntGauge,
-    pub gpu_utilization: Gauge,
-    pub gpu_memory_used: Gauge,
-    pub gpu_memory_total: Gauge,
+    /// Present only where NVML found the GPU (no zero-valued GPU series on CPU workers).
+    pub gpu: Option<GpuMetrics>,
     pub reconnects: prometheus::IntCounter,
 }
 
@@ -31,7 +38,7 @@ fn register<C: prometheus::core::Collector + Clone + 'static>(
 }
 
 impl Metrics {
-    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+    pub fn register(registry: &Registry, with_gpu: bool) -> prometheus::Result<Self> {
         let seconds = |name: &str, help: &str| {
             // 0.5 ms .. ~16 s
             HistogramOpts::new(name, help).buckets(
@@ -91,18 +98,27 @@ impl Metrics {
                     "Jobs delivered to this worker and not yet acked",
                 )?,
             )?,
-            gpu_utilization: register(
-                registry,
-                Gauge::new("ember_worker_gpu_utilization_ratio", "GPU utilisation, 0..1 (NVML)")?,
-            )?,
-            gpu_memory_used: register(
-                registry,
-                Gauge::new("ember_worker_gpu_memory_used_bytes", "GPU memory in use (NVML)")?,
-            )?,
-            gpu_memory_total: register(
-                registry,
-                Gauge::new("ember_worker_gpu_memory_total_bytes", "GPU memory in all (NVML)")?,
-            )?,
+            gpu: if with_gpu {
+                Some(GpuMetrics {
+                    utilization: register(
+                        registry,
+                        Gauge::new(
+                            "ember_worker_gpu_utilization_ratio",
+                            "GPU utilisation, 0..1 (NVML)",
+                        )?,
+                    )?,
+                    memory_used: register(
+                        registry,
+                        Gauge::new("ember_worker_gpu_memory_used_bytes", "GPU memory in use (NVML)")?,
+                    )?,
+                    memory_total: register(
+                        registry,
+                        Gauge::new("ember_worker_gpu_memory_total_bytes", "GPU memory in all (NVML)")?,
+                    )?,
+                })
+            } else {
+                None
+            },
             reconnects: register(
                 registry,
                 prometheus::IntCounter::new(

@@ -590,16 +590,10 @@ async fn settle(shared: &Shared, job: Job, answered: bool, outcome: Option<&'sta
 
 fn heartbeat(shared: &Shared) -> Heartbeat {
     let gpu = shared.gpu.as_ref().and_then(Gpu::read);
-    if let Some(reading) = &gpu {
-        shared.metrics.gpu_utilization.set(reading.utilization);
-        shared
-            .metrics
-            .gpu_memory_used
-            .set(reading.memory_used_bytes as f64);
-        shared
-            .metrics
-            .gpu_memory_total
-            .set(reading.memory_total_bytes as f64);
+    if let (Some(reading), Some(metrics)) = (&gpu, &shared.metrics.gpu) {
+        metrics.utilization.set(reading.utilization);
+        metrics.memory_used.set(reading.memory_used_bytes as f64);
+        metrics.memory_total.set(reading.memory_total_bytes as f64);
     }
     Heartbeat {
         worker: shared.worker_id.clone(),

@@ -1,0 +1,368 @@
+//! Helpers for the worker's end-to-end tests: a real RabbitMQ on 127.0.0.1:5672, the real
+//! `ember-worker` binary, the real SSD model.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use ember_core::protocol::{JobResult, header};
+use ember_core::topology::{self, QueueSettings};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
+
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// Bound on every wait in these tests; a wait that runs out fails the test with what it saw.
+pub const PATIENCE: Duration = Duration::from_secs(120);
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn sample(name: &str) -> Vec<u8> {
+    std::fs::read(root().join("tests/samples").join(name)).unwrap()
+}
+
+/// A model name no other test uses, so each test has its own queues.
+pub fn unique_model(test: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("test-{test}-{}", &id[..8])
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` on 127.0.0.1:port: (status, body), or None if nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split(' ').nth(1)?.parse().ok()?;
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    Some((status, body))
+}
+
+/// Sum of a metric's samples whose line starts with `prefix` (e.g. `ember_worker_batch_size_count`).
+pub fn metric(body: &str, prefix: &str) -> f64 {
+    body.lines()
+        .filter(|line| line.starts_with(prefix))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A running `ember-worker` process; killed on drop.
+pub struct Worker {
+    pub child: Child,
+    pub admin_port: u16,
+    pub log: PathBuf,
+}
+
+impl Worker {
+    /// Starts a worker for `model` (the bundled SSD model served under that name) and waits
+    /// until /readyz says it is consuming.
+    pub fn start(model: &str, extra: &[&str]) -> Self {
+        let worker = Self::spawn(model, extra);
+        worker.wait_ready();
+        worker
+    }
+
+    pub fn spawn(model: &str, extra: &[&str]) -> Self {
+        let admin_port = free_port();
+        let log = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "{model}-{}.log",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let log_file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_ember-worker"))
+            .current_dir(root())
+            .args(["--model-name", model, "--intra-threads", "1"])
+            .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
+            .args(["--amqp-url", AMQP_URL])
+            .args(extra)
+            .env("EMBER_LOG", "info,ort=warn")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            admin_port,
+            log,
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn wait_ready(&self) {
+        let started = Instant::now();
+        while started.elapsed() < PATIENCE {
+            if let Some((200, _)) = http_get(self.admin_port, "/readyz") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("worker not ready in time; log:\n{}", self.log_text());
+    }
+
+    pub fn metrics(&self) -> String {
+        http_get(self.admin_port, "/metrics")
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits for the process to exit, bounded by PATIENCE.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let started = Instant::now();
+        while started.elapsed() < PATIENCE {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("worker did not exit in time; log:\n{}", self.log_text());
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A test client: publishes jobs with confirms and collects results from its own reply queue.
+pub struct Client {
+    pub connection: Connection,
+    pub channel: Channel,
+    pub model: String,
+    pub reply_queue: String,
+    replies: Consumer,
+    pub results: HashMap<String, Vec<JobResult>>,
+}
+
+pub async fn connect() -> Connection {
+    let started = Instant::now();
+    loop {
+        match Connection::connect(AMQP_URL, ConnectionProperties::default()).await {
+            Ok(connection) => return connection,
+            Err(error) if started.elapsed() < PATIENCE => {
+                eprintln!("broker not reachable yet: {error}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(error) => panic!("broker not reachable: {error}"),
+        }
+    }
+}
+
+/// Properties of a job message.
+#[derive(Default, Clone)]
+pub struct JobOptions<'a> {
+    pub content_type: Option<&'a str>,
+    pub deadline_ms: Option<u64>,
+}
+
+impl Client {
+    pub async fn new(model: &str) -> Self {
+        let connection = connect().await;
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .unwrap();
+        topology::declare_model(&channel, model, QueueSettings::default())
+            .await
+            .unwrap();
+        let reply = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let reply_queue = reply.name().to_string();
+        let replies = channel
+            .basic_consume(
+                reply_queue.as_str().into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        Self {
+            connection,
+            channel,
+            model: model.to_string(),
+            reply_queue,
+            replies,
+            results: HashMap::new(),
+        }
+    }
+
+    /// Publishes one job (persistent, confirmed) and returns its id (= correlation id).
+    pub async fn submit(&self, body: &[u8], options: JobOptions<'_>) -> String {
+        let id = uuid::Uuid::new_v4().to_string();
+        let mut headers = FieldTable::default();
+        headers.insert(
+            ShortString::from(header::SUBMITTED_AT),
+            AMQPValue::LongLongInt(ember_core::amqp::unix_ms() as i64),
+        );
+        if let Some(deadline) = options.deadline_ms {
+            headers.insert(
+                ShortString::from(header::DEADLINE),
+                AMQPValue::LongLongInt(deadline as i64),
+            );
+        }
+        let mut properties = BasicProperties::default()
+            .with_message_id(id.as_str().into())
+            .with_correlation_id(id.as_str().into())
+            .with_reply_to(self.reply_queue.as_str().into())
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        if let Some(content_type) = options.content_type {
+            properties = properties.with_content_type(content_type.into());
+        }
+        let confirmation = self
+            .channel
+            .basic_publish(
+                topology::JOBS_EXCHANGE.into(),
+                self.model.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirmation.is_ack(), "job publish not confirmed");
+        id
+    }
+
+    pub async fn submit_png(&self, name: &str) -> String {
+        self.submit(
+            &sample(name),
+            JobOptions {
+                content_type: Some("image/png"),
+                ..JobOptions::default()
+            },
+        )
+        .await
+    }
+
+    /// Collects replies until every id in `ids` has at least one result (bounded by PATIENCE).
+    pub async fn collect(&mut self, ids: &[String]) {
+        let deadline = Instant::now() + PATIENCE;
+        while !ids.iter().all(|id| self.results.contains_key(id)) {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let next = tokio::time::timeout(remaining, self.replies.next()).await;
+            match next {
+                Ok(Some(Ok(delivery))) => self.record(&delivery.data, &delivery.properties),
+                Ok(other) => panic!("reply consumer ended: {other:?}"),
+                Err(_) => panic!(
+                    "only {} of {} jobs answered in time",
+                    ids.iter().filter(|id| self.results.contains_key(*id)).count(),
+                    ids.len()
+                ),
+            }
+        }
+    }
+
+    /// Takes whatever replies arrive within `quiet`.
+    pub async fn drain_for(&mut self, quiet: Duration) {
+        while let Ok(Some(Ok(delivery))) = tokio::time::timeout(quiet, self.replies.next()).await
+        {
+            self.record(&delivery.data, &delivery.properties);
+        }
+    }
+
+    fn record(&mut self, data: &[u8], properties: &BasicProperties) {
+        let result: JobResult = serde_json::from_slice(data).unwrap();
+        let correlation = properties
+            .correlation_id()
+            .as_ref()
+            .map(|c| c.to_string())
+            .unwrap();
+        assert_eq!(correlation, result.job_id, "correlation id echoes the job");
+        self.results.entry(correlation).or_default().push(result);
+    }
+
+    pub fn result(&self, id: &str) -> &JobResult {
+        &self.results[id][0]
+    }
+
+    /// Deletes the model's queues.
+    pub async fn cleanup(self) {
+        for queue in [
+            topology::jobs_queue(&self.model),
+            topology::dead_letter_queue(&self.model),
+        ] {
+            let _ = self
+                .channel
+                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+        let _ = self.connection.close(200, "done".into()).await;
+    }
+}
+
+/// Consumes one message from `queue` with a manual ack, bounded by PATIENCE.
+pub async fn get_one(channel: &Channel, queue: &str) -> lapin::message::Delivery {
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(PATIENCE, consumer.next())
+        .await
+        .expect("a message in time")
+        .unwrap()
+        .unwrap();
+    delivery.ack(BasicAckOptions::default()).await.unwrap();
+    channel
+        .basic_cancel(consumer.tag(), lapin::options::BasicCancelOptions::default())
+        .await
+        .unwrap();
+    delivery
+}
+
+pub fn long_string(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
