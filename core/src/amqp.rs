@@ -107,7 +107,10 @@ mod tests {
         let mut table = FieldTable::default();
         table.insert(ShortString::from("a"), AMQPValue::LongLongInt(17));
         table.insert(ShortString::from("b"), AMQPValue::LongInt(-1));
-        table.insert(ShortString::from("c"), AMQPValue::LongString(LongString::from("42")));
+        table.insert(
+            ShortString::from("c"),
+            AMQPValue::LongString(LongString::from("42")),
+        );
         table.insert(ShortString::from("d"), AMQPValue::Boolean(true));
         assert_eq!(header_u64(Some(&table), "a"), Some(17));
         assert_eq!(header_u64(Some(&table), "b"), None);

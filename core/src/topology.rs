@@ -181,8 +181,14 @@ mod tests {
         assert_eq!(get("x-delivery-limit"), Some(AMQPValue::LongInt(3)));
         assert_eq!(get("x-max-length"), Some(AMQPValue::LongLongInt(7)));
         assert_eq!(get("x-overflow"), Some(long_string("reject-publish")));
-        assert_eq!(get("x-dead-letter-strategy"), Some(long_string("at-least-once")));
-        assert_eq!(get("x-dead-letter-exchange"), Some(long_string(DEAD_LETTER_EXCHANGE)));
+        assert_eq!(
+            get("x-dead-letter-strategy"),
+            Some(long_string("at-least-once"))
+        );
+        assert_eq!(
+            get("x-dead-letter-exchange"),
+            Some(long_string(DEAD_LETTER_EXCHANGE))
+        );
         assert_eq!(get("x-queue-type"), Some(long_string("quorum")));
     }
 

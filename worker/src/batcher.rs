@@ -71,7 +71,10 @@ mod tests {
         let batch = next_batch(&mut rx, 8, Duration::from_millis(5)).await;
         assert_eq!(batch, Some(vec![1, 2]));
         assert_eq!(started.elapsed(), Duration::from_millis(5));
-        assert_eq!(next_batch(&mut rx, 8, Duration::from_millis(5)).await, Some(vec![3]));
+        assert_eq!(
+            next_batch(&mut rx, 8, Duration::from_millis(5)).await,
+            Some(vec![3])
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -79,7 +82,10 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(4);
         tx.send(7).await.expect("open");
         drop(tx);
-        assert_eq!(next_batch(&mut rx, 8, Duration::from_secs(1)).await, Some(vec![7]));
+        assert_eq!(
+            next_batch(&mut rx, 8, Duration::from_secs(1)).await,
+            Some(vec![7])
+        );
         assert_eq!(next_batch(&mut rx, 8, Duration::from_secs(1)).await, None);
     }
 }

@@ -24,7 +24,9 @@ impl std::str::FromStr for Device {
             "cuda" => Ok(Device::Cuda(0)),
             other => match other.strip_prefix("cuda:").map(str::parse::<i32>) {
                 Some(Ok(index)) if index >= 0 => Ok(Device::Cuda(index)),
-                _ => Err(format!("`{other}` is not a device: use cpu, cuda or cuda:<N>")),
+                _ => Err(format!(
+                    "`{other}` is not a device: use cpu, cuda or cuda:<N>"
+                )),
             },
         }
     }
@@ -44,7 +46,11 @@ impl std::fmt::Display for Device {
 #[command(name = "ember-worker", version, about)]
 pub struct Config {
     /// The model directory (model.onnx + model.toml).
-    #[arg(long, env = "EMBER_WORKER_MODEL_DIR", default_value = "models/ssdlite-person")]
+    #[arg(
+        long,
+        env = "EMBER_WORKER_MODEL_DIR",
+        default_value = "models/ssdlite-person"
+    )]
     pub model_dir: PathBuf,
 
     /// Serve the model under this name (queue `ember.jobs.<name>`) instead of model.toml's.
@@ -113,7 +119,11 @@ pub struct Config {
     pub queue_max_length: u32,
 
     /// Admin server address (/metrics, /livez, /readyz).
-    #[arg(long, env = "EMBER_WORKER_ADMIN_ADDR", default_value = "127.0.0.1:9100")]
+    #[arg(
+        long,
+        env = "EMBER_WORKER_ADMIN_ADDR",
+        default_value = "127.0.0.1:9100"
+    )]
     pub admin_addr: SocketAddr,
 
     #[command(flatten)]

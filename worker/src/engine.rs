@@ -120,14 +120,12 @@ pub fn load_session(env: &Environment, options: &SessionOptions) -> Result<Sessi
             }
         }
     }
-    builder
-        .commit_from_file(&options.model_path)
-        .map_err(|e| {
-            Error::Runtime(format!(
-                "cannot load model {}: {e}",
-                options.model_path.display()
-            ))
-        })
+    builder.commit_from_file(&options.model_path).map_err(|e| {
+        Error::Runtime(format!(
+            "cannot load model {}: {e}",
+            options.model_path.display()
+        ))
+    })
 }
 
 /// One image's place in a batch.
@@ -459,7 +457,11 @@ mod tests {
         };
         let decoded = decode_ssd(out, &sizes, 0.5, &spec()).expect("decodes");
         assert_eq!(decoded.len(), 2);
-        assert_eq!(decoded[0].len(), 1, "the 0.3 detection is under the threshold");
+        assert_eq!(
+            decoded[0].len(),
+            1,
+            "the 0.3 detection is under the threshold"
+        );
         let d = &decoded[0][0];
         assert_eq!((d.label.as_str(), d.class_id), ("person", 1));
         let expected = [20.0, 20.0, 60.0, 100.0];
@@ -488,8 +490,8 @@ mod tests {
 
     #[test]
     fn a_configured_library_that_is_missing_is_a_clear_error() {
-        let error = resolve_dylib(Some(Path::new("/nonexistent/libonnxruntime.so")))
-            .expect_err("missing");
+        let error =
+            resolve_dylib(Some(Path::new("/nonexistent/libonnxruntime.so"))).expect_err("missing");
         assert!(error.to_string().contains("scripts/setup"), "{error}");
     }
 }

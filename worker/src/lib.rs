@@ -61,7 +61,10 @@ fn valid_name(name: &str) -> bool {
 /// Runs the worker until `shutdown` is cancelled and the jobs in hand are answered.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let spec = Arc::new(ModelSpec::load(&config.model_dir)?);
-    let model = config.model_name.clone().unwrap_or_else(|| spec.name.clone());
+    let model = config
+        .model_name
+        .clone()
+        .unwrap_or_else(|| spec.name.clone());
     if !valid_name(&model) {
         return Err(Error::Config(format!(
             "model name `{model}`: use letters, digits, '-' and '_'"
@@ -76,7 +79,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let max_batch = if config.reload_per_job {
         1
     } else {
-        config.max_batch.unwrap_or(spec.max_batch).clamp(1, spec.max_batch)
+        config
+            .max_batch
+            .unwrap_or(spec.max_batch)
+            .clamp(1, spec.max_batch)
     };
     let prefetch = config
         .prefetch
@@ -158,7 +164,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let mut result = Ok(());
     while !shutdown.is_cancelled() {
         let client_name = format!("ember-worker {worker_id}");
-        let Some(connection) = ember_core::amqp::connect(&config.amqp, &client_name, &shutdown).await
+        let Some(connection) =
+            ember_core::amqp::connect(&config.amqp, &client_name, &shutdown).await
         else {
             break;
         };

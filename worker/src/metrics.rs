@@ -42,7 +42,8 @@ impl Metrics {
         let seconds = |name: &str, help: &str| {
             // 0.5 ms .. ~16 s
             HistogramOpts::new(name, help).buckets(
-                exponential_buckets(0.0005, 2.0, 16).unwrap_or_else(|_| vec![0.001, 0.01, 0.1, 1.0]),
+                exponential_buckets(0.0005, 2.0, 16)
+                    .unwrap_or_else(|_| vec![0.001, 0.01, 0.1, 1.0]),
             )
         };
         Ok(Self {
@@ -109,11 +110,17 @@ impl Metrics {
                     )?,
                     memory_used: register(
                         registry,
-                        Gauge::new("ember_worker_gpu_memory_used_bytes", "GPU memory in use (NVML)")?,
+                        Gauge::new(
+                            "ember_worker_gpu_memory_used_bytes",
+                            "GPU memory in use (NVML)",
+                        )?,
                     )?,
                     memory_total: register(
                         registry,
-                        Gauge::new("ember_worker_gpu_memory_total_bytes", "GPU memory in all (NVML)")?,
+                        Gauge::new(
+                            "ember_worker_gpu_memory_total_bytes",
+                            "GPU memory in all (NVML)",
+                        )?,
                     )?,
                 })
             } else {

@@ -50,7 +50,13 @@ fn sniff(body: &[u8]) -> Option<Format> {
 /// often send none) is resolved from the body's magic bytes.
 fn format_of(content_type: Option<&str>, body: &[u8]) -> Result<Format, Error> {
     let essence = content_type
-        .map(|ct| ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .map(|ct| {
+            ct.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
         .unwrap_or_default();
     match essence.as_str() {
         "image/png" => Ok(Format::Png),
@@ -86,7 +92,13 @@ pub fn prepare(
     };
     let (original_width, original_height) = (image.width(), image.height());
     let rgb = image.into_rgb8();
-    let pixels = resize_rgb(rgb.into_raw(), original_width, original_height, width, height)?;
+    let pixels = resize_rgb(
+        rgb.into_raw(),
+        original_width,
+        original_height,
+        width,
+        height,
+    )?;
     Ok(Prepared {
         pixels,
         original_width,
@@ -177,7 +189,12 @@ mod tests {
         assert!(prepared.pixels.iter().all(|&p| p == 200));
         assert_eq!((prepared.original_width, prepared.original_height), (4, 2));
 
-        let rgba = png(2, 2, image::ExtendedColorType::Rgba8, &[10, 20, 30, 0].repeat(4));
+        let rgba = png(
+            2,
+            2,
+            image::ExtendedColorType::Rgba8,
+            &[10, 20, 30, 0].repeat(4),
+        );
         let prepared = prepare(None, &rgba, LIMITS, 2, 2).expect("sniffs PNG");
         assert_eq!(prepared.pixels, [10, 20, 30].repeat(4));
     }
@@ -185,13 +202,22 @@ mod tests {
     #[test]
     fn malformed_bodies_get_their_stable_codes() {
         let good = png(4, 4, image::ExtendedColorType::Rgb8, &[1; 48]);
-        assert_eq!(code(prepare(Some("image/png"), b"", LIMITS, 2, 2)), ErrorCode::InvalidInput);
+        assert_eq!(
+            code(prepare(Some("image/png"), b"", LIMITS, 2, 2)),
+            ErrorCode::InvalidInput
+        );
         assert_eq!(
             code(prepare(Some("image/png"), b"not an image", LIMITS, 2, 2)),
             ErrorCode::InvalidImage
         );
         assert_eq!(
-            code(prepare(Some("image/png"), &good[..good.len() / 2], LIMITS, 2, 2)),
+            code(prepare(
+                Some("image/png"),
+                &good[..good.len() / 2],
+                LIMITS,
+                2,
+                2
+            )),
             ErrorCode::InvalidImage
         );
         assert_eq!(
@@ -225,7 +251,11 @@ mod tests {
         for &byte in bytes {
             crc ^= u32::from(byte);
             for _ in 0..8 {
-                crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
             }
         }
         !crc

@@ -451,7 +451,11 @@ async fn finish(shared: Arc<Shared>, publisher: Channel, done: Vec<Done>) {
             ),
             Err(error) => {
                 tracing::warn!(job_id = %job.job_id, %error, attempt = job.attempt, "transient failure; requeueing");
-                shared.metrics.requeued.with_label_values(&[error.code().as_str()]).inc();
+                shared
+                    .metrics
+                    .requeued
+                    .with_label_values(&[error.code().as_str()])
+                    .inc();
                 settle(&shared, job, false, None).await;
                 continue;
             }
@@ -579,7 +583,11 @@ async fn settle(shared: &Shared, job: Job, answered: bool, outcome: Option<&'sta
             shared.metrics.jobs.with_label_values(&[outcome]).inc();
         }
         (Ok(_), false, Some(_)) => {
-            shared.metrics.requeued.with_label_values(&["unconfirmed"]).inc();
+            shared
+                .metrics
+                .requeued
+                .with_label_values(&["unconfirmed"])
+                .inc();
         }
         (Ok(_), _, _) => {}
         (Err(error), _, _) => {

@@ -40,8 +40,10 @@ async fn the_sample_photos_give_their_known_answers() {
                 let [x1, y1, x2, y2] = person.bbox;
                 // Both photos are 512x512 with the person filling the middle: the box is large,
                 // inside the image and covers its centre.
-                assert!(0.0 <= x1 && x1 < 256.0 && 256.0 < x2 && x2 <= 512.0, "{person:?}");
-                assert!(0.0 <= y1 && y1 < 256.0 && 256.0 < y2 && y2 <= 512.0, "{person:?}");
+                let covers_centre = |low: f32, high: f32| {
+                    (0.0..256.0).contains(&low) && (256.0..=512.0).contains(&high)
+                };
+                assert!(covers_centre(x1, x2) && covers_centre(y1, y2), "{person:?}");
                 assert!((x2 - x1) * (y2 - y1) > 0.25 * 512.0 * 512.0, "{person:?}");
             }
             _ => assert!(people.is_empty(), "{name}: {detections:?}"),
@@ -82,10 +84,20 @@ async fn a_plain_pika_rpc_client_gets_detections_with_a_reply_queue_and_with_dir
         let results = python_client(&model, extra);
         assert_eq!(results.len(), 2, "{extra:?}");
         let astronaut = &results[0]["outputs"]["detections"];
-        assert_eq!(astronaut.as_array().unwrap().len(), 1, "{extra:?}: {astronaut}");
+        assert_eq!(
+            astronaut.as_array().unwrap().len(),
+            1,
+            "{extra:?}: {astronaut}"
+        );
         assert_eq!(astronaut[0]["label"], "person");
         assert!(astronaut[0]["score"].as_f64().unwrap() > 0.8);
-        assert_eq!(results[1]["outputs"]["detections"].as_array().unwrap().len(), 0);
+        assert_eq!(
+            results[1]["outputs"]["detections"]
+                .as_array()
+                .unwrap()
+                .len(),
+            0
+        );
     }
     drop(worker);
     Client::new(&model).await.cleanup().await;
@@ -130,7 +142,12 @@ async fn every_malformed_job_gets_its_error_code_and_the_worker_keeps_serving() 
         ..JobOptions::default()
     };
     let cases: Vec<(&str, Vec<u8>, JobOptions, ErrorCode)> = vec![
-        ("empty body", vec![], png("image/png"), ErrorCode::InvalidInput),
+        (
+            "empty body",
+            vec![],
+            png("image/png"),
+            ErrorCode::InvalidInput,
+        ),
         (
             "garbage bytes",
             b"definitely not an image".to_vec(),
@@ -215,9 +232,15 @@ async fn every_malformed_job_gets_its_error_code_and_the_worker_keeps_serving() 
     client.drain_for(Duration::from_millis(500)).await;
     let metrics = worker.metrics();
     assert_eq!(metric(&metrics, "ember_worker_jobs_in_flight"), 0.0);
-    assert_eq!(metric(&metrics, "ember_worker_jobs_total{outcome=\"ok\"}"), 2.0);
     assert_eq!(
-        metric(&metrics, "ember_worker_jobs_total{outcome=\"input_too_large\"}"),
+        metric(&metrics, "ember_worker_jobs_total{outcome=\"ok\"}"),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "ember_worker_jobs_total{outcome=\"input_too_large\"}"
+        ),
         2.0
     );
     assert!(client.results.values().all(|results| results.len() == 1));
@@ -242,13 +265,19 @@ async fn batches_larger_than_one_form_under_load() {
         .iter()
         .map(|id| client.result(id).timing.batch_size)
         .collect();
-    assert!(batch_sizes.iter().all(|&b| (1..=8).contains(&b)), "{batch_sizes:?}");
+    assert!(
+        batch_sizes.iter().all(|&b| (1..=8).contains(&b)),
+        "{batch_sizes:?}"
+    );
     assert!(batch_sizes.iter().any(|&b| b > 1), "{batch_sizes:?}");
     let metrics = worker.metrics();
     let batches = metric(&metrics, "ember_worker_batch_size_count");
     let jobs = metric(&metrics, "ember_worker_batch_size_sum");
     assert_eq!(jobs, 48.0);
-    assert!(batches < jobs, "batches {batches} for {jobs} jobs: no batching");
+    assert!(
+        batches < jobs,
+        "batches {batches} for {jobs} jobs: no batching"
+    );
     assert!(
         metric(&metrics, "ember_worker_batch_size_bucket{le=\"1\"}") < batches,
         "every batch had one job"
@@ -281,7 +310,11 @@ async fn a_sigkilled_worker_loses_nothing_a_second_worker_answers_every_job() {
     let mut first = Worker::start(&model, &["--max-batch", "4"]);
     let mut ids = Vec::new();
     for i in 0..40 {
-        let name = if i % 2 == 0 { "astronaut.png" } else { "coffee.png" };
+        let name = if i % 2 == 0 {
+            "astronaut.png"
+        } else {
+            "coffee.png"
+        };
         ids.push(client.submit_png(name).await);
     }
     wait_in_flight(&first).await;
@@ -298,7 +331,10 @@ async fn a_sigkilled_worker_loses_nothing_a_second_worker_answers_every_job() {
         .iter()
         .filter(|id| client.results[*id].iter().any(|r| r.attempt >= 2))
         .count();
-    assert!(redelivered > 0, "no job was redelivered: the kill did not catch any in hand");
+    assert!(
+        redelivered > 0,
+        "no job was redelivered: the kill did not catch any in hand"
+    );
     drop(second);
     client.cleanup().await;
 }
@@ -315,13 +351,20 @@ async fn sigterm_during_load_answers_the_jobs_in_hand_exits_0_and_loses_nothing(
     wait_in_flight(&first).await;
     first.signal("TERM");
     let status = first.wait_exit();
-    assert!(status.success(), "exit status {status:?}; log:\n{}", first.log_text());
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        first.log_text()
+    );
     let log = first.log_text();
     assert!(log.contains("draining"), "{log}");
     client.drain_for(Duration::from_millis(500)).await;
     let answered_by_first = client.results.len();
     assert!(answered_by_first > 0);
-    assert!(answered_by_first < ids.len(), "the first worker answered everything before TERM");
+    assert!(
+        answered_by_first < ids.len(),
+        "the first worker answered everything before TERM"
+    );
 
     let second = Worker::start(&model, &["--max-batch", "4"]);
     client.collect(&ids).await;
@@ -362,14 +405,20 @@ async fn a_job_that_keeps_failing_is_dead_lettered_by_the_delivery_limit() {
             .await
             .unwrap();
     }
-    assert_eq!(deliveries, 6, "first delivery + x-delivery-limit (5) redeliveries");
+    assert_eq!(
+        deliveries, 6,
+        "first delivery + x-delivery-limit (5) redeliveries"
+    );
     let dead = common::get_one(&channel, &topology::dead_letter_queue(&model)).await;
     assert_eq!(
         dead.properties.message_id().as_ref().map(|m| m.to_string()),
         Some(id)
     );
     let headers = dead.properties.headers().as_ref().unwrap();
-    assert!(headers.inner().contains_key("x-death") || headers.inner().contains_key("x-first-death-reason"));
+    assert!(
+        headers.inner().contains_key("x-death")
+            || headers.inner().contains_key("x-first-death-reason")
+    );
     client.cleanup().await;
 }
 
@@ -395,9 +444,15 @@ fn asking_for_cuda_without_a_gpu_is_a_startup_error_unless_fallback_is_asked_for
 #[test]
 fn a_missing_onnx_runtime_library_is_a_clear_startup_error() {
     let model = common::unique_model("noort");
-    let mut worker = Worker::spawn(&model, &["--ort-dylib-path", "/nonexistent/libonnxruntime.so"]);
+    let mut worker = Worker::spawn(
+        &model,
+        &["--ort-dylib-path", "/nonexistent/libonnxruntime.so"],
+    );
     let status = worker.wait_exit();
     assert!(!status.success());
     let log = worker.log_text();
-    assert!(log.contains("/nonexistent/libonnxruntime.so") && log.contains("scripts/setup"), "{log}");
+    assert!(
+        log.contains("/nonexistent/libonnxruntime.so") && log.contains("scripts/setup"),
+        "{log}"
+    );
 }

@@ -83,10 +83,8 @@ impl Worker {
 
     pub fn spawn(model: &str, extra: &[&str]) -> Self {
         let admin_port = free_port();
-        let log = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
-            "{model}-{}.log",
-            uuid::Uuid::new_v4().simple()
-        ));
+        let log = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("{model}-{}.log", uuid::Uuid::new_v4().simple()));
         let log_file = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_ember-worker"))
             .current_dir(root())
@@ -294,7 +292,9 @@ impl Client {
                 Ok(other) => panic!("reply consumer ended: {other:?}"),
                 Err(_) => panic!(
                     "only {} of {} jobs answered in time",
-                    ids.iter().filter(|id| self.results.contains_key(*id)).count(),
+                    ids.iter()
+                        .filter(|id| self.results.contains_key(*id))
+                        .count(),
                     ids.len()
                 ),
             }
@@ -303,8 +303,7 @@ impl Client {
 
     /// Takes whatever replies arrive within `quiet`.
     pub async fn drain_for(&mut self, quiet: Duration) {
-        while let Ok(Some(Ok(delivery))) = tokio::time::timeout(quiet, self.replies.next()).await
-        {
+        while let Ok(Some(Ok(delivery))) = tokio::time::timeout(quiet, self.replies.next()).await {
             self.record(&delivery.data, &delivery.properties);
         }
     }
@@ -357,7 +356,10 @@ pub async fn get_one(channel: &Channel, queue: &str) -> lapin::message::Delivery
         .unwrap();
     delivery.ack(BasicAckOptions::default()).await.unwrap();
     channel
-        .basic_cancel(consumer.tag(), lapin::options::BasicCancelOptions::default())
+        .basic_cancel(
+            consumer.tag(),
+            lapin::options::BasicCancelOptions::default(),
+        )
         .await
         .unwrap();
     delivery
