@@ -114,3 +114,56 @@ pub async fn serve_admin(
     tracing::info!(%bound, "admin server listening");
     Ok(bound)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("connects");
+        let request = format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.expect("writes");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.expect("reads");
+        let status = response
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .expect("a status line");
+        (status, response)
+    }
+
+    #[tokio::test]
+    async fn readyz_follows_readiness_and_metrics_come_from_the_process_registry() {
+        let registry = Registry::new();
+        let counter =
+            prometheus::IntCounter::new("ember_test_things_total", "things").expect("valid metric");
+        registry
+            .register(Box::new(counter.clone()))
+            .expect("registers");
+        counter.inc_by(3);
+        let readiness = Readiness::default();
+        let stop = CancellationToken::new();
+        let addr = serve_admin(
+            "127.0.0.1:0".parse().expect("addr"),
+            registry,
+            readiness.clone(),
+            stop.clone(),
+        )
+        .await
+        .expect("binds");
+
+        assert_eq!(get(addr, "/livez").await.0, 200);
+        assert_eq!(get(addr, "/readyz").await.0, 503);
+        readiness.set(true);
+        assert_eq!(get(addr, "/readyz").await.0, 200);
+        let (status, body) = get(addr, "/metrics").await;
+        assert_eq!(status, 200);
+        assert!(body.contains("ember_test_things_total 3"), "{body}");
+        assert_eq!(get(addr, "/nope").await.0, 404);
+        stop.cancel();
+    }
+}

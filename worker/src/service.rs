@@ -37,6 +37,8 @@ use crate::{Error, Result};
 #[derive(Debug, Default)]
 pub struct Stats {
     in_flight: AtomicU64,
+    /// Jobs accepted and still being prepared (not yet handed to the batcher).
+    preparing: AtomicU64,
     completed: AtomicU64,
     busy_nanos: AtomicU64,
     state: AtomicU8,
@@ -267,6 +269,11 @@ async fn serve(
     };
     session_done.cancel();
     let _ = heartbeats.await;
+    if matches!(outcome, SessionEnd::Drained { .. }) {
+        for channel in [&consumer_channel, &publisher, &telemetry] {
+            let _ = channel.close(200, "worker shutting down".into()).await;
+        }
+    }
     Ok(outcome)
 }
 
@@ -291,6 +298,7 @@ fn accept(
         tracker.spawn(finish(shared.clone(), publisher.clone(), vec![done]));
         return;
     }
+    shared.stats.preparing.fetch_add(1, Ordering::SeqCst);
     let shared = shared.clone();
     let publisher = publisher.clone();
     let prepared_tx = prepared_tx.clone();
@@ -310,14 +318,15 @@ fn accept(
         .unwrap_or_else(|e| Err(Error::Internal(format!("preprocessing panicked: {e}"))));
         match prepared {
             Ok(prepared) => {
-                if let Err(mpsc::error::SendError((job, _))) =
-                    prepared_tx.send((job, prepared)).await
-                {
+                let sent = prepared_tx.send((job, prepared)).await;
+                shared.stats.preparing.fetch_sub(1, Ordering::SeqCst);
+                if let Err(mpsc::error::SendError((job, _))) = sent {
                     // The batcher is gone (connection lost): the broker redelivers the job.
                     drop(job);
                 }
             }
             Err(error) => {
+                shared.stats.preparing.fetch_sub(1, Ordering::SeqCst);
                 let done = Done {
                     job,
                     outcome: Err(error),
@@ -335,7 +344,15 @@ async fn batch_loop(
     mut rx: mpsc::Receiver<(Job, Prepared)>,
     tracker: TaskTracker,
 ) {
-    while let Some(batch) = next_batch(&mut rx, shared.max_batch, shared.max_batch_delay).await {
+    let more_coming = || shared.stats.preparing.load(Ordering::SeqCst) > 0;
+    while let Some(batch) = next_batch(
+        &mut rx,
+        shared.max_batch,
+        shared.max_batch_delay,
+        more_coming,
+    )
+    .await
+    {
         let now_ms = unix_ms();
         let mut expired = Vec::new();
         let mut jobs = Vec::with_capacity(batch.len());

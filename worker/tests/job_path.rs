@@ -456,3 +456,87 @@ fn a_missing_onnx_runtime_library_is_a_clear_startup_error() {
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_worker_publishes_a_heartbeat_every_interval() {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
+    let model = common::unique_model("heartbeat");
+    let client = Client::new(&model).await;
+    let queue = client
+        .channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    client
+        .channel
+        .queue_bind(
+            queue.name().clone(),
+            topology::TELEMETRY_EXCHANGE.into(),
+            format!("{model}.*").as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let worker = Worker::start(
+        &model,
+        &[
+            "--worker-id",
+            "hb-worker-1",
+            "--heartbeat-interval",
+            "200ms",
+        ],
+    );
+    let id = client.submit_png("coffee.png").await;
+    let mut consumer = client
+        .channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    // Read heartbeats until one shows the job completed.
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    let mut seen = 0;
+    loop {
+        let remaining = deadline.saturating_duration_since(std::time::Instant::now());
+        let delivery = tokio::time::timeout(remaining, consumer.next())
+            .await
+            .expect("heartbeats keep coming")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            delivery.routing_key.as_str(),
+            format!("{model}.hb-worker-1")
+        );
+        let beat: ember_core::protocol::Heartbeat = serde_json::from_slice(&delivery.data).unwrap();
+        seen += 1;
+        assert_eq!(beat.model, model);
+        assert_eq!(beat.worker, "hb-worker-1");
+        assert_eq!(beat.state, ember_core::protocol::WorkerState::Ready);
+        assert!(beat.model_load_seconds > 0.0);
+        assert!(beat.gpu.is_none(), "no NVIDIA driver here");
+        if beat.completed == 1 {
+            assert_eq!(beat.in_flight, 0);
+            assert!(beat.busy_seconds > 0.0);
+            break;
+        }
+    }
+    assert!(seen >= 1);
+    let _ = id;
+    drop(worker);
+    client.cleanup().await;
+}
