@@ -98,10 +98,70 @@ pub struct Detection {
     pub bbox: [f32; 4],
 }
 
-/// What the model produced for one job.
+/// What the model produced for one job: detections for an image job, raw output tensors for a
+/// tensor (Open Inference Protocol) job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Outputs {
-    pub detections: Vec<Detection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detections: Option<Vec<Detection>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensors: Option<Vec<oip::OutputTensor>>,
+}
+
+/// The Open Inference Protocol v2 (KServe/Triton) REST shapes, JSON tensors. A job with
+/// `content_type: application/json` carries an [`oip::InferRequest`].
+pub mod oip {
+    use serde::{Deserialize, Serialize};
+
+    /// `POST /v2/models/{model}/infer` body, and a tensor job's body.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct InferRequest {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub id: Option<String>,
+        pub inputs: Vec<InputTensor>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub outputs: Option<Vec<RequestedOutput>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub parameters: Option<serde_json::Value>,
+    }
+
+    /// An input tensor; `data` is row-major, flat or nested.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct InputTensor {
+        pub name: String,
+        pub shape: Vec<i64>,
+        pub datatype: String,
+        pub data: serde_json::Value,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub parameters: Option<serde_json::Value>,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct RequestedOutput {
+        pub name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub parameters: Option<serde_json::Value>,
+    }
+
+    /// An output tensor (FP32 here: what the bundled models produce).
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct OutputTensor {
+        pub name: String,
+        pub datatype: String,
+        pub shape: Vec<usize>,
+        pub data: Vec<f32>,
+    }
+
+    /// `POST /v2/models/{model}/infer` response.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    pub struct InferResponse {
+        pub model_name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub model_version: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub id: Option<String>,
+        pub outputs: Vec<OutputTensor>,
+    }
 }
 
 /// Where the time went for one job, in milliseconds.
@@ -179,12 +239,13 @@ mod tests {
             model: "ssdlite-person".into(),
             status: Status::Ok,
             outputs: Some(Outputs {
-                detections: vec![Detection {
+                detections: Some(vec![Detection {
                     label: "person".into(),
                     class_id: 1,
                     score: 0.5,
                     bbox: [1.0, 2.0, 3.0, 4.0],
-                }],
+                }]),
+                tensors: None,
             }),
             error: None,
             timing: Timing::default(),
@@ -195,6 +256,7 @@ mod tests {
         assert_eq!(value["status"], "ok");
         assert_eq!(value["outputs"]["detections"][0]["box"][2], 3.0);
         assert!(value["error"].is_null());
+        assert!(value["outputs"].get("tensors").is_none());
         let back: JobResult = serde_json::from_value(value).expect("round-trips");
         assert_eq!(back, result);
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ember_core::protocol::Detection;
+use ember_core::protocol::oip::OutputTensor;
 use ort::environment::Environment;
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
@@ -13,7 +14,7 @@ use ort::value::TensorRef;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Device;
-use crate::model::{InputSpec, ModelSpec, OutputSpec};
+use ember_core::model::{InputSpec, ModelSpec, OutputSpec};
 use crate::{Error, Result};
 
 /// Finds the ONNX Runtime library: the flag/env value, else the project's `.venv` (searched
@@ -140,6 +141,8 @@ pub struct ImageSize {
 pub struct BatchRequest {
     pub pixels: Vec<Vec<u8>>,
     pub sizes: Vec<ImageSize>,
+    /// Per image: also return the raw output tensors (Open Inference Protocol jobs).
+    pub raw: Vec<bool>,
     pub reply: oneshot::Sender<Result<BatchOutput>>,
 }
 
@@ -147,6 +150,8 @@ pub struct BatchRequest {
 #[derive(Debug)]
 pub struct BatchOutput {
     pub detections: Vec<Vec<Detection>>,
+    /// Per image, where asked for: its slice of each output tensor.
+    pub tensors: Vec<Option<Vec<OutputTensor>>>,
     /// Time inside `session.run` (plus the session load with `--reload-per-job`).
     pub inference: Duration,
 }
@@ -260,6 +265,7 @@ impl Engine {
         let request = BatchRequest {
             pixels: vec![vec![0u8; (width * height * 3) as usize]],
             sizes: vec![ImageSize { width, height }],
+            raw: vec![true],
             reply,
         };
         self.tx
@@ -271,12 +277,18 @@ impl Engine {
     }
 
     /// Runs one batch; the images must already be at the model's input size.
-    pub async fn infer(&self, pixels: Vec<Vec<u8>>, sizes: Vec<ImageSize>) -> Result<BatchOutput> {
+    pub async fn infer(
+        &self,
+        pixels: Vec<Vec<u8>>,
+        sizes: Vec<ImageSize>,
+        raw: Vec<bool>,
+    ) -> Result<BatchOutput> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(BatchRequest {
                 pixels,
                 sizes,
+                raw,
                 reply,
             })
             .await
@@ -353,8 +365,43 @@ fn run_batch(
         decoder.score_threshold,
         &decoder.labels,
     )?;
+    let slots = if n == 0 { 0 } else { scores.len() / n };
+    let tensors = request
+        .raw
+        .iter()
+        .enumerate()
+        .map(|(i, &raw)| {
+            raw.then(|| {
+                let tensor = |name: &str, data: &[f32], shape: Vec<usize>| OutputTensor {
+                    name: name.to_string(),
+                    datatype: "FP32".into(),
+                    shape,
+                    data: data.to_vec(),
+                };
+                vec![
+                    tensor(&decoder.num_detections, &counts[i..i + 1], vec![1]),
+                    tensor(
+                        &decoder.boxes,
+                        &boxes[i * slots * 4..(i + 1) * slots * 4],
+                        vec![1, slots, 4],
+                    ),
+                    tensor(
+                        &decoder.scores,
+                        &scores[i * slots..(i + 1) * slots],
+                        vec![1, slots],
+                    ),
+                    tensor(
+                        &decoder.classes,
+                        &classes[i * slots..(i + 1) * slots],
+                        vec![1, slots],
+                    ),
+                ]
+            })
+        })
+        .collect();
     Ok(BatchOutput {
         detections,
+        tensors,
         inference,
     })
 }

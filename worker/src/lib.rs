@@ -8,7 +8,6 @@
 //! # Layout
 //!
 //! - [`config`]: flags and `EMBER_WORKER_*` variables.
-//! - [`model`]: the model directory's `model.toml`.
 //! - [`preprocess`]: job body -> model input, with limits.
 //! - [`engine`]: ONNX Runtime session on its own thread; SSD decoding.
 //! - [`batcher`]: dynamic batching.
@@ -22,7 +21,6 @@ pub mod engine;
 pub mod error;
 pub mod gpu;
 pub mod metrics;
-pub mod model;
 pub mod preprocess;
 pub mod service;
 
@@ -39,7 +37,7 @@ pub use error::{Error, Result};
 
 use crate::config::Device;
 use crate::engine::{Engine, Loaded, SessionOptions};
-use crate::model::{InputSpec, ModelSpec};
+use ember_core::model::{InputSpec, ModelSpec};
 use crate::preprocess::InputLimits;
 use crate::service::{SessionEnd, Shared, Stats};
 
@@ -60,7 +58,7 @@ fn valid_name(name: &str) -> bool {
 
 /// Runs the worker until `shutdown` is cancelled and the jobs in hand are answered.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
-    let spec = Arc::new(ModelSpec::load(&config.model_dir)?);
+    let spec = Arc::new(ModelSpec::load(&config.model_dir).map_err(Error::Config)?);
     let model = config
         .model_name
         .clone()
@@ -107,7 +105,17 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     .await
     .map_err(|e| Error::Config(format!("admin server on {}: {e}", config.admin_addr)))?;
 
-    let InputSpec::Image { width, height, .. } = spec.input;
+    let InputSpec::Image {
+        width,
+        height,
+        ref tensor,
+        ..
+    } = spec.input;
+    let target = preprocess::Target {
+        tensor: tensor.clone(),
+        width,
+        height,
+    };
     let dylib = engine::resolve_dylib(config.ort_dylib_path.as_deref())?;
     let options = SessionOptions {
         model_path: config.model_dir.join(&spec.file),
@@ -148,7 +156,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             max_bytes: config.max_input_bytes,
             max_pixels: config.max_pixels,
         },
-        input_size: (width, height),
+        target,
         max_batch,
         max_batch_delay: config.max_batch_delay,
         prefetch,

@@ -9,6 +9,8 @@ use image::codecs::jpeg::JpegDecoder;
 use image::codecs::png::PngDecoder;
 use image::{DynamicImage, ImageDecoder, Limits};
 
+use ember_core::protocol::oip::InferRequest;
+
 use crate::Error;
 
 /// Limits applied before and during decoding (decompression bombs).
@@ -25,12 +27,24 @@ pub struct Prepared {
     pub pixels: Vec<u8>,
     pub original_width: u32,
     pub original_height: u32,
+    /// The job was an Open Inference Protocol tensor request: answer with raw output tensors.
+    pub raw_outputs: bool,
+}
+
+/// The model's input, as the preprocessing needs it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The input tensor's name (tensor requests must name it).
+    pub tensor: String,
+    pub width: u32,
+    pub height: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Format {
     Png,
     Jpeg,
+    Tensor,
 }
 
 const PNG_MAGIC: &[u8] = b"\x89PNG\r\n\x1a\n";
@@ -60,6 +74,7 @@ fn format_of(content_type: Option<&str>, body: &[u8]) -> Result<Format, Error> {
         .unwrap_or_default();
     match essence.as_str() {
         "image/png" => Ok(Format::Png),
+        "application/json" => Ok(Format::Tensor),
         "image/jpeg" | "image/jpg" => Ok(Format::Jpeg),
         "" | "application/octet-stream" => sniff(body).ok_or_else(|| {
             Error::InvalidImage("no content type and the body is neither PNG nor JPEG".into())
@@ -73,9 +88,9 @@ pub fn prepare(
     content_type: Option<&str>,
     body: &[u8],
     limits: InputLimits,
-    width: u32,
-    height: u32,
+    target: &Target,
 ) -> Result<Prepared, Error> {
+    let (width, height) = (target.width, target.height);
     if body.is_empty() {
         return Err(Error::InvalidInput("the job body is empty".into()));
     }
@@ -89,6 +104,7 @@ pub fn prepare(
     let image = match format_of(content_type, body)? {
         Format::Png => decode(PngDecoder::new(Cursor::new(body)), limits)?,
         Format::Jpeg => decode(JpegDecoder::new(Cursor::new(body)), limits)?,
+        Format::Tensor => return prepare_tensor(body, limits, target),
     };
     let (original_width, original_height) = (image.width(), image.height());
     let rgb = image.into_rgb8();
@@ -103,7 +119,92 @@ pub fn prepare(
         pixels,
         original_width,
         original_height,
+        raw_outputs: false,
     })
+}
+
+/// An Open Inference Protocol request with one UINT8 NHWC image tensor `[1, H, W, 3]`.
+fn prepare_tensor(body: &[u8], limits: InputLimits, target: &Target) -> Result<Prepared, Error> {
+    let request: InferRequest = serde_json::from_slice(body)
+        .map_err(|e| Error::InvalidInput(format!("not an inference request: {e}")))?;
+    let [input] = request.inputs.as_slice() else {
+        return Err(Error::InvalidInput(format!(
+            "expected one input tensor `{}`, got {}",
+            target.tensor,
+            request.inputs.len()
+        )));
+    };
+    if input.name != target.tensor {
+        return Err(Error::InvalidInput(format!(
+            "unknown input `{}`; the model's input is `{}`",
+            input.name, target.tensor
+        )));
+    }
+    if input.datatype != "UINT8" {
+        return Err(Error::InvalidInput(format!(
+            "input `{}` must be UINT8, not {}",
+            input.name, input.datatype
+        )));
+    }
+    let &[1, h, w, 3] = input.shape.as_slice() else {
+        return Err(Error::InvalidInput(format!(
+            "input shape must be [1, H, W, 3] (NHWC, one image), not {:?}",
+            input.shape
+        )));
+    };
+    let (Ok(h), Ok(w)) = (u32::try_from(h), u32::try_from(w)) else {
+        return Err(Error::InvalidInput("negative dimensions".into()));
+    };
+    if h == 0 || w == 0 {
+        return Err(Error::InvalidInput(format!("the image is {w}x{h}")));
+    }
+    if u64::from(w) * u64::from(h) > limits.max_pixels {
+        return Err(Error::InputTooLarge(format!(
+            "the image is {w}x{h}; the limit is {} pixels",
+            limits.max_pixels
+        )));
+    }
+    let expected = (w * h * 3) as usize;
+    let mut pixels = Vec::with_capacity(expected);
+    flatten_u8(&input.data, &mut pixels, expected)?;
+    if pixels.len() != expected {
+        return Err(Error::InvalidInput(format!(
+            "shape {:?} needs {expected} values, the data has {}",
+            input.shape,
+            pixels.len()
+        )));
+    }
+    Ok(Prepared {
+        pixels: resize_rgb(pixels, w, h, target.width, target.height)?,
+        original_width: w,
+        original_height: h,
+        raw_outputs: true,
+    })
+}
+
+fn flatten_u8(value: &serde_json::Value, out: &mut Vec<u8>, limit: usize) -> Result<(), Error> {
+    match value {
+        serde_json::Value::Array(items) => {
+            for item in items {
+                flatten_u8(item, out, limit)?;
+            }
+            Ok(())
+        }
+        serde_json::Value::Number(n) => {
+            if out.len() >= limit {
+                return Err(Error::InvalidInput("more data than the shape says".into()));
+            }
+            let v = n
+                .as_u64()
+                .and_then(|v| u8::try_from(v).ok())
+                .ok_or_else(|| Error::InvalidInput(format!("{n} is not a UINT8")))?;
+            out.push(v);
+            Ok(())
+        }
+        other => Err(Error::InvalidInput(format!(
+            "tensor data must be numbers, found {other}"
+        ))),
+    }
 }
 
 fn decode<D: ImageDecoder>(
@@ -164,6 +265,14 @@ mod tests {
         max_pixels: 1 << 20,
     };
 
+    fn target(width: u32, height: u32) -> Target {
+        Target {
+            tensor: "image_tensor:0".into(),
+            width,
+            height,
+        }
+    }
+
     fn png(width: u32, height: u32, color: image::ExtendedColorType, bytes: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
         image::ImageEncoder::write_image(
@@ -184,7 +293,7 @@ mod tests {
     #[test]
     fn grey_and_rgba_become_rgb_at_the_model_size() {
         let grey = png(4, 2, image::ExtendedColorType::L8, &[200; 8]);
-        let prepared = prepare(Some("image/png"), &grey, LIMITS, 3, 3).expect("prepares");
+        let prepared = prepare(Some("image/png"), &grey, LIMITS, &target(3, 3)).expect("prepares");
         assert_eq!(prepared.pixels.len(), 27);
         assert!(prepared.pixels.iter().all(|&p| p == 200));
         assert_eq!((prepared.original_width, prepared.original_height), (4, 2));
@@ -195,7 +304,7 @@ mod tests {
             image::ExtendedColorType::Rgba8,
             &[10, 20, 30, 0].repeat(4),
         );
-        let prepared = prepare(None, &rgba, LIMITS, 2, 2).expect("sniffs PNG");
+        let prepared = prepare(None, &rgba, LIMITS, &target(2, 2)).expect("sniffs PNG");
         assert_eq!(prepared.pixels, [10, 20, 30].repeat(4));
     }
 
@@ -203,11 +312,16 @@ mod tests {
     fn malformed_bodies_get_their_stable_codes() {
         let good = png(4, 4, image::ExtendedColorType::Rgb8, &[1; 48]);
         assert_eq!(
-            code(prepare(Some("image/png"), b"", LIMITS, 2, 2)),
+            code(prepare(Some("image/png"), b"", LIMITS, &target(2, 2))),
             ErrorCode::InvalidInput
         );
         assert_eq!(
-            code(prepare(Some("image/png"), b"not an image", LIMITS, 2, 2)),
+            code(prepare(
+                Some("image/png"),
+                b"not an image",
+                LIMITS,
+                &target(2, 2)
+            )),
             ErrorCode::InvalidImage
         );
         assert_eq!(
@@ -215,13 +329,12 @@ mod tests {
                 Some("image/png"),
                 &good[..good.len() / 2],
                 LIMITS,
-                2,
-                2
+                &target(2, 2)
             )),
             ErrorCode::InvalidImage
         );
         assert_eq!(
-            code(prepare(Some("text/plain"), &good, LIMITS, 2, 2)),
+            code(prepare(Some("text/plain"), &good, LIMITS, &target(2, 2))),
             ErrorCode::UnsupportedContentType
         );
         let tiny = InputLimits {
@@ -229,7 +342,7 @@ mod tests {
             max_pixels: 1 << 20,
         };
         assert_eq!(
-            code(prepare(Some("image/png"), &good, tiny, 2, 2)),
+            code(prepare(Some("image/png"), &good, tiny, &target(2, 2))),
             ErrorCode::InputTooLarge
         );
         let few_pixels = InputLimits {
@@ -237,11 +350,11 @@ mod tests {
             max_pixels: 15,
         };
         assert_eq!(
-            code(prepare(Some("image/png"), &good, few_pixels, 2, 2)),
+            code(prepare(Some("image/png"), &good, few_pixels, &target(2, 2))),
             ErrorCode::InputTooLarge
         );
         assert_eq!(
-            code(prepare(Some("image/jpeg"), &good, LIMITS, 2, 2)),
+            code(prepare(Some("image/jpeg"), &good, LIMITS, &target(2, 2))),
             ErrorCode::InvalidImage
         );
     }
@@ -269,7 +382,48 @@ mod tests {
         bomb[20..24].copy_from_slice(&100_000u32.to_be_bytes());
         let crc = crc32(&bomb[12..29]);
         bomb[29..33].copy_from_slice(&crc.to_be_bytes());
-        let error = prepare(Some("image/png"), &bomb, LIMITS, 2, 2).expect_err("refused");
+        let error = prepare(Some("image/png"), &bomb, LIMITS, &target(2, 2)).expect_err("refused");
         assert_eq!(error.code(), ErrorCode::InputTooLarge, "{error}");
+    }
+
+    #[test]
+    fn an_oip_tensor_request_becomes_model_input_and_asks_for_raw_outputs() {
+        let request = serde_json::json!({
+            "id": "r1",
+            "inputs": [{"name": "image_tensor:0", "shape": [1, 1, 2, 3], "datatype": "UINT8",
+                        "data": [[1, 2, 3], [4, 5, 6]]}]
+        });
+        let body = serde_json::to_vec(&request).expect("json");
+        let prepared =
+            prepare(Some("application/json"), &body, LIMITS, &target(2, 1)).expect("prepares");
+        assert_eq!(prepared.pixels, vec![1, 2, 3, 4, 5, 6]);
+        assert!(prepared.raw_outputs);
+        assert_eq!((prepared.original_width, prepared.original_height), (2, 1));
+    }
+
+    #[test]
+    fn bad_tensor_requests_are_invalid_input() {
+        let cases = [
+            serde_json::json!({"inputs": []}),
+            serde_json::json!({"inputs": [{"name": "other", "shape": [1,1,1,3], "datatype": "UINT8", "data": [1,2,3]}]}),
+            serde_json::json!({"inputs": [{"name": "image_tensor:0", "shape": [1,1,1,3], "datatype": "FP32", "data": [1,2,3]}]}),
+            serde_json::json!({"inputs": [{"name": "image_tensor:0", "shape": [1,1,1,3], "datatype": "UINT8", "data": [1,2]}]}),
+            serde_json::json!({"inputs": [{"name": "image_tensor:0", "shape": [1,1,1,3], "datatype": "UINT8", "data": [1,2,300]}]}),
+            serde_json::json!({"inputs": [{"name": "image_tensor:0", "shape": [2,1,1,3], "datatype": "UINT8", "data": [1,2,3,4,5,6]}]}),
+        ];
+        for case in cases {
+            let body = serde_json::to_vec(&case).expect("json");
+            let result = prepare(Some("application/json"), &body, LIMITS, &target(1, 1));
+            assert_eq!(code(result), ErrorCode::InvalidInput, "{case}");
+        }
+        assert_eq!(
+            code(prepare(
+                Some("application/json"),
+                b"{",
+                LIMITS,
+                &target(1, 1)
+            )),
+            ErrorCode::InvalidInput
+        );
     }
 }

@@ -30,7 +30,7 @@ use crate::engine::{Engine, ImageSize};
 use crate::error::Disposition;
 use crate::gpu::Gpu;
 use crate::metrics::Metrics;
-use crate::preprocess::{InputLimits, Prepared, prepare};
+use crate::preprocess::{InputLimits, Prepared, Target, prepare};
 use crate::{Error, Result};
 
 /// Counters shared with heartbeats.
@@ -73,7 +73,7 @@ pub struct Shared {
     pub readiness: Readiness,
     pub gpu: Option<Gpu>,
     pub limits: InputLimits,
-    pub input_size: (u32, u32),
+    pub target: Target,
     pub max_batch: usize,
     pub max_batch_delay: Duration,
     pub prefetch: u16,
@@ -304,14 +304,13 @@ fn accept(
     let prepared_tx = prepared_tx.clone();
     tracker.spawn(async move {
         let limits = shared.limits;
-        let (width, height) = shared.input_size;
+        let target = shared.target.clone();
         let prepared = tokio::task::spawn_blocking(move || {
             prepare(
                 content_type.as_ref().map(|ct| ct.as_str()),
                 &body,
                 limits,
-                width,
-                height,
+                &target,
             )
         })
         .await
@@ -358,6 +357,7 @@ async fn batch_loop(
         let mut jobs = Vec::with_capacity(batch.len());
         let mut pixels = Vec::with_capacity(batch.len());
         let mut sizes = Vec::with_capacity(batch.len());
+        let mut raw = Vec::with_capacity(batch.len());
         for (job, prepared) in batch {
             if let Some(late_ms) = job.expired_by(now_ms) {
                 expired.push(Done {
@@ -372,6 +372,7 @@ async fn batch_loop(
                 height: prepared.original_height,
             });
             pixels.push(prepared.pixels);
+            raw.push(prepared.raw_outputs);
             jobs.push(job);
         }
         if !expired.is_empty() {
@@ -386,7 +387,7 @@ async fn batch_loop(
         for wait in &waits {
             shared.metrics.queue_wait.observe(wait.as_secs_f64());
         }
-        let output = shared.engine.infer(pixels, sizes).await;
+        let output = shared.engine.infer(pixels, sizes, raw).await;
         let done: Vec<Done> = match output {
             Ok(output) => {
                 let seconds = output.inference.as_secs_f64();
@@ -396,9 +397,9 @@ async fn batch_loop(
                     .busy_nanos
                     .fetch_add(output.inference.as_nanos() as u64, Ordering::Relaxed);
                 jobs.into_iter()
-                    .zip(output.detections)
+                    .zip(output.detections.into_iter().zip(output.tensors))
                     .zip(waits)
-                    .map(|((job, detections), wait)| Done {
+                    .map(|((job, (detections, tensors)), wait)| Done {
                         timing: Timing {
                             queue_ms: wait.as_secs_f64() * 1e3,
                             batch_size: n as u32,
@@ -406,7 +407,16 @@ async fn batch_loop(
                             worker_ms: 0.0,
                         },
                         job,
-                        outcome: Ok(Outputs { detections }),
+                        outcome: Ok(match tensors {
+                            Some(tensors) => Outputs {
+                                detections: None,
+                                tensors: Some(tensors),
+                            },
+                            None => Outputs {
+                                detections: Some(detections),
+                                tensors: None,
+                            },
+                        }),
                     })
                     .collect()
             }

@@ -30,7 +30,13 @@ async fn the_sample_photos_give_their_known_answers() {
         assert_eq!(result.model, model);
         assert_eq!(result.attempt, 1);
         assert!(result.timing.inference_ms > 0.0 && result.timing.batch_size >= 1);
-        let detections = &result.outputs.as_ref().unwrap().detections;
+        let detections = &result
+            .outputs
+            .as_ref()
+            .unwrap()
+            .detections
+            .as_ref()
+            .unwrap();
         let people: Vec<_> = detections.iter().filter(|d| d.label == "person").collect();
         match *name {
             "astronaut.png" | "camera.png" => {
@@ -226,7 +232,17 @@ async fn every_malformed_job_gets_its_error_code_and_the_worker_keeps_serving() 
     for id in [&good, &sniffed] {
         let result = client.result(id);
         assert_eq!(result.status, Status::Ok, "{result:?}");
-        assert_eq!(result.outputs.as_ref().unwrap().detections.len(), 1);
+        assert_eq!(
+            result
+                .outputs
+                .as_ref()
+                .unwrap()
+                .detections
+                .as_ref()
+                .unwrap()
+                .len(),
+            1
+        );
     }
     // Every bad job was acked: nothing is left in the queue or in flight, nothing dead-lettered.
     client.drain_for(Duration::from_millis(500)).await;
@@ -284,7 +300,14 @@ async fn batches_larger_than_one_form_under_load() {
     );
     // Same answers whatever the batch: each astronaut result has one person.
     for (i, id) in ids.iter().enumerate() {
-        let detections = &client.result(id).outputs.as_ref().unwrap().detections;
+        let detections = &client
+            .result(id)
+            .outputs
+            .as_ref()
+            .unwrap()
+            .detections
+            .as_ref()
+            .unwrap();
         let expected = usize::from(i % 4 < 2);
         assert_eq!(detections.len(), expected, "job {i} ({})", names[i % 4]);
     }
@@ -537,6 +560,53 @@ async fn the_worker_publishes_a_heartbeat_every_interval() {
     }
     assert!(seen >= 1);
     let _ = id;
+    drop(worker);
+    client.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_oip_tensor_job_gets_the_raw_output_tensors() {
+    let model = common::unique_model("tensor");
+    let worker = Worker::start(&model, &[]);
+    let mut client = Client::new(&model).await;
+    let image = image::load_from_memory(&common::sample("astronaut.png"))
+        .unwrap()
+        .resize_exact(300, 300, image::imageops::FilterType::Triangle)
+        .into_rgb8();
+    let request = serde_json::json!({
+        "id": "oip-1",
+        "inputs": [{"name": "image_tensor:0", "shape": [1, 300, 300, 3], "datatype": "UINT8",
+                    "data": image.as_raw()}]
+    });
+    let id = client
+        .submit(
+            &serde_json::to_vec(&request).unwrap(),
+            JobOptions {
+                content_type: Some("application/json"),
+                ..JobOptions::default()
+            },
+        )
+        .await;
+    client.collect(std::slice::from_ref(&id)).await;
+    let result = client.result(&id);
+    assert_eq!(result.status, Status::Ok, "{result:?}");
+    let outputs = result.outputs.as_ref().unwrap();
+    assert!(outputs.detections.is_none());
+    let tensors = outputs.tensors.as_ref().unwrap();
+    let names: Vec<&str> = tensors.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "num_detections:0",
+            "detection_boxes:0",
+            "detection_scores:0",
+            "detection_classes:0"
+        ]
+    );
+    assert_eq!(tensors[1].shape, vec![1, 100, 4]);
+    assert_eq!(tensors[1].data.len(), 400);
+    assert!(tensors[2].data[0] > 0.8, "top score {}", tensors[2].data[0]);
+    assert_eq!(tensors[3].data[0], 1.0, "top class is person");
     drop(worker);
     client.cleanup().await;
 }

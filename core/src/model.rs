@@ -1,11 +1,10 @@
-//! A model directory: `model.toml` says how to feed the graph and how to read its outputs.
+//! A model directory: `model.toml` says how to feed the graph and how to read its outputs. The
+//! worker serves it; the dispatcher reads it for model metadata.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-
-use crate::Error;
 
 /// `model.toml`.
 #[derive(Debug, Clone, Deserialize)]
@@ -63,11 +62,11 @@ pub enum OutputSpec {
 
 impl ModelSpec {
     /// Reads and checks `<dir>/model.toml`.
-    pub fn load(dir: &Path) -> Result<Self, Error> {
+    pub fn load(dir: &Path) -> Result<Self, String> {
         let path = dir.join("model.toml");
         let text = std::fs::read_to_string(&path)
-            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
-        Self::parse(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
     /// Parses and checks a `model.toml` text.
