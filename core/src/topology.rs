@@ -13,6 +13,9 @@ pub const DEAD_LETTER_EXCHANGE: &str = "ember.dlx";
 pub const RESULTS_EXCHANGE: &str = "ember.results";
 /// Quorum queue of results whose job asked for an HTTP callback.
 pub const CALLBACKS_QUEUE: &str = "ember.callbacks";
+/// Topic exchange for cancellations, routing key = model, body = the job id. Workers bind a
+/// queue of their own and skip (answer `cancelled`) the jobs named there.
+pub const CANCEL_EXCHANGE: &str = "ember.cancel";
 /// Transient topic exchange for worker heartbeats, routing key `<model>.<worker-id>`.
 pub const TELEMETRY_EXCHANGE: &str = "ember.telemetry";
 
@@ -107,6 +110,7 @@ pub async fn declare_shared(channel: &Channel) -> lapin::Result<()> {
         (JOBS_EXCHANGE, ExchangeKind::Direct),
         (DEAD_LETTER_EXCHANGE, ExchangeKind::Direct),
         (RESULTS_EXCHANGE, ExchangeKind::Topic),
+        (CANCEL_EXCHANGE, ExchangeKind::Topic),
     ] {
         channel
             .exchange_declare(name.into(), kind, durable_exchange(), FieldTable::default())

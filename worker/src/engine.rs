@@ -14,8 +14,8 @@ use ort::value::TensorRef;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Device;
-use ember_core::model::{InputSpec, ModelSpec, OutputSpec};
 use crate::{Error, Result};
+use ember_core::model::{InputSpec, ModelSpec, OutputSpec};
 
 /// Finds the ONNX Runtime library: the flag/env value, else the project's `.venv` (searched
 /// from the current directory upwards), so a missing library is a clear error, never a panic.
@@ -365,7 +365,7 @@ fn run_batch(
         decoder.score_threshold,
         &decoder.labels,
     )?;
-    let slots = if n == 0 { 0 } else { scores.len() / n };
+    let slots = scores.len().checked_div(n).unwrap_or(0);
     let tensors = request
         .raw
         .iter()

@@ -30,6 +30,8 @@ pub enum Error {
     InputTooLarge(String),
     #[error("the job's deadline passed {0} ms before it could run")]
     DeadlineExceeded(u64),
+    #[error("the job was cancelled before it ran")]
+    Cancelled,
     #[error("model run failed: {0}")]
     Model(String),
     #[error("internal: {0}")]
@@ -47,6 +49,7 @@ impl Error {
             Error::UnsupportedContentType(_) => ErrorCode::UnsupportedContentType,
             Error::InputTooLarge(_) => ErrorCode::InputTooLarge,
             Error::DeadlineExceeded(_) => ErrorCode::DeadlineExceeded,
+            Error::Cancelled => ErrorCode::Cancelled,
             Error::Model(_) => ErrorCode::ModelError,
             Error::Config(_) | Error::Runtime(_) | Error::Amqp(_) | Error::Internal(_) => {
                 ErrorCode::Internal
@@ -61,7 +64,8 @@ impl Error {
             | Error::InvalidImage(_)
             | Error::UnsupportedContentType(_)
             | Error::InputTooLarge(_)
-            | Error::DeadlineExceeded(_) => Disposition::AckWithError,
+            | Error::DeadlineExceeded(_)
+            | Error::Cancelled => Disposition::AckWithError,
             Error::Model(_)
             | Error::Internal(_)
             | Error::Runtime(_)

@@ -37,9 +37,9 @@ pub use error::{Error, Result};
 
 use crate::config::Device;
 use crate::engine::{Engine, Loaded, SessionOptions};
-use ember_core::model::{InputSpec, ModelSpec};
 use crate::preprocess::InputLimits;
 use crate::service::{SessionEnd, Shared, Stats};
+use ember_core::model::{InputSpec, ModelSpec};
 
 fn default_worker_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -167,6 +167,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         heartbeat_interval: config.heartbeat_interval,
         drain_timeout: config.drain_timeout,
         model_load_seconds,
+        cancelled: std::sync::Mutex::new(std::collections::HashMap::new()),
     });
 
     let mut result = Ok(());

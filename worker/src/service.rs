@@ -3,8 +3,9 @@
 //! lost the caller reconnects and calls [`serve_connection`] again; what was unacked is
 //! redelivered by the broker.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ember_core::amqp::{header_str, header_u64, unix_ms};
@@ -81,6 +82,28 @@ pub struct Shared {
     pub heartbeat_interval: Duration,
     pub drain_timeout: Duration,
     pub model_load_seconds: f64,
+    /// Job ids announced on `ember.cancel` for this model, with when they were seen.
+    pub cancelled: Mutex<HashMap<String, Instant>>,
+}
+
+/// How long a cancellation is remembered.
+const CANCEL_MEMORY: Duration = Duration::from_secs(3600);
+
+impl Shared {
+    fn is_cancelled(&self, job_id: &str) -> bool {
+        self.cancelled
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(job_id)
+    }
+
+    fn remember_cancel(&self, job_id: String) {
+        let mut cancelled = self.cancelled.lock().unwrap_or_else(|e| e.into_inner());
+        if cancelled.len() >= 100_000 {
+            cancelled.retain(|_, at| at.elapsed() < CANCEL_MEMORY);
+        }
+        cancelled.insert(job_id, Instant::now());
+    }
 }
 
 /// How a connection's service ended.
@@ -186,6 +209,7 @@ async fn serve(
         .await?;
     topology::declare_model(&publisher, &shared.model, shared.queue).await?;
     let telemetry = connection.create_channel().await?;
+    let mut cancellations = cancel_consumer(&telemetry, &shared.model).await?;
     let consumer_channel = connection.create_channel().await?;
     consumer_channel
         .basic_qos(shared.prefetch, BasicQosOptions::default())
@@ -222,6 +246,16 @@ async fn serve(
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break None,
+            cancel = cancellations.next() => match cancel {
+                Some(Ok(delivery)) => {
+                    if let Ok(job_id) = String::from_utf8(delivery.data) {
+                        tracing::info!(%job_id, "job cancelled");
+                        shared.remember_cancel(job_id);
+                    }
+                }
+                Some(Err(error)) => break Some(format!("cancellation consumer failed: {error}")),
+                None => break Some("the broker cancelled the cancellation consumer".to_string()),
+            },
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     accept(shared, &publisher, &tracker, &prepared_tx, delivery);
@@ -277,6 +311,41 @@ async fn serve(
     Ok(outcome)
 }
 
+/// An exclusive queue of this worker's own, bound to the model's cancellations.
+async fn cancel_consumer(channel: &Channel, model: &str) -> Result<lapin::Consumer> {
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            lapin::options::QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..lapin::options::QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            topology::CANCEL_EXCHANGE.into(),
+            model.into(),
+            lapin::options::QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?)
+}
+
 /// Takes one delivery: answers an expired job at once, else prepares it off the runtime and
 /// hands it to the batcher.
 fn accept(
@@ -289,10 +358,15 @@ fn accept(
     shared.stats.in_flight.fetch_add(1, Ordering::Relaxed);
     shared.metrics.in_flight.inc();
     let (job, content_type, body) = split(delivery);
-    if let Some(late_ms) = job.expired_by(unix_ms()) {
+    let refused = if shared.is_cancelled(&job.job_id) {
+        Some(Error::Cancelled)
+    } else {
+        job.expired_by(unix_ms()).map(Error::DeadlineExceeded)
+    };
+    if let Some(error) = refused {
         let done = Done {
             job,
-            outcome: Err(Error::DeadlineExceeded(late_ms)),
+            outcome: Err(error),
             timing: Timing::default(),
         };
         tracker.spawn(finish(shared.clone(), publisher.clone(), vec![done]));
@@ -359,10 +433,15 @@ async fn batch_loop(
         let mut sizes = Vec::with_capacity(batch.len());
         let mut raw = Vec::with_capacity(batch.len());
         for (job, prepared) in batch {
-            if let Some(late_ms) = job.expired_by(now_ms) {
+            let refused = if shared.is_cancelled(&job.job_id) {
+                Some(Error::Cancelled)
+            } else {
+                job.expired_by(now_ms).map(Error::DeadlineExceeded)
+            };
+            if let Some(error) = refused {
                 expired.push(Done {
                     job,
-                    outcome: Err(Error::DeadlineExceeded(late_ms)),
+                    outcome: Err(error),
                     timing: Timing::default(),
                 });
                 continue;

@@ -1,0 +1,535 @@
+//! The HTTP API: Open Inference Protocol v2 (`/v2/...`) and asynchronous jobs (`/v1/...`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ember_core::amqp::unix_ms;
+use ember_core::model::{InputSpec, ModelSpec, OutputSpec};
+use ember_core::protocol::oip::{InferRequest, InferResponse};
+use ember_core::protocol::{ErrorCode, JobResult, Status, content_type};
+use ipnet::IpNet;
+use serde::Deserialize;
+use serde_json::json;
+use subtle::ConstantTimeEq;
+use tokio::sync::oneshot;
+
+use crate::broker::{Broker, OutgoingJob, PublishError};
+use crate::callbacks;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::store::{JobRecord, JobState, Store};
+
+/// A heartbeat older than this does not count a worker as alive.
+const WORKER_FRESHNESS: Duration = Duration::from_secs(5);
+
+/// What every handler shares.
+#[derive(Debug)]
+pub struct AppState {
+    pub broker: Arc<Broker>,
+    pub store: Store,
+    pub metrics: Metrics,
+    pub models: HashMap<String, ModelSpec>,
+    pub infer_timeout: Duration,
+    pub max_wait: Duration,
+    pub auth_tokens: Vec<String>,
+    pub callback_allow: Vec<IpNet>,
+}
+
+type Shared = State<Arc<AppState>>;
+
+/// The API router; `max_body` bounds request bodies (413 beyond).
+pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
+    Router::new()
+        .route(
+            "/v2/health/live",
+            get(|| async { Json(json!({"live": true})) }),
+        )
+        .route("/v2/health/ready", get(server_ready))
+        .route("/v2/models/{model}", get(model_metadata))
+        .route("/v2/models/{model}/ready", get(model_ready))
+        .route("/v2/models/{model}/infer", post(infer))
+        .route("/v1/models/{model}/jobs", post(submit))
+        .route("/v1/jobs/{id}", get(job_status).delete(cancel))
+        .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(axum::extract::DefaultBodyLimit::max(max_body))
+        .with_state(state)
+}
+
+async fn observe(State(state): Shared, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".into());
+    let method = request.method().as_str().to_string();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    state
+        .metrics
+        .request_duration
+        .with_label_values(&[&route])
+        .observe(started.elapsed().as_secs_f64());
+    state
+        .metrics
+        .requests
+        .with_label_values(&[&route, &method, response.status().as_str()])
+        .inc();
+    response
+}
+
+async fn authorize(State(state): Shared, request: Request, next: Next) -> Response {
+    if state.auth_tokens.is_empty() || request.uri().path().starts_with("/v2/health/") {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let mut ok = false;
+    for token in &state.auth_tokens {
+        ok |= bool::from(token.as_bytes().ct_eq(presented.as_bytes()));
+    }
+    if ok {
+        next.run(request).await
+    } else {
+        let mut response = ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid bearer token is required",
+        )
+        .into_response();
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        response
+    }
+}
+
+async fn server_ready(State(state): Shared) -> Result<Json<serde_json::Value>, ApiError> {
+    if !state.broker.connected().await {
+        return Err(ApiError::unavailable(
+            "broker_unavailable",
+            "not connected to the broker",
+        ));
+    }
+    if !state.store.ping().await {
+        return Err(ApiError::unavailable(
+            "store_unavailable",
+            "the result store does not answer",
+        ));
+    }
+    Ok(Json(json!({"ready": true})))
+}
+
+fn model<'a>(state: &'a AppState, name: &str) -> Result<&'a ModelSpec, ApiError> {
+    state
+        .models
+        .get(name)
+        .ok_or_else(|| ApiError::unknown_model(name))
+}
+
+async fn model_metadata(
+    State(state): Shared,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let spec = model(&state, &name)?;
+    let InputSpec::Image { tensor, .. } = &spec.input;
+    let OutputSpec::Ssd {
+        num_detections,
+        boxes,
+        scores,
+        classes,
+        ..
+    } = &spec.output;
+    Ok(Json(json!({
+        "name": name,
+        "versions": ["1"],
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": tensor, "datatype": "UINT8", "shape": [1, -1, -1, 3]}],
+        "outputs": [
+            {"name": num_detections, "datatype": "FP32", "shape": [-1]},
+            {"name": boxes, "datatype": "FP32", "shape": [-1, -1, 4]},
+            {"name": scores, "datatype": "FP32", "shape": [-1, -1]},
+            {"name": classes, "datatype": "FP32", "shape": [-1, -1]},
+        ],
+        "parameters": {"max_batch_size": spec.max_batch, "labels": spec.labels},
+    })))
+}
+
+async fn model_ready(
+    State(state): Shared,
+    Path(name): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    model(&state, &name)?;
+    let workers = state.broker.fleet.ready_workers(&name, WORKER_FRESHNESS);
+    if workers == 0 {
+        return Err(ApiError::unavailable(
+            "model_not_ready",
+            format!("no worker of `{name}` has reported ready in the last {WORKER_FRESHNESS:?}"),
+        ));
+    }
+    Ok(Json(
+        json!({"name": name, "ready": true, "workers": workers}),
+    ))
+}
+
+fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        let status = rejection.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "body_too_large"
+        } else {
+            "invalid_body"
+        };
+        ApiError::new(status, code, rejection.body_text())
+    })
+}
+
+fn publish_error(error: PublishError, model: &str) -> ApiError {
+    match error {
+        PublishError::QueueFull => ApiError::queue_full(model),
+        PublishError::Unroutable => {
+            ApiError::unavailable("no_queue", format!("no queue took the job for `{model}`"))
+        }
+        PublishError::Unavailable(why) => ApiError::unavailable("broker_unavailable", why),
+    }
+}
+
+/// HTTP status for a failed job's error code.
+fn job_error_status(code: ErrorCode) -> StatusCode {
+    match code {
+        ErrorCode::InvalidInput | ErrorCode::InvalidImage => StatusCode::BAD_REQUEST,
+        ErrorCode::UnsupportedContentType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ErrorCode::InputTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+        ErrorCode::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        ErrorCode::Cancelled => StatusCode::CONFLICT,
+        ErrorCode::ModelError | ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+async fn wait_for(
+    state: &AppState,
+    job_id: &str,
+    receiver: oneshot::Receiver<Vec<u8>>,
+    timeout: Duration,
+) -> Option<JobResult> {
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(timeout, receiver).await;
+    match outcome {
+        Ok(Ok(body)) => {
+            state.metrics.wait.observe(started.elapsed().as_secs_f64());
+            serde_json::from_slice(&body).ok()
+        }
+        _ => {
+            state.broker.forget(job_id).await;
+            None
+        }
+    }
+}
+
+fn status_url(job_id: &str) -> String {
+    format!("/v1/jobs/{job_id}")
+}
+
+fn accepted(job_id: &str) -> Response {
+    let url = status_url(job_id);
+    let mut response = (
+        StatusCode::ACCEPTED,
+        Json(json!({"job_id": job_id, "status": "queued", "status_url": url})),
+    )
+        .into_response();
+    if let Ok(location) = HeaderValue::from_str(&url) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    response
+}
+
+fn header_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn infer(
+    State(state): Shared,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    model(&state, &name)?;
+    let body = body_or_error(body)?;
+    if headers.contains_key("inference-header-content-length") {
+        return Err(ApiError::bad_request(
+            "binary_tensors_unsupported",
+            "the binary tensor extension is not supported; send JSON tensors (binary_data=False)",
+        ));
+    }
+    let request: InferRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request("invalid_request", format!("not an inference request: {e}"))
+    })?;
+    let job_id = uuid::Uuid::new_v4().to_string();
+    let respond_async =
+        header_value(&headers, "prefer").is_some_and(|p| p.contains("respond-async"));
+    state
+        .store
+        .put_job(&JobRecord {
+            job_id: job_id.clone(),
+            model: name.clone(),
+            submitted_at_ms: unix_ms(),
+            cancelled: false,
+        })
+        .await?;
+    let receiver = state
+        .broker
+        .publish(
+            OutgoingJob {
+                job_id: &job_id,
+                model: &name,
+                body: &body,
+                content_type: content_type::JSON,
+                callback_url: None,
+                deadline_ms: None,
+                traceparent: header_value(&headers, "traceparent"),
+                reply: !respond_async,
+            },
+            &state.metrics,
+        )
+        .await
+        .map_err(|e| publish_error(e, &name))?;
+    let Some(receiver) = receiver else {
+        return Ok(accepted(&job_id));
+    };
+    let Some(result) = wait_for(&state, &job_id, receiver, state.infer_timeout).await else {
+        return Err(ApiError::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "timeout",
+            format!(
+                "no result within {:?}; the job goes on: {}",
+                state.infer_timeout,
+                status_url(&job_id)
+            ),
+        ));
+    };
+    if let Some(error) = result.error {
+        return Err(ApiError::new(
+            job_error_status(error.code),
+            error.code.as_str(),
+            error.message,
+        ));
+    }
+    let mut outputs = result
+        .outputs
+        .and_then(|o| o.tensors)
+        .ok_or_else(|| ApiError::internal("the worker returned no tensors"))?;
+    if let Some(requested) = &request.outputs {
+        outputs.retain(|t| requested.iter().any(|r| r.name == t.name));
+    }
+    Ok(Json(InferResponse {
+        model_name: name,
+        model_version: Some("1".into()),
+        id: request.id,
+        outputs,
+    })
+    .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct SubmitQuery {
+    wait: Option<String>,
+}
+
+async fn submit(
+    State(state): Shared,
+    Path(name): Path<String>,
+    Query(query): Query<SubmitQuery>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    model(&state, &name)?;
+    let body = body_or_error(body)?;
+    if body.is_empty() {
+        return Err(ApiError::bad_request("invalid_input", "the body is empty"));
+    }
+    let ct = header_value(&headers, "content-type").unwrap_or("application/octet-stream");
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if !matches!(
+        essence.as_str(),
+        "image/png" | "image/jpeg" | "image/jpg" | "application/json" | "application/octet-stream"
+    ) {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_content_type",
+            format!(
+                "`{essence}`: send image/png, image/jpeg or an application/json tensor request"
+            ),
+        ));
+    }
+    let wait = match &query.wait {
+        Some(w) => Some(
+            humantime::parse_duration(w)
+                .map_err(|e| ApiError::bad_request("invalid_wait", format!("wait=`{w}`: {e}")))?
+                .min(state.max_wait),
+        ),
+        None => None,
+    };
+    let callback_url = header_value(&headers, "x-callback-url");
+    if let Some(url) = callback_url {
+        callbacks::check_url(url, &state.callback_allow).await?;
+    }
+    let job_id = uuid::Uuid::new_v4().to_string();
+    let idempotency_key = header_value(&headers, "idempotency-key");
+    if let Some(key) = idempotency_key {
+        if key.is_empty() || key.len() > 255 {
+            return Err(ApiError::bad_request(
+                "invalid_idempotency_key",
+                "1 to 255 characters",
+            ));
+        }
+        if let Some(existing) = state
+            .store
+            .claim_idempotency_key(&name, key, &job_id)
+            .await?
+        {
+            return Ok(accepted(&existing));
+        }
+    }
+    state
+        .store
+        .put_job(&JobRecord {
+            job_id: job_id.clone(),
+            model: name.clone(),
+            submitted_at_ms: unix_ms(),
+            cancelled: false,
+        })
+        .await?;
+    let published = state
+        .broker
+        .publish(
+            OutgoingJob {
+                job_id: &job_id,
+                model: &name,
+                body: &body,
+                content_type: &essence,
+                callback_url,
+                deadline_ms: None,
+                traceparent: header_value(&headers, "traceparent"),
+                reply: wait.is_some(),
+            },
+            &state.metrics,
+        )
+        .await;
+    let receiver = match published {
+        Ok(receiver) => receiver,
+        Err(error) => {
+            if let Some(key) = idempotency_key {
+                state.store.release_idempotency_key(&name, key).await;
+            }
+            return Err(publish_error(error, &name));
+        }
+    };
+    if let (Some(receiver), Some(wait)) = (receiver, wait)
+        && let Some(result) = wait_for(&state, &job_id, receiver, wait).await
+    {
+        let status = match result.status {
+            Status::Ok => StatusCode::OK,
+            Status::Error => result
+                .error
+                .as_ref()
+                .map(|e| job_error_status(e.code))
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        };
+        return Ok((
+            status,
+            Json(job_view(&job_id, &JobState::Finished(Box::new(result)))),
+        )
+            .into_response());
+    }
+    Ok(accepted(&job_id))
+}
+
+fn job_view(job_id: &str, state: &JobState) -> serde_json::Value {
+    match state {
+        JobState::Queued(record) => {
+            json!({"job_id": job_id, "model": record.model, "status": "queued"})
+        }
+        JobState::Cancelled(record) => {
+            json!({"job_id": job_id, "model": record.model, "status": "cancelled"})
+        }
+        JobState::Finished(result) => {
+            let status = match result.status {
+                Status::Ok => "done",
+                Status::Error
+                    if result
+                        .error
+                        .as_ref()
+                        .is_some_and(|e| e.code == ErrorCode::Cancelled) =>
+                {
+                    "cancelled"
+                }
+                Status::Error => "failed",
+            };
+            json!({"job_id": job_id, "model": result.model, "status": status, "result": result})
+        }
+    }
+}
+
+async fn job_status(
+    State(state): Shared,
+    Path(id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let job = state
+        .store
+        .job(&id)
+        .await?
+        .ok_or_else(|| ApiError::job_not_found(&id))?;
+    Ok(Json(job_view(&id, &job)))
+}
+
+async fn cancel(State(state): Shared, Path(id): Path<String>) -> Result<Response, ApiError> {
+    match state
+        .store
+        .job(&id)
+        .await?
+        .ok_or_else(|| ApiError::job_not_found(&id))?
+    {
+        JobState::Finished(result) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "job_finished",
+            format!("job `{id}` already ran ({})", result.status.as_str()),
+        )),
+        JobState::Cancelled(record) | JobState::Queued(record) => {
+            state
+                .store
+                .put_job(&JobRecord {
+                    cancelled: true,
+                    ..record.clone()
+                })
+                .await?;
+            state
+                .broker
+                .announce_cancel(&record.model, &id)
+                .await
+                .map_err(|e| ApiError::unavailable("broker_unavailable", e))?;
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({"job_id": id, "model": record.model, "status": "cancelled"})),
+            )
+                .into_response())
+        }
+    }
+}

@@ -1,0 +1,514 @@
+//! The dispatcher's side of RabbitMQ: one connection, re-established by itself. On it: a
+//! confirm-mode channel that publishes jobs and consumes Direct Reply-to (so a request can wait
+//! for its job's result without a queue of its own), the result-store consumer, the heartbeat
+//! listener and the callback sender.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ember_core::amqp::{AmqpConfig, unix_ms};
+use ember_core::protocol::{Heartbeat, WorkerState, header};
+use ember_core::topology::{self, QueueSettings};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
+use tokio::sync::{RwLock, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::callbacks::{self, CallbackSender};
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// Direct Reply-to pseudo-queue.
+pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+/// The shared queue the dispatchers store results from (competing consumers).
+pub const RESULTS_STORE_QUEUE: &str = "ember.results.store";
+
+/// Why a job could not be published.
+#[derive(Debug)]
+pub enum PublishError {
+    /// The model's queue is at its max length (`reject-publish`).
+    QueueFull,
+    /// No queue took the job.
+    Unroutable,
+    /// No broker connection right now.
+    Unavailable(String),
+}
+
+/// A job to publish.
+#[derive(Debug)]
+pub struct OutgoingJob<'a> {
+    pub job_id: &'a str,
+    pub model: &'a str,
+    pub body: &'a [u8],
+    pub content_type: &'a str,
+    pub callback_url: Option<&'a str>,
+    pub deadline_ms: Option<u64>,
+    pub traceparent: Option<&'a str>,
+    /// Wait for the result by Direct Reply-to.
+    pub reply: bool,
+}
+
+struct Link {
+    channel: Channel,
+    pending: Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>,
+}
+
+/// Last heartbeat of each worker, per model.
+#[derive(Debug, Default)]
+pub struct Fleet {
+    workers: Mutex<HashMap<(String, String), (WorkerState, Instant)>>,
+}
+
+impl Fleet {
+    /// Workers of `model` that said `ready` in the last `within`.
+    pub fn ready_workers(&self, model: &str, within: Duration) -> usize {
+        let workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        workers
+            .iter()
+            .filter(|((m, _), (state, at))| {
+                m == model && *state == WorkerState::Ready && at.elapsed() <= within
+            })
+            .count()
+    }
+
+    fn record(&self, beat: &Heartbeat) {
+        let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        workers.retain(|_, (_, at)| at.elapsed() < Duration::from_secs(60));
+        workers.insert(
+            (beat.model.clone(), beat.worker.clone()),
+            (beat.state, Instant::now()),
+        );
+    }
+}
+
+/// The broker side, shared by all requests.
+pub struct Broker {
+    link: RwLock<Option<Arc<Link>>>,
+    pub fleet: Fleet,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker").finish_non_exhaustive()
+    }
+}
+
+/// What the broker loop needs besides the broker itself.
+#[derive(Debug, Clone)]
+pub struct BrokerContext {
+    pub amqp: AmqpConfig,
+    pub models: Vec<String>,
+    pub queue: QueueSettings,
+    pub store: Store,
+    pub metrics: Metrics,
+    pub callbacks: Arc<CallbackSender>,
+    pub callback_concurrency: u16,
+}
+
+impl Broker {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self {
+            link: RwLock::new(None),
+            fleet: Fleet::default(),
+        })
+    }
+
+    pub async fn connected(&self) -> bool {
+        self.link.read().await.is_some()
+    }
+
+    /// Publishes a job with confirms. With `reply`, returns the receiver of its result.
+    pub async fn publish(
+        &self,
+        job: OutgoingJob<'_>,
+        metrics: &Metrics,
+    ) -> Result<Option<oneshot::Receiver<Vec<u8>>>, PublishError> {
+        let link = self
+            .link
+            .read()
+            .await
+            .clone()
+            .ok_or_else(|| PublishError::Unavailable("not connected to the broker".into()))?;
+        let mut headers = FieldTable::default();
+        headers.insert(
+            ShortString::from(header::SUBMITTED_AT),
+            AMQPValue::LongLongInt(unix_ms() as i64),
+        );
+        let mut put = |name: &str, value: &str| {
+            headers.insert(
+                ShortString::from(name),
+                AMQPValue::LongString(LongString::from(value)),
+            );
+        };
+        if let Some(url) = job.callback_url {
+            put(header::CALLBACK_URL, url);
+        }
+        if let Some(traceparent) = job.traceparent {
+            put(header::TRACEPARENT, traceparent);
+        }
+        if let Some(deadline) = job.deadline_ms {
+            headers.insert(
+                ShortString::from(header::DEADLINE),
+                AMQPValue::LongLongInt(deadline as i64),
+            );
+        }
+        let mut properties = BasicProperties::default()
+            .with_message_id(job.job_id.into())
+            .with_correlation_id(job.job_id.into())
+            .with_content_type(job.content_type.into())
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        let receiver = if job.reply {
+            let (tx, rx) = oneshot::channel();
+            link.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(job.job_id.to_string(), tx);
+            properties = properties.with_reply_to(DIRECT_REPLY_TO.into());
+            Some(rx)
+        } else {
+            None
+        };
+        let started = Instant::now();
+        let confirmed = async {
+            link.channel
+                .basic_publish(
+                    topology::JOBS_EXCHANGE.into(),
+                    job.model.into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    job.body,
+                    properties,
+                )
+                .await?
+                .await
+        }
+        .await;
+        metrics
+            .publish_confirm
+            .observe(started.elapsed().as_secs_f64());
+        let outcome = match confirmed {
+            Ok(Confirmation::Ack(None)) => Ok(()),
+            Ok(Confirmation::Ack(Some(_))) => Err(PublishError::Unroutable),
+            Ok(Confirmation::Nack(_)) => Err(PublishError::QueueFull),
+            Ok(Confirmation::NotRequested) => Err(PublishError::Unavailable(
+                "publisher confirms are off".into(),
+            )),
+            Err(error) => Err(PublishError::Unavailable(error.to_string())),
+        };
+        if outcome.is_err() && job.reply {
+            link.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(job.job_id);
+        }
+        outcome.map(|()| receiver)
+    }
+
+    /// Tells the model's workers to skip `job_id` (they answer it `cancelled`).
+    pub async fn announce_cancel(&self, model: &str, job_id: &str) -> Result<(), String> {
+        let link = self
+            .link
+            .read()
+            .await
+            .clone()
+            .ok_or_else(|| "not connected to the broker".to_string())?;
+        let confirmation = async {
+            link.channel
+                .basic_publish(
+                    topology::CANCEL_EXCHANGE.into(),
+                    model.into(),
+                    BasicPublishOptions::default(),
+                    job_id.as_bytes(),
+                    BasicProperties::default().with_expiration("3600000".into()),
+                )
+                .await?
+                .await
+        }
+        .await
+        .map_err(|e| e.to_string())?;
+        if confirmation.is_ack() {
+            Ok(())
+        } else {
+            Err("the broker refused the cancellation".into())
+        }
+    }
+
+    /// Forgets a waiter that gave up (its result still reaches the store).
+    pub async fn forget(&self, job_id: &str) {
+        if let Some(link) = self.link.read().await.as_ref() {
+            link.pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(job_id);
+        }
+    }
+
+    /// Connects, serves, and reconnects until `shutdown`; `tracker` holds the callback tasks.
+    pub async fn run(
+        self: Arc<Self>,
+        context: BrokerContext,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) {
+        while !shutdown.is_cancelled() {
+            let Some(connection) =
+                ember_core::amqp::connect(&context.amqp, "ember-dispatcher", &shutdown).await
+            else {
+                break;
+            };
+            match self.serve(&connection, &context, &shutdown, &tracker).await {
+                Ok(()) => tracing::info!("broker link closed for shutdown"),
+                Err(error) => {
+                    tracing::warn!(%error, "lost the broker; reconnecting");
+                    context.metrics.broker_reconnects.inc();
+                }
+            }
+            *self.link.write().await = None;
+            if shutdown.is_cancelled() {
+                // Let the callbacks in hand finish or go back to the queue before closing.
+                tracker.close();
+                tracker.wait().await;
+                let _ = connection
+                    .close(200, "dispatcher shutting down".into())
+                    .await;
+                break;
+            }
+            let _ = connection.close(200, "reconnecting".into()).await;
+        }
+    }
+
+    async fn serve(
+        &self,
+        connection: &Connection,
+        context: &BrokerContext,
+        shutdown: &CancellationToken,
+        tracker: &TaskTracker,
+    ) -> lapin::Result<()> {
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        for model in &context.models {
+            topology::declare_model(&channel, model, context.queue).await?;
+        }
+        declare_results_store(&channel).await?;
+        let mut replies = channel
+            .basic_consume(
+                DIRECT_REPLY_TO.into(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        let link = Arc::new(Link {
+            channel,
+            pending: Mutex::new(HashMap::new()),
+        });
+        let session = CancellationToken::new();
+        let store_task = tokio::spawn(store_results(
+            connection.create_channel().await?,
+            context.store.clone(),
+            context.metrics.clone(),
+            session.clone(),
+        ));
+        let heartbeat_channel = connection.create_channel().await?;
+        let heartbeats = heartbeat_consumer(&heartbeat_channel).await?;
+        let callback_channel = connection.create_channel().await?;
+        callback_channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let callback_task = tokio::spawn(callbacks::consume(
+            callback_channel,
+            context.callbacks.clone(),
+            context.callback_concurrency,
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+        *self.link.write().await = Some(link.clone());
+        tracing::info!(models = ?context.models, "broker link ready");
+
+        let mut heartbeats = heartbeats;
+        let outcome = loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break Ok(()),
+                reply = replies.next() => match reply {
+                    Some(Ok(delivery)) => {
+                        let id = delivery.properties.correlation_id().as_ref().map(|c| c.to_string());
+                        if let Some(id) = id {
+                            let waiter = link.pending.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+                            if let Some(waiter) = waiter {
+                                let _ = waiter.send(delivery.data);
+                            }
+                        }
+                    }
+                    Some(Err(error)) => break Err(error),
+                    None => break Err(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed))),
+                },
+                beat = heartbeats.next() => match beat {
+                    Some(Ok(delivery)) => {
+                        if let Ok(beat) = serde_json::from_slice::<Heartbeat>(&delivery.data) {
+                            self.fleet.record(&beat);
+                        }
+                    }
+                    Some(Err(error)) => break Err(error),
+                    None => break Err(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed))),
+                },
+            }
+        };
+        session.cancel();
+        let _ = store_task.await;
+        // The callback consumer stops by itself on shutdown or when the connection fails.
+        let _ = callback_task.await;
+        // Waiters of this link will not get their replies; dropping them ends their waits.
+        link.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        outcome
+    }
+}
+
+async fn heartbeat_consumer(channel: &Channel) -> lapin::Result<lapin::Consumer> {
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            topology::TELEMETRY_EXCHANGE.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
+async fn declare_results_store(channel: &Channel) -> lapin::Result<()> {
+    let mut args = FieldTable::default();
+    args.insert(
+        ShortString::from("x-queue-type"),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    channel
+        .queue_declare(
+            RESULTS_STORE_QUEUE.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await?;
+    channel
+        .queue_bind(
+            RESULTS_STORE_QUEUE.into(),
+            topology::RESULTS_EXCHANGE.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// Moves results from the shared queue into the store; acks after the store has them.
+async fn store_results(channel: Channel, store: Store, metrics: Metrics, done: CancellationToken) {
+    let consumer = async {
+        channel.basic_qos(64, BasicQosOptions::default()).await?;
+        channel
+            .basic_consume(
+                RESULTS_STORE_QUEUE.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+    }
+    .await;
+    let mut consumer = match consumer {
+        Ok(consumer) => consumer,
+        Err(error) => {
+            tracing::warn!(%error, "cannot consume results");
+            return;
+        }
+    };
+    loop {
+        let delivery = tokio::select! {
+            () = done.cancelled() => return,
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => delivery,
+                _ => return,
+            },
+        };
+        let job_id = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.to_string());
+        let stored = match &job_id {
+            Some(id) => store.put_result(id, &delivery.data).await.map(Some),
+            None => Ok(None),
+        };
+        match stored {
+            Ok(Some(true)) => {
+                metrics.results_stored.with_label_values(&["stored"]).inc();
+                let _ = delivery.ack(BasicAckOptions::default()).await;
+            }
+            Ok(Some(false)) => {
+                metrics
+                    .results_stored
+                    .with_label_values(&["duplicate"])
+                    .inc();
+                let _ = delivery.ack(BasicAckOptions::default()).await;
+            }
+            Ok(None) => {
+                metrics
+                    .results_stored
+                    .with_label_values(&["no_job_id"])
+                    .inc();
+                let _ = delivery.ack(BasicAckOptions::default()).await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot store a result; it goes back to the queue");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let _ = delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await;
+            }
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! # ember-dispatcher
+//!
+//! The HTTP front of an Ember fleet: the KServe/Triton Open Inference Protocol v2 (JSON tensors,
+//! answered synchronously through the queue by Direct Reply-to) and asynchronous jobs (202 +
+//! polling, `?wait=`, idempotency keys, cancellation, signed callbacks). Results live in a
+//! shared Redis store, so any replica answers for any job.
+//!
+//! # Layout
+//!
+//! - [`config`]: flags and `EMBER_DISPATCHER_*` variables.
+//! - [`api`]: the routes.
+//! - [`broker`]: the RabbitMQ link (publish with confirms, Direct Reply-to, result storing,
+//!   heartbeats), reconnecting by itself.
+//! - [`store`]: job records, results, idempotency keys in Redis.
+//! - [`callbacks`]: Standard Webhooks signing, retries, dead-lettering, the SSRF guard.
+//! - [`metrics`], [`error`].
+
+pub mod api;
+pub mod broker;
+pub mod callbacks;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod store;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ember_core::model::ModelSpec;
+use ember_core::telemetry::{Readiness, serve_admin};
+use ember_core::topology::QueueSettings;
+use prometheus::Registry;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+
+/// Startup failures.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("result store: {0}")]
+    Store(#[from] redis::RedisError),
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn load_models(config: &Config) -> Result<HashMap<String, ModelSpec>, Error> {
+    let mut models = HashMap::new();
+    if config.model_name.is_some() && config.model_dirs.len() != 1 {
+        return Err(Error::Config(
+            "--model-name needs exactly one --model-dir".into(),
+        ));
+    }
+    for dir in &config.model_dirs {
+        let spec = ModelSpec::load(dir).map_err(Error::Config)?;
+        let name = config
+            .model_name
+            .clone()
+            .unwrap_or_else(|| spec.name.clone());
+        models.insert(name, spec);
+    }
+    Ok(models)
+}
+
+/// Runs the dispatcher until `shutdown`; then stops taking requests, lets the ones in flight
+/// finish, and hands the callbacks in hand back to the queue.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    let models = load_models(&config)?;
+    let registry = Registry::new();
+    let metrics = metrics::Metrics::register(&registry)
+        .map_err(|e| Error::Config(format!("metrics: {e}")))?;
+    let readiness = Readiness::default();
+    let admin_stop = CancellationToken::new();
+    serve_admin(
+        config.admin_addr,
+        registry,
+        readiness.clone(),
+        admin_stop.clone(),
+    )
+    .await?;
+
+    let store = store::Store::connect(&config.redis_url, config.result_ttl).await?;
+    let client = reqwest::Client::builder()
+        .timeout(config.callback_timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent("ember-dispatcher")
+        .build()
+        .map_err(|e| Error::Config(format!("http client: {e}")))?;
+    let callbacks = Arc::new(callbacks::CallbackSender {
+        client,
+        key: callbacks::signing_key(&config.callback_secret),
+        policy: callbacks::RetryPolicy {
+            max_attempts: config.callback_max_attempts.max(1),
+            max_age: config.callback_max_age,
+            initial_backoff: config.callback_initial_backoff,
+            max_backoff: config.callback_max_backoff,
+        },
+        allow: config.callback_allow_nets.clone(),
+        store: store.clone(),
+        metrics: metrics.clone(),
+    });
+    let broker = broker::Broker::new();
+    let tracker = TaskTracker::new();
+    let broker_task = tokio::spawn(broker.clone().run(
+        broker::BrokerContext {
+            amqp: config.amqp.clone(),
+            models: models.keys().cloned().collect(),
+            queue: QueueSettings {
+                delivery_limit: config.delivery_limit,
+                max_length: config.queue_max_length,
+            },
+            store: store.clone(),
+            metrics: metrics.clone(),
+            callbacks,
+            callback_concurrency: config.callback_concurrency,
+        },
+        shutdown.clone(),
+        tracker,
+    ));
+
+    let state = Arc::new(api::AppState {
+        broker: broker.clone(),
+        store,
+        metrics,
+        models,
+        infer_timeout: config.infer_timeout,
+        max_wait: config.max_wait,
+        auth_tokens: config.auth_tokens.clone(),
+        callback_allow: config.callback_allow_nets.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(config.listen).await?;
+    tracing::info!(addr = %listener.local_addr()?, "API listening");
+    let ready_probe = {
+        let broker = broker.clone();
+        let readiness = readiness.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            while !shutdown.is_cancelled() {
+                readiness.set(broker.connected().await);
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+                }
+            }
+            readiness.set(false);
+        })
+    };
+    let server_shutdown = shutdown.clone();
+    let served = axum::serve(listener, api::router(state, config.max_body_bytes))
+        .with_graceful_shutdown(async move { server_shutdown.cancelled().await });
+    let drained = tokio::time::timeout(config.drain_timeout, async {
+        let served = served.await;
+        let _ = broker_task.await;
+        served
+    });
+    let outcome = tokio::select! {
+        outcome = drained => outcome,
+        () = async {
+            // Bound the drain only once shutdown has begun.
+            shutdown.cancelled().await;
+            tokio::time::sleep(config.drain_timeout).await;
+        } => {
+            tracing::warn!("drain timed out");
+            Ok(Ok(()))
+        }
+    };
+    let _ = ready_probe.await;
+    admin_stop.cancel();
+    match outcome {
+        Ok(Ok(())) | Err(_) => Ok(()),
+        Ok(Err(error)) => Err(Error::Io(error)),
+    }
+}
