@@ -131,6 +131,8 @@ pub mod oip {
         pub name: String,
         pub shape: Vec<i64>,
         pub datatype: String,
+        /// Absent when the tensor travels in binary (then `parameters.binary_data_size`).
+        #[serde(default)]
         pub data: serde_json::Value,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub parameters: Option<serde_json::Value>,

@@ -23,10 +23,10 @@ use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 
 use crate::broker::{Broker, OutgoingJob, PublishError};
-use crate::callbacks;
-use crate::error::ApiError;
+use crate::error::{ApiError, OipError};
 use crate::metrics::Metrics;
 use crate::store::{JobRecord, JobState, Store};
+use crate::{callbacks, oip_binary};
 
 /// A heartbeat older than this does not count a worker as alive.
 const WORKER_FRESHNESS: Duration = Duration::from_secs(5);
@@ -117,18 +117,18 @@ async fn authorize(State(state): Shared, request: Request, next: Next) -> Respon
     }
 }
 
-async fn server_ready(State(state): Shared) -> Result<Json<serde_json::Value>, ApiError> {
+async fn server_ready(State(state): Shared) -> Result<Json<serde_json::Value>, OipError> {
     if !state.broker.connected().await {
-        return Err(ApiError::unavailable(
+        return Err(OipError(ApiError::unavailable(
             "broker_unavailable",
             "not connected to the broker",
-        ));
+        )));
     }
     if !state.store.ping().await {
-        return Err(ApiError::unavailable(
+        return Err(OipError(ApiError::unavailable(
             "store_unavailable",
             "the result store does not answer",
-        ));
+        )));
     }
     Ok(Json(json!({"ready": true})))
 }
@@ -143,7 +143,7 @@ fn model<'a>(state: &'a AppState, name: &str) -> Result<&'a ModelSpec, ApiError>
 async fn model_metadata(
     State(state): Shared,
     Path(name): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<serde_json::Value>, OipError> {
     let spec = model(&state, &name)?;
     let InputSpec::Image { tensor, .. } = &spec.input;
     let OutputSpec::Ssd {
@@ -171,14 +171,14 @@ async fn model_metadata(
 async fn model_ready(
     State(state): Shared,
     Path(name): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<serde_json::Value>, OipError> {
     model(&state, &name)?;
     let workers = state.broker.fleet.ready_workers(&name, WORKER_FRESHNESS);
     if workers == 0 {
-        return Err(ApiError::unavailable(
+        return Err(OipError(ApiError::unavailable(
             "model_not_ready",
             format!("no worker of `{name}` has reported ready in the last {WORKER_FRESHNESS:?}"),
-        ));
+        )));
     }
     Ok(Json(
         json!({"name": name, "ready": true, "workers": workers}),
@@ -265,18 +265,24 @@ async fn infer(
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
+) -> Result<Response, OipError> {
     model(&state, &name)?;
     let body = body_or_error(body)?;
-    if headers.contains_key("inference-header-content-length") {
-        return Err(ApiError::bad_request(
-            "binary_tensors_unsupported",
-            "the binary tensor extension is not supported; send JSON tensors (binary_data=False)",
-        ));
-    }
-    let request: InferRequest = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request("invalid_request", format!("not an inference request: {e}"))
-    })?;
+    let binary =
+        oip_binary::decode_request(&body, header_value(&headers, oip_binary::HEADER_LENGTH))?;
+    let (request, body) = match binary {
+        Some(request) => {
+            let body =
+                serde_json::to_vec(&request).map_err(|e| ApiError::internal(e.to_string()))?;
+            (request, Bytes::from(body))
+        }
+        None => {
+            let request: InferRequest = serde_json::from_slice(&body).map_err(|e| {
+                ApiError::bad_request("invalid_request", format!("not an inference request: {e}"))
+            })?;
+            (request, body)
+        }
+    };
     let job_id = uuid::Uuid::new_v4().to_string();
     let respond_async =
         header_value(&headers, "prefer").is_some_and(|p| p.contains("respond-async"));
@@ -310,7 +316,7 @@ async fn infer(
         return Ok(accepted(&job_id));
     };
     let Some(result) = wait_for(&state, &job_id, receiver, state.infer_timeout).await else {
-        return Err(ApiError::new(
+        return Err(OipError(ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "timeout",
             format!(
@@ -318,14 +324,14 @@ async fn infer(
                 state.infer_timeout,
                 status_url(&job_id)
             ),
-        ));
+        )));
     };
     if let Some(error) = result.error {
-        return Err(ApiError::new(
+        return Err(OipError(ApiError::new(
             job_error_status(error.code),
             error.code.as_str(),
             error.message,
-        ));
+        )));
     }
     let mut outputs = result
         .outputs
@@ -334,13 +340,16 @@ async fn infer(
     if let Some(requested) = &request.outputs {
         outputs.retain(|t| requested.iter().any(|r| r.name == t.name));
     }
-    Ok(Json(InferResponse {
+    let response = InferResponse {
         model_name: name,
         model_version: Some("1".into()),
-        id: request.id,
+        id: request.id.clone(),
         outputs,
-    })
-    .into_response())
+    };
+    if oip_binary::wants_binary_output(&request) {
+        return Ok(oip_binary::encode_response(&response, &request));
+    }
+    Ok(Json(response).into_response())
 }
 
 #[derive(Debug, Deserialize)]

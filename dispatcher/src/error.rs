@@ -68,9 +68,8 @@ impl From<redis::RedisError> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+impl ApiError {
+    fn respond(self, body: serde_json::Value) -> Response {
         let mut response = (self.status, Json(body)).into_response();
         if let Some(seconds) = self.retry_after {
             response
@@ -78,5 +77,40 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        self.respond(body)
+    }
+}
+
+/// An error on an Open Inference Protocol route: the protocol says `{"error": "<string>"}`
+/// (clients such as tritonclient print that string), so the message goes there and the stable
+/// code beside it.
+#[derive(Debug)]
+pub struct OipError(pub ApiError);
+
+impl From<ApiError> for OipError {
+    fn from(error: ApiError) -> Self {
+        Self(error)
+    }
+}
+
+impl From<redis::RedisError> for OipError {
+    fn from(error: redis::RedisError) -> Self {
+        Self(error.into())
+    }
+}
+
+impl IntoResponse for OipError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({
+            "error": format!("{}: {}", self.0.code, self.0.message),
+            "code": self.0.code,
+        });
+        self.0.respond(body)
     }
 }

@@ -21,6 +21,7 @@ pub mod callbacks;
 pub mod config;
 pub mod error;
 pub mod metrics;
+pub mod oip_binary;
 pub mod store;
 
 use std::collections::HashMap;

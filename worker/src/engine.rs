@@ -63,18 +63,26 @@ pub fn resolve_dylib(configured: Option<&Path>) -> Result<PathBuf> {
     ))
 }
 
-/// Loads the library and creates the process's one ONNX Runtime environment.
+/// Loads the library and creates the process's one ONNX Runtime environment (ONNX Runtime
+/// allows one per process; a second call, e.g. a second worker in a test process, shares it).
 pub fn init_runtime(dylib: &Path) -> Result<Environment> {
+    static ENVIRONMENT: std::sync::Mutex<Option<Environment>> = std::sync::Mutex::new(None);
+    let mut slot = ENVIRONMENT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(env) = slot.as_ref() {
+        return Ok(env.clone());
+    }
     let builder = ort::init_from(dylib).map_err(|e| {
         Error::Runtime(format!(
             "cannot load ONNX Runtime from {}: {e}",
             dylib.display()
         ))
     })?;
-    builder
+    let env = builder
         .with_name("ember-worker")
         .build()
-        .map_err(|e| Error::Runtime(format!("cannot create the ONNX Runtime environment: {e}")))
+        .map_err(|e| Error::Runtime(format!("cannot create the ONNX Runtime environment: {e}")))?;
+    *slot = Some(env.clone());
+    Ok(env)
 }
 
 /// How to build sessions.

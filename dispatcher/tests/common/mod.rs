@@ -1,0 +1,366 @@
+//! Helpers for the dispatcher's end-to-end tests: the real dispatcher binary, a real worker (in
+//! this process, through the same `ember_worker::run` its binary calls), RabbitMQ, Redis, and a
+//! scripted callback receiver on 127.0.0.1.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+pub const PATIENCE: Duration = Duration::from_secs(120);
+
+/// Every dispatcher consumes the one shared `ember.callbacks` queue (that is the design: any
+/// replica delivers any callback), so a test's callbacks could be taken by another test's
+/// dispatcher with other retry settings. The tests of this binary therefore run one at a time.
+pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    SERIAL.lock().await
+}
+pub const SECRET: &str = "whsec_dGVzdC1zZWNyZXQtZm9yLWVtYmVyLWNhbGxiYWNrcw==";
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn unique_model(test: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("http-{test}-{}", &id[..8])
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The dispatcher as a process serving the bundled model under `model`.
+pub struct Dispatcher {
+    pub child: Child,
+    pub url: String,
+    pub port: u16,
+    pub log: PathBuf,
+    pub http: reqwest::Client,
+}
+
+impl Dispatcher {
+    pub async fn start(model: &str, extra: &[&str]) -> Self {
+        let port = free_port();
+        let log = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+            "{model}-dispatcher-{}.log",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let child = Command::new(env!("CARGO_BIN_EXE_ember-dispatcher"))
+            .current_dir(root())
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin-addr", &format!("127.0.0.1:{}", free_port())])
+            .args([
+                "--model-dir",
+                "models/ssdlite-person",
+                "--model-name",
+                model,
+            ])
+            .args(["--callback-allow-net", "127.0.0.1/32"])
+            .args([
+                "--callback-initial-backoff",
+                "100ms",
+                "--callback-secret",
+                SECRET,
+            ])
+            .args(extra)
+            .env("EMBER_LOG", "info,ember_dispatcher=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let dispatcher = Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            port,
+            log,
+            http: reqwest::Client::new(),
+        };
+        let started = Instant::now();
+        loop {
+            if let Ok(r) = dispatcher.get("/v2/health/ready").await
+                && r.status() == 200
+            {
+                return dispatcher;
+            }
+            assert!(
+                started.elapsed() < PATIENCE,
+                "dispatcher not ready: {}",
+                dispatcher.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Result<reqwest::Response> {
+        self.http.get(format!("{}{path}", self.url)).send().await
+    }
+
+    pub fn post(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http.post(format!("{}{path}", self.url))
+    }
+
+    /// Submits a sample photo as a job.
+    pub async fn submit(
+        &self,
+        model: &str,
+        sample: &str,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut request = self
+            .post(&format!("/v1/models/{model}/jobs"))
+            .header("content-type", "image/png")
+            .body(std::fs::read(root().join("tests/samples").join(sample)).unwrap());
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.unwrap()
+    }
+
+    /// Polls GET /v1/jobs/{id} until it is no longer queued.
+    pub async fn wait_done(&self, job_id: &str) -> serde_json::Value {
+        let started = Instant::now();
+        loop {
+            let view: serde_json::Value = self
+                .get(&format!("/v1/jobs/{job_id}"))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if view["status"] != "queued" {
+                return view;
+            }
+            assert!(started.elapsed() < PATIENCE, "job {job_id} never finished");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until a worker of `model` reports ready.
+    pub async fn wait_model_ready(&self, model: &str) {
+        let started = Instant::now();
+        while self
+            .get(&format!("/v2/models/{model}/ready"))
+            .await
+            .map(|r| r.status() != 200)
+            .unwrap_or(true)
+        {
+            assert!(
+                started.elapsed() < PATIENCE,
+                "no worker of {model} became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Dispatcher {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A worker for `model`, running in this process; stopped (drained) on drop.
+pub struct InProcessWorker {
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl InProcessWorker {
+    pub fn start(model: &str) -> Self {
+        let config = ember_worker::Config::try_parse_from([
+            "ember-worker",
+            "--model-dir",
+            root().join("models/ssdlite-person").to_str().unwrap(),
+            "--model-name",
+            model,
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--intra-threads",
+            "1",
+            "--heartbeat-interval",
+            "200ms",
+        ])
+        .unwrap();
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            if let Err(error) = ember_worker::run(config, token).await {
+                panic!("worker failed: {error}");
+            }
+        });
+        Self {
+            stop,
+            task: Some(task),
+        }
+    }
+}
+
+impl Drop for InProcessWorker {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// What a callback receiver does with one request.
+#[derive(Debug, Clone, Copy)]
+pub enum Reply {
+    Status(u16),
+    /// Status with a Retry-After header (seconds).
+    RetryAfter(u16, u64),
+    /// Never answers.
+    Hang,
+}
+
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub headers: HeaderMap,
+    pub body: String,
+    pub at: Instant,
+}
+
+#[derive(Default)]
+struct ReceiverState {
+    plan: Vec<Reply>,
+    default: Option<Reply>,
+    deliveries: Vec<Delivery>,
+}
+
+/// A callback receiver on 127.0.0.1 that answers by a script (then 200) and records everything.
+#[derive(Clone)]
+pub struct Receiver {
+    state: Arc<Mutex<ReceiverState>>,
+    pub addr: SocketAddr,
+}
+
+async fn receive(
+    State(state): State<Arc<Mutex<ReceiverState>>>,
+    headers: HeaderMap,
+    body: String,
+) -> axum::response::Response {
+    let reply = {
+        let mut state = state.lock().unwrap();
+        state.deliveries.push(Delivery {
+            headers,
+            body,
+            at: Instant::now(),
+        });
+        if state.plan.is_empty() {
+            state.default.unwrap_or(Reply::Status(200))
+        } else {
+            state.plan.remove(0)
+        }
+    };
+    match reply {
+        Reply::Status(code) => StatusCode::from_u16(code).unwrap().into_response(),
+        Reply::RetryAfter(code, seconds) => (
+            StatusCode::from_u16(code).unwrap(),
+            [("retry-after", seconds.to_string())],
+        )
+            .into_response(),
+        Reply::Hang => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            StatusCode::OK.into_response()
+        }
+    }
+}
+
+impl Receiver {
+    pub async fn start(plan: Vec<Reply>, default: Option<Reply>) -> Self {
+        let state = Arc::new(Mutex::new(ReceiverState {
+            plan,
+            default,
+            deliveries: Vec::new(),
+        }));
+        let app = axum::Router::new()
+            .route("/hook", axum::routing::post(receive))
+            .with_state(state.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { state, addr }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/hook", self.addr)
+    }
+
+    pub fn set_default(&self, reply: Reply) {
+        self.state.lock().unwrap().default = Some(reply);
+    }
+
+    pub fn deliveries(&self) -> Vec<Delivery> {
+        self.state.lock().unwrap().deliveries.clone()
+    }
+
+    /// Deliveries whose body is the result of `job_id`.
+    pub fn for_job(&self, job_id: &str) -> Vec<Delivery> {
+        self.deliveries()
+            .into_iter()
+            .filter(|d| {
+                serde_json::from_str::<serde_json::Value>(&d.body)
+                    .map(|v| v["job_id"] == job_id)
+                    .unwrap_or(false)
+            })
+            .collect()
+    }
+
+    /// Waits until `done(deliveries)` holds.
+    pub async fn wait_until(&self, what: &str, done: impl Fn(&[Delivery]) -> bool) {
+        let started = Instant::now();
+        while !done(&self.deliveries()) {
+            assert!(started.elapsed() < PATIENCE, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Runs a Python client from tests/clients with the project's venv.
+pub fn python(script: &str, args: &[&str]) -> String {
+    let output = Command::new(root().join(".venv/bin/python"))
+        .current_dir(root())
+        .arg(root().join("tests/clients").join(script))
+        .args(args)
+        .output()
+        .expect("run scripts/setup first: it creates .venv");
+    assert!(
+        output.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// astronaut.png resized to 300x300 RGB, as raw bytes.
+pub fn astronaut_300() -> Vec<u8> {
+    image::open(root().join("tests/samples/astronaut.png"))
+        .unwrap()
+        .resize_exact(300, 300, image::imageops::FilterType::Triangle)
+        .into_rgb8()
+        .into_raw()
+}

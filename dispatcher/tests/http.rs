@@ -1,0 +1,525 @@
+//! The dispatcher end to end: real HTTP on 127.0.0.1, RabbitMQ, Redis, a real worker and model.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Dispatcher, InProcessWorker, Receiver, Reply, python};
+use serde_json::Value;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tritonclient_infers_the_person_in_astronaut_with_json_and_binary_tensors() {
+    let _serial = common::serial().await;
+    let model = common::unique_model("triton");
+    let dispatcher = Dispatcher::start(&model, &[]).await;
+    let _worker = InProcessWorker::start(&model);
+    dispatcher.wait_model_ready(&model).await;
+    let raw = std::env::temp_dir().join(format!("{model}.rgb"));
+    std::fs::write(&raw, common::astronaut_300()).unwrap();
+    let url = format!("127.0.0.1:{}", dispatcher.port);
+    for extra in [&[][..], &["--binary"][..]] {
+        let mut args = vec![raw.to_str().unwrap(), "--url", &url, "--model", &model];
+        args.extend_from_slice(extra);
+        let out: Value = serde_json::from_str(&python("triton_infer.py", &args)).unwrap();
+        assert_eq!(out["model_name"], model.as_str(), "{extra:?}");
+        assert_eq!(out["id"], "triton-1");
+        assert_eq!(out["metadata_inputs"][0]["name"], "image_tensor:0");
+        let scores: Vec<f64> = serde_json::from_value(out["scores"].clone()).unwrap();
+        let classes: Vec<f64> = serde_json::from_value(out["classes"].clone()).unwrap();
+        let people: Vec<usize> = (0..scores.len())
+            .filter(|&i| classes[i] == 1.0 && scores[i] > 0.5)
+            .collect();
+        assert_eq!(people.len(), 1, "{extra:?}: {out}");
+        assert!(scores[people[0]] > 0.8, "{out}");
+        // Normalised (ymin, xmin, ymax, xmax): the astronaut fills the middle of the frame.
+        let b: Vec<f64> = serde_json::from_value(out["boxes"][people[0]].clone()).unwrap();
+        assert!(
+            b[0] < 0.5 && b[1] < 0.5 && b[2] > 0.5 && b[3] > 0.5,
+            "{b:?}"
+        );
+    }
+    let _ = std::fs::remove_file(raw);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_answer_inline_with_wait_and_by_polling() {
+    let _serial = common::serial().await;
+    let model = common::unique_model("jobs");
+    let dispatcher = Dispatcher::start(&model, &[]).await;
+    let _worker = InProcessWorker::start(&model);
+    dispatcher.wait_model_ready(&model).await;
+
+    let inline = dispatcher
+        .post(&format!("/v1/models/{model}/jobs?wait=30s"))
+        .header("content-type", "image/png")
+        .body(std::fs::read(common::root().join("tests/samples/camera.png")).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(inline.status(), 200);
+    let view: Value = inline.json().await.unwrap();
+    assert_eq!(view["status"], "done");
+    assert_eq!(
+        view["result"]["outputs"]["detections"][0]["label"],
+        "person"
+    );
+
+    let accepted = dispatcher.submit(&model, "coffee.png", &[]).await;
+    assert_eq!(accepted.status(), 202);
+    let location = accepted.headers()["location"].to_str().unwrap().to_string();
+    let body: Value = accepted.json().await.unwrap();
+    let job_id = body["job_id"].as_str().unwrap().to_string();
+    assert_eq!(location, format!("/v1/jobs/{job_id}"));
+    assert_eq!(body["status_url"], location);
+    let view = dispatcher.wait_done(&job_id).await;
+    assert_eq!(view["status"], "done");
+    assert_eq!(
+        view["result"]["outputs"]["detections"]
+            .as_array()
+            .unwrap()
+            .len(),
+        0
+    );
+
+    // A bad image is a failed job with the worker's code.
+    let bad = dispatcher
+        .post(&format!("/v1/models/{model}/jobs?wait=30s"))
+        .header("content-type", "image/png")
+        .body(b"not a png".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    let view: Value = bad.json().await.unwrap();
+    assert_eq!(view["status"], "failed");
+    assert_eq!(view["result"]["error"]["code"], "invalid_image");
+
+    let missing = dispatcher.get("/v1/jobs/no-such-job").await.unwrap();
+    assert_eq!(missing.status(), 404);
+    let error: Value = missing.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "job_not_found");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_callback_arrives_once_and_verifies_with_the_standard_webhooks_library() {
+    let _serial = common::serial().await;
+    let model = common::unique_model("callback");
+    let receiver = Receiver::start(vec![], None).await;
+    let dispatcher = Dispatcher::start(&model, &[]).await;
+    let _worker = InProcessWorker::start(&model);
+    let url = receiver.url();
+    let mut ids = Vec::new();
+    for sample in ["astronaut.png", "chelsea.png"] {
+        let response = dispatcher
+            .submit(&model, sample, &[("x-callback-url", &url)])
+            .await;
+        assert_eq!(response.status(), 202);
+        let body: Value = response.json().await.unwrap();
+        ids.push(body["job_id"].as_str().unwrap().to_string());
+    }
+    receiver
+        .wait_until("both callbacks", |d| d.len() >= 2)
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for id in &ids {
+        assert_eq!(
+            receiver.for_job(id).len(),
+            1,
+            "callback for {id} not exactly once"
+        );
+    }
+    let deliveries = receiver.deliveries();
+    let recorded = serde_json::json!({
+        "secret": common::SECRET,
+        "deliveries": deliveries.iter().map(|d| serde_json::json!({
+            "body": d.body,
+            "headers": {
+                "webhook-id": d.headers["webhook-id"].to_str().unwrap(),
+                "webhook-timestamp": d.headers["webhook-timestamp"].to_str().unwrap(),
+                "webhook-signature": d.headers["webhook-signature"].to_str().unwrap(),
+            },
+        })).collect::<Vec<_>>(),
+    });
+    let file = std::env::temp_dir().join(format!("{model}-webhooks.json"));
+    std::fs::write(&file, recorded.to_string()).unwrap();
+    let verified = python("verify_webhook.py", &[file.to_str().unwrap()]);
+    let mut verified: Vec<&str> = verified.lines().collect();
+    verified.sort();
+    let mut expected: Vec<&str> = ids.iter().map(String::as_str).collect();
+    expected.sort();
+    assert_eq!(verified, expected);
+    let _ = std::fs::remove_file(file);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_receiver_failing_twice_gets_the_result_on_the_third_attempt() {
+    let _serial = common::serial().await;
+    let model = common::unique_model("retry");
+    let receiver = Receiver::start(vec![Reply::Status(500), Reply::RetryAfter(503, 1)], None).await;
+    let dispatcher = Dispatcher::start(&model, &[]).await;
+    let _worker = InProcessWorker::start(&model);
+    let response = dispatcher
+        .submit(&model, "camera.png", &[("x-callback-url", &receiver.url())])
+        .await;
+    let body: Value = response.json().await.unwrap();
+    let job_id = body["job_id"].as_str().unwrap().to_string();
+    receiver
+        .wait_until("three attempts", |d| d.len() >= 3)
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let attempts = receiver.for_job(&job_id);
+    assert_eq!(
+        attempts.len(),
+        3,
+        "two failures, then one success, then nothing"
+    );
+    // One webhook id across the retries; Retry-After: 1 was honoured before the third.
+    let ids: Vec<_> = attempts
+        .iter()
+        .map(|d| d.headers["webhook-id"].clone())
+        .collect();
+    assert!(ids.iter().all(|id| *id == ids[0]));
+    assert!(attempts[2].at.duration_since(attempts[1].at) >= Duration::from_millis(950));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_receiver_that_never_answers_ends_in_the_callback_dead_letter_queue() {
+    let _serial = common::serial().await;
+    use futures_util::StreamExt;
+    use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions};
+    let model = common::unique_model("deadcb");
+    let receiver = Receiver::start(vec![], Some(Reply::Hang)).await;
+    let dispatcher = Dispatcher::start(
+        &model,
+        &[
+            "--callback-max-attempts",
+            "2",
+            "--callback-timeout",
+            "300ms",
+        ],
+    )
+    .await;
+    let _worker = InProcessWorker::start(&model);
+    let response = dispatcher
+        .submit(&model, "coffee.png", &[("x-callback-url", &receiver.url())])
+        .await;
+    let body: Value = response.json().await.unwrap();
+    let job_id = body["job_id"].as_str().unwrap().to_string();
+
+    let connection = lapin::Connection::connect(
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            "ember.callbacks.dead".into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let dead = loop {
+        let delivery = tokio::time::timeout(common::PATIENCE, consumer.next())
+            .await
+            .expect("a dead-lettered callback in time")
+            .unwrap()
+            .unwrap();
+        let ours = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.as_str())
+            == Some(&job_id);
+        if ours {
+            delivery.ack(BasicAckOptions::default()).await.unwrap();
+            break delivery;
+        }
+        // Another run's leftover: leave it for whoever owns it.
+        delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await
+            .unwrap();
+    };
+    let headers = dead.properties.headers().as_ref().unwrap();
+    let error = ember_core::amqp::header_str(Some(headers), "ember-callback-error").unwrap();
+    assert!(error.contains("after 2 attempts"), "{error}");
+    assert_eq!(receiver.for_job(&job_id).len(), 2);
+    let result: Value = serde_json::from_slice(&dead.data).unwrap();
+    assert_eq!(result["job_id"], job_id.as_str());
+    let _ = connection.close(200, "done".into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_idempotency_key_gives_one_job_one_result_one_callback() {
+    let _serial = common::serial().await;
+    let model = common::unique_model("idem");
+    let receiver = Receiver::start(vec![], None).await;
+    let dispatcher = Dispatcher::start(&model, &[]).await;
+    let _worker = InProcessWorker::start(&model);
+    let key = uuid::Uuid::new_v4().to_string();
+    let url = receiver.url();
+    let headers = [
+        ("idempotency-key", key.as_str()),
+        ("x-callback-url", url.as_str()),
+    ];
+    let first: Value = dispatcher
+        .submit(&model, "astronaut.png", &headers)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let second: Value = dispatcher
+        .submit(&model, "astronaut.png", &headers)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(first["job_id"], second["job_id"]);
+    let job_id = first["job_id"].as_str().unwrap();
+    assert_eq!(dispatcher.wait_done(job_id).await["status"], "done");
+    receiver.wait_until("the callback", |d| !d.is_empty()).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(receiver.deliveries().len(), 1, "one callback");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_their_status_and_code() {
+    let _serial = common::serial().await;
+    let model = common::unique_model("errors");
+    // No worker: the queue (max length 2) fills up.
+    let dispatcher = Dispatcher::start(
+        &model,
+        &[
+            "--queue-max-length",
+            "2",
+            "--max-body-bytes",
+            "1000000",
+            "--infer-timeout",
+            "1s",
+        ],
+    )
+    .await;
+    let code = |v: &Value| v["error"]["code"].as_str().unwrap_or_default().to_string();
+
+    // Quorum queues apply x-max-length a little late (the limit is checked as the log is
+    // applied), so a few publishes may pass the limit; then the broker refuses and the
+    // dispatcher answers 429.
+    let mut accepted = 0;
+    let full = loop {
+        let response = dispatcher.submit(&model, "coffee.png", &[]).await;
+        if response.status() != 202 {
+            break response;
+        }
+        accepted += 1;
+        assert!(accepted < 50, "the queue never refused a publish");
+    };
+    assert!(accepted >= 2, "refused before the limit: {accepted}");
+    assert_eq!(full.status(), 429);
+    assert_eq!(full.headers()["retry-after"], "1");
+    assert_eq!(code(&full.json().await.unwrap()), "queue_full");
+
+    let big = dispatcher
+        .post(&format!("/v1/models/{model}/jobs"))
+        .header("content-type", "image/png")
+        .body(vec![0u8; 2_000_000])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(big.status(), 413);
+    assert_eq!(code(&big.json().await.unwrap()), "body_too_large");
+
+    let unknown = dispatcher.submit("no-such-model", "coffee.png", &[]).await;
+    assert_eq!(unknown.status(), 404);
+    assert_eq!(code(&unknown.json().await.unwrap()), "model_not_found");
+
+    for url in [
+        "http://10.1.2.3/hook",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]:8080/hook",
+    ] {
+        let refused = dispatcher
+            .submit(&model, "coffee.png", &[("x-callback-url", url)])
+            .await;
+        assert_eq!(refused.status(), 400, "{url}");
+        assert_eq!(
+            code(&refused.json().await.unwrap()),
+            "callback_url_forbidden",
+            "{url}"
+        );
+    }
+    let text = dispatcher
+        .post(&format!("/v1/models/{model}/jobs"))
+        .header("content-type", "text/plain")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(text.status(), 415);
+
+    let not_ready = dispatcher
+        .get(&format!("/v2/models/{model}/ready"))
+        .await
+        .unwrap();
+    assert_eq!(not_ready.status(), 503);
+    let garbage = dispatcher
+        .post(&format!("/v2/models/{model}/infer"))
+        .body("{")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(garbage.status(), 400);
+    // Open Inference Protocol routes answer {"error": "<string>"} (with the code beside it).
+    let body: Value = garbage.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("not an inference request"));
+    assert_eq!(body["code"], "invalid_request");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bearer_tokens_guard_the_api_but_not_health() {
+    let _serial = common::serial().await;
+    let model = common::unique_model("auth");
+    let dispatcher = Dispatcher::start(&model, &["--auth-token", "s3cret,other"]).await;
+    assert_eq!(
+        dispatcher.get("/v2/health/live").await.unwrap().status(),
+        200
+    );
+    let denied = dispatcher
+        .get(&format!("/v2/models/{model}"))
+        .await
+        .unwrap();
+    assert_eq!(denied.status(), 401);
+    let wrong = dispatcher
+        .http
+        .get(format!("{}/v2/models/{model}", dispatcher.url))
+        .bearer_auth("s3cre")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let allowed = dispatcher
+        .http
+        .get(format!("{}/v2/models/{model}", dispatcher.url))
+        .bearer_auth("other")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(allowed.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pending_callbacks_survive_a_dispatcher_restart() {
+    let _serial = common::serial().await;
+    let model = common::unique_model("restart");
+    let receiver = Receiver::start(vec![], Some(Reply::Status(503))).await;
+    let mut dispatcher = Dispatcher::start(&model, &["--callback-max-attempts", "1000"]).await;
+    let _worker = InProcessWorker::start(&model);
+    let url = receiver.url();
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        let body: Value = dispatcher
+            .submit(&model, "chelsea.png", &[("x-callback-url", &url)])
+            .await
+            .json()
+            .await
+            .unwrap();
+        ids.push(body["job_id"].as_str().unwrap().to_string());
+    }
+    // Every callback is in hand and failing.
+    let all = ids.clone();
+    receiver
+        .wait_until("a failed attempt per job", move |d| {
+            all.iter()
+                .all(|id| d.iter().any(|x| x.body.contains(id.as_str())))
+        })
+        .await;
+    dispatcher.kill();
+    receiver.set_default(Reply::Status(200));
+    let _restarted = Dispatcher::start(&model, &["--callback-max-attempts", "1000"]).await;
+    let all = ids.clone();
+    let delivered = move |d: &[common::Delivery]| d.len() > all.len();
+    receiver
+        .wait_until("deliveries after the restart", delivered)
+        .await;
+    let started = std::time::Instant::now();
+    loop {
+        let done = ids.iter().all(|id| receiver.for_job(id).len() >= 2);
+        if done {
+            break;
+        }
+        assert!(
+            started.elapsed() < common::PATIENCE,
+            "not every callback was delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_job_is_skipped_and_reported_cancelled() {
+    let _serial = common::serial().await;
+    let model = common::unique_model("cancel");
+    let dispatcher = Dispatcher::start(&model, &[]).await;
+    let _worker = InProcessWorker::start(&model);
+    dispatcher.wait_model_ready(&model).await;
+    // A backlog in front, so the cancelled job is still queued when the DELETE lands.
+    let mut backlog = Vec::new();
+    for _ in 0..30 {
+        let body: Value = dispatcher
+            .submit(&model, "astronaut.png", &[])
+            .await
+            .json()
+            .await
+            .unwrap();
+        backlog.push(body["job_id"].as_str().unwrap().to_string());
+    }
+    let body: Value = dispatcher
+        .submit(&model, "camera.png", &[])
+        .await
+        .json()
+        .await
+        .unwrap();
+    let job_id = body["job_id"].as_str().unwrap().to_string();
+    let deleted = dispatcher
+        .http
+        .delete(format!("{}/v1/jobs/{job_id}", dispatcher.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 202);
+    for id in &backlog {
+        dispatcher.wait_done(id).await;
+    }
+    let started = std::time::Instant::now();
+    let view = loop {
+        let view: Value = dispatcher
+            .get(&format!("/v1/jobs/{job_id}"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if view.get("result").is_some() {
+            break view;
+        }
+        assert!(started.elapsed() < common::PATIENCE);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(view["status"], "cancelled", "{view}");
+    assert_eq!(view["result"]["error"]["code"], "cancelled");
+    // A finished job cannot be cancelled.
+    let late = dispatcher
+        .http
+        .delete(format!("{}/v1/jobs/{}", dispatcher.url, backlog[0]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(late.status(), 409);
+}
