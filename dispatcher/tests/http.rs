@@ -378,7 +378,12 @@ async fn bad_requests_get_their_status_and_code() {
     assert_eq!(garbage.status(), 400);
     // Open Inference Protocol routes answer {"error": "<string>"} (with the code beside it).
     let body: Value = garbage.json().await.unwrap();
-    assert!(body["error"].as_str().unwrap().contains("not an inference request"));
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("not an inference request")
+    );
     assert_eq!(body["code"], "invalid_request");
 }
 
