@@ -181,6 +181,22 @@ async fn a_receiver_failing_twice_gets_the_result_on_the_third_attempt() {
         .collect();
     assert!(ids.iter().all(|id| *id == ids[0]));
     assert!(attempts[2].at.duration_since(attempts[1].at) >= Duration::from_millis(950));
+    let metrics = dispatcher.metrics().await;
+    assert_eq!(
+        common::metric(
+            &metrics,
+            "ember_dispatcher_callbacks_total{outcome=\"delivered\"}"
+        ),
+        1.0
+    );
+    assert!(common::metric(&metrics, "ember_dispatcher_callback_attempts_total") >= 3.0);
+    assert!(
+        common::metric(
+            &metrics,
+            "ember_dispatcher_http_requests_total{method=\"POST\",route=\"/v1/models/{model}/jobs\",status=\"202\"}"
+        ) >= 1.0,
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -445,25 +461,43 @@ async fn pending_callbacks_survive_a_dispatcher_restart() {
                 .all(|id| d.iter().any(|x| x.body.contains(id.as_str())))
         })
         .await;
-    dispatcher.kill();
-    receiver.set_default(Reply::Status(200));
-    let _restarted = Dispatcher::start(&model, &["--callback-max-attempts", "1000"]).await;
-    let all = ids.clone();
-    let delivered = move |d: &[common::Delivery]| d.len() > all.len();
+    // A graceful stop hands the callbacks in hand back to the queue; a crash (SIGKILL) leaves
+    // them unacked, which the broker requeues too. Both, one after the other.
+    let status = dispatcher.terminate().await;
+    assert!(status.success(), "{status:?}: {}", dispatcher.log_text());
+    let mut second = Dispatcher::start(&model, &["--callback-max-attempts", "1000"]).await;
+    let before = receiver.deliveries().len();
     receiver
-        .wait_until("deliveries after the restart", delivered)
+        .wait_until("attempts by the second dispatcher", move |d| {
+            d.len() >= before + 5
+        })
         .await;
+    second.kill();
+    receiver.set_default(Reply::Status(200));
+    let restarted = Dispatcher::start(&model, &["--callback-max-attempts", "1000"]).await;
     let started = std::time::Instant::now();
     loop {
-        let done = ids.iter().all(|id| receiver.for_job(id).len() >= 2);
-        if done {
+        let delivered = common::metric(
+            &restarted.metrics().await,
+            "ember_dispatcher_callbacks_total{outcome=\"delivered\"}",
+        );
+        if delivered >= ids.len() as f64 {
+            assert_eq!(delivered, ids.len() as f64);
             break;
         }
         assert!(
             started.elapsed() < common::PATIENCE,
-            "not every callback was delivered"
+            "{delivered} of {} delivered",
+            ids.len()
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Every job's callback reached the receiver while it answered 200.
+    for id in &ids {
+        assert!(
+            receiver.for_job(id).len() >= 3,
+            "job {id}: failing attempts, then a delivery"
+        );
     }
 }
 

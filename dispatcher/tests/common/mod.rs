@@ -48,6 +48,7 @@ pub struct Dispatcher {
     pub child: Child,
     pub url: String,
     pub port: u16,
+    pub admin_port: u16,
     pub log: PathBuf,
     pub http: reqwest::Client,
 }
@@ -55,6 +56,7 @@ pub struct Dispatcher {
 impl Dispatcher {
     pub async fn start(model: &str, extra: &[&str]) -> Self {
         let port = free_port();
+        let admin_port = free_port();
         let log = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
             "{model}-dispatcher-{}.log",
             uuid::Uuid::new_v4().simple()
@@ -62,7 +64,7 @@ impl Dispatcher {
         let child = Command::new(env!("CARGO_BIN_EXE_ember-dispatcher"))
             .current_dir(root())
             .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--admin-addr", &format!("127.0.0.1:{}", free_port())])
+            .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
             .args([
                 "--model-dir",
                 "models/ssdlite-person",
@@ -86,6 +88,7 @@ impl Dispatcher {
             child,
             url: format!("http://127.0.0.1:{port}"),
             port,
+            admin_port,
             log,
             http: reqwest::Client::new(),
         };
@@ -167,6 +170,39 @@ impl Dispatcher {
                 "no worker of {model} became ready"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The admin server's /metrics text.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(format!("http://127.0.0.1:{}/metrics", self.admin_port))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// SIGTERM, then the exit status (bounded by PATIENCE).
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                started.elapsed() < PATIENCE,
+                "dispatcher did not exit: {}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -338,6 +374,14 @@ impl Receiver {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// Sum of a metric's samples whose line starts with `prefix`.
+pub fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(prefix))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 /// Runs a Python client from tests/clients with the project's venv.
