@@ -95,6 +95,17 @@ async fn jobs_answer_inline_with_wait_and_by_polling() {
     assert_eq!(view["status"], "failed");
     assert_eq!(view["result"]["error"]["code"], "invalid_image");
 
+    // Another replica answers for the same job (the store is shared), before and after.
+    let other = Dispatcher::start(&model, &[]).await;
+    let seen: Value = other
+        .get(&format!("/v1/jobs/{job_id}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(seen, view);
+
     let missing = dispatcher.get("/v1/jobs/no-such-job").await.unwrap();
     assert_eq!(missing.status(), 404);
     let error: Value = missing.json().await.unwrap();

@@ -1,0 +1,153 @@
+//! Autoscaler configuration: every flag is also an `EMBER_AUTOSCALER_*` environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ember_core::amqp::AmqpConfig;
+use ember_core::telemetry::LogConfig;
+
+use crate::policy::Settings;
+
+/// Where replicas live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// `ember-worker` processes on this machine.
+    Local,
+}
+
+/// The Ember autoscaler: sets each model's replicas from backlog, service rate and GPU load.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(name = "ember-autoscaler", version, about)]
+pub struct Config {
+    #[arg(
+        long,
+        env = "EMBER_AUTOSCALER_BACKEND",
+        value_enum,
+        default_value = "local"
+    )]
+    pub backend: Backend,
+
+    /// Model directories to scale (local backend); repeat or comma-separate.
+    #[arg(
+        long = "model-dir",
+        env = "EMBER_AUTOSCALER_MODEL_DIRS",
+        value_delimiter = ',',
+        default_value = "models/ssdlite-person"
+    )]
+    pub model_dirs: Vec<PathBuf>,
+
+    /// Serve the (single) model directory under this name instead of model.toml's.
+    #[arg(long, env = "EMBER_AUTOSCALER_MODEL_NAME")]
+    pub model_name: Option<String>,
+
+    /// The worker program (local backend); default: `ember-worker` beside this binary.
+    #[arg(long, env = "EMBER_AUTOSCALER_WORKER_BIN")]
+    pub worker_bin: Option<PathBuf>,
+
+    /// An extra argument for every worker (local backend); repeat.
+    #[arg(
+        long = "worker-arg",
+        env = "EMBER_AUTOSCALER_WORKER_ARGS",
+        value_delimiter = ' ',
+        allow_hyphen_values = true
+    )]
+    pub worker_args: Vec<String>,
+
+    /// How often to decide.
+    #[arg(long, env = "EMBER_AUTOSCALER_TICK", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub tick: Duration,
+
+    /// A worker unheard of for this long is gone.
+    #[arg(long, env = "EMBER_AUTOSCALER_HEARTBEAT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub heartbeat_timeout: Duration,
+
+    #[arg(long, env = "EMBER_AUTOSCALER_MIN_REPLICAS", default_value_t = 0)]
+    pub min_replicas: u32,
+
+    #[arg(long, env = "EMBER_AUTOSCALER_MAX_REPLICAS", default_value_t = 4)]
+    pub max_replicas: u32,
+
+    /// Work off the backlog within this time (on top of arrivals).
+    #[arg(long, env = "EMBER_AUTOSCALER_TARGET_DRAIN_TIME", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub target_drain_time: Duration,
+
+    /// Plan each replica at this fraction of its measured service rate.
+    #[arg(
+        long,
+        env = "EMBER_AUTOSCALER_TARGET_UTILISATION",
+        default_value_t = 0.8
+    )]
+    pub target_utilisation: f64,
+
+    /// Jobs/s per replica to assume before one is measured.
+    #[arg(
+        long,
+        env = "EMBER_AUTOSCALER_INITIAL_SERVICE_RATE",
+        default_value_t = 20.0
+    )]
+    pub initial_service_rate: f64,
+
+    /// Scale down only when lower demand held this long.
+    #[arg(long, env = "EMBER_AUTOSCALER_SCALE_DOWN_WINDOW", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub scale_down_window: Duration,
+
+    /// At most this many replicas removed per decision.
+    #[arg(long, env = "EMBER_AUTOSCALER_SCALE_DOWN_STEP", default_value_t = 1)]
+    pub scale_down_step: u32,
+
+    /// With --min-replicas 0: no work for this long means zero replicas.
+    #[arg(long, env = "EMBER_AUTOSCALER_IDLE_TO_ZERO", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub idle_to_zero: Duration,
+
+    /// GPU utilisation above which a growing backlog forces a step up.
+    #[arg(long, env = "EMBER_AUTOSCALER_GPU_HIGH", default_value_t = 0.9)]
+    pub gpu_high: f64,
+
+    /// GPU utilisation under which scale-down is allowed.
+    #[arg(long, env = "EMBER_AUTOSCALER_GPU_LOW", default_value_t = 0.5)]
+    pub gpu_low: f64,
+
+    /// `x-delivery-limit` of model queues (must agree with the workers).
+    #[arg(long, env = "EMBER_AUTOSCALER_DELIVERY_LIMIT", default_value_t = 5)]
+    pub delivery_limit: u32,
+
+    /// `x-max-length` of model queues (must agree with the workers).
+    #[arg(
+        long,
+        env = "EMBER_AUTOSCALER_QUEUE_MAX_LENGTH",
+        default_value_t = 10_000
+    )]
+    pub queue_max_length: u32,
+
+    /// Admin address (/metrics, /livez, /readyz).
+    #[arg(
+        long,
+        env = "EMBER_AUTOSCALER_ADMIN_ADDR",
+        default_value = "127.0.0.1:9300"
+    )]
+    pub admin_addr: SocketAddr,
+
+    #[command(flatten)]
+    pub amqp: AmqpConfig,
+
+    #[command(flatten)]
+    pub log: LogConfig,
+}
+
+impl Config {
+    pub fn settings(&self) -> Settings {
+        Settings {
+            min_replicas: self.min_replicas,
+            max_replicas: self.max_replicas.max(self.min_replicas),
+            target_drain_time: self.target_drain_time,
+            target_utilisation: self.target_utilisation,
+            initial_service_rate: self.initial_service_rate,
+            scale_down_window: self.scale_down_window,
+            scale_down_step: self.scale_down_step,
+            idle_to_zero: self.idle_to_zero,
+            gpu_high: self.gpu_high,
+            gpu_low: self.gpu_low,
+        }
+    }
+}

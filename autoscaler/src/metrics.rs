@@ -1,0 +1,103 @@
+//! The autoscaler's metrics: per model, the signals it saw and the decisions it made.
+
+use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    pub desired: IntGaugeVec,
+    pub ready: IntGaugeVec,
+    pub starting: IntGaugeVec,
+    pub backlog: IntGaugeVec,
+    pub queue_ready: IntGaugeVec,
+    pub arrival_rate: GaugeVec,
+    pub service_rate: GaugeVec,
+    pub busy_ratio: GaugeVec,
+    pub gpu_utilisation: GaugeVec,
+    pub model_load_seconds: GaugeVec,
+    pub decisions: IntCounterVec,
+}
+
+fn register<C: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    collector: C,
+) -> prometheus::Result<C> {
+    registry.register(Box::new(collector.clone()))?;
+    Ok(collector)
+}
+
+impl Metrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let int = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["model"]);
+        let float = |name: &str, help: &str| GaugeVec::new(Opts::new(name, help), &["model"]);
+        Ok(Self {
+            desired: register(
+                registry,
+                int("ember_autoscaler_desired_replicas", "Replicas decided")?,
+            )?,
+            ready: register(
+                registry,
+                int("ember_autoscaler_ready_replicas", "Replicas serving")?,
+            )?,
+            starting: register(
+                registry,
+                int(
+                    "ember_autoscaler_starting_replicas",
+                    "Replicas loading the model",
+                )?,
+            )?,
+            backlog: register(
+                registry,
+                int("ember_autoscaler_backlog_jobs", "Ready plus in-flight jobs")?,
+            )?,
+            queue_ready: register(
+                registry,
+                int(
+                    "ember_autoscaler_queue_ready_jobs",
+                    "Ready jobs in the queue",
+                )?,
+            )?,
+            arrival_rate: register(
+                registry,
+                float("ember_autoscaler_arrival_rate", "Jobs arriving per second")?,
+            )?,
+            service_rate: register(
+                registry,
+                float(
+                    "ember_autoscaler_service_rate_per_replica",
+                    "Jobs per second one saturated replica serves (measured)",
+                )?,
+            )?,
+            busy_ratio: register(
+                registry,
+                float(
+                    "ember_autoscaler_busy_ratio",
+                    "Mean fraction of time replicas spend in inference",
+                )?,
+            )?,
+            gpu_utilisation: register(
+                registry,
+                float(
+                    "ember_autoscaler_gpu_utilization_ratio",
+                    "Mean GPU utilisation of replicas",
+                )?,
+            )?,
+            model_load_seconds: register(
+                registry,
+                float(
+                    "ember_autoscaler_model_load_seconds",
+                    "Measured model load time of replicas",
+                )?,
+            )?,
+            decisions: register(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "ember_autoscaler_decisions_total",
+                        "Scaling decisions by direction and reason",
+                    ),
+                    &["model", "direction", "reason"],
+                )?,
+            )?,
+        })
+    }
+}
