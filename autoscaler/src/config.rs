@@ -108,6 +108,10 @@ pub struct Config {
     #[arg(long, env = "EMBER_AUTOSCALER_GPU_LOW", default_value_t = 0.5)]
     pub gpu_low: f64,
 
+    /// Demand within this fraction above capacity does not scale up (against flapping).
+    #[arg(long, env = "EMBER_AUTOSCALER_TOLERANCE", default_value_t = 0.1)]
+    pub tolerance: f64,
+
     /// `x-delivery-limit` of model queues (must agree with the workers).
     #[arg(long, env = "EMBER_AUTOSCALER_DELIVERY_LIMIT", default_value_t = 5)]
     pub delivery_limit: u32,
@@ -148,6 +152,7 @@ impl Config {
             idle_to_zero: self.idle_to_zero,
             gpu_high: self.gpu_high,
             gpu_low: self.gpu_low,
+            tolerance: self.tolerance,
         }
     }
 }

@@ -31,6 +31,9 @@ pub struct Settings {
     pub gpu_high: f64,
     /// GPU utilisation under which scale-down is allowed (when GPU readings exist).
     pub gpu_low: f64,
+    /// Demand within this fraction above the current capacity does not scale up (HPA's
+    /// tolerance): Poisson noise around a steady rate must not flap.
+    pub tolerance: f64,
 }
 
 impl Default for Settings {
@@ -46,6 +49,7 @@ impl Default for Settings {
             idle_to_zero: Duration::from_secs(60),
             gpu_high: 0.9,
             gpu_low: 0.5,
+            tolerance: 0.1,
         }
     }
 }
@@ -145,6 +149,16 @@ pub struct PolicyState {
 
 /// The formula alone.
 pub fn recommend(settings: &Settings, signals: &Signals) -> u32 {
+    let raw = demand(settings, signals).ceil();
+    if raw >= f64::from(u32::MAX) {
+        u32::MAX
+    } else {
+        raw as u32
+    }
+}
+
+/// The formula before rounding: replicas' worth of demand.
+fn demand(settings: &Settings, signals: &Signals) -> f64 {
     let rate = signals
         .service_rate_per_replica
         .filter(|r| *r > 0.0)
@@ -153,12 +167,7 @@ pub fn recommend(settings: &Settings, signals: &Signals) -> u32 {
     let demand = signals.arrival_rate.max(0.0)
         + signals.backlog() as f64 / settings.target_drain_time.as_secs_f64().max(1e-3);
     let per_replica = rate * settings.target_utilisation.clamp(0.01, 1.0);
-    let raw = (demand / per_replica).ceil();
-    if raw >= f64::from(u32::MAX) {
-        u32::MAX
-    } else {
-        raw as u32
-    }
+    demand / per_replica
 }
 
 /// One tick of the policy. `now` is any monotonic time (e.g. since start).
@@ -172,7 +181,8 @@ pub fn decide(
     let current = signals.capacity();
     let started = *state.started.get_or_insert(now);
     let window_seen = now.saturating_sub(started) >= settings.scale_down_window;
-    let busy = signals.backlog() > 0 || signals.arrival_rate > 0.0;
+    // Arrivals below one job per 100 s are the tail of a smoothed rate, not work.
+    let busy = signals.backlog() > 0 || signals.arrival_rate >= 0.01;
     if busy || state.last_busy.is_none() {
         state.last_busy = Some(now);
     }
@@ -193,7 +203,13 @@ pub fn decide(
         .retain(|(at, _)| now.saturating_sub(*at) < settings.scale_down_window);
     state.recent.push((now, recommended));
 
-    let mut target = if recommended > current {
+    let within_tolerance = current > 0
+        && !reasons.contains(&Reason::GpuHot)
+        && demand(settings, signals) <= f64::from(current) * (1.0 + settings.tolerance);
+    let mut target = if recommended > current && within_tolerance {
+        reasons.push(Reason::Steady);
+        current
+    } else if recommended > current {
         if current == 0 {
             reasons.push(Reason::Wake);
         } else if !reasons.contains(&Reason::GpuHot) {
@@ -276,6 +292,7 @@ mod tests {
             idle_to_zero: secs(60),
             gpu_high: 0.9,
             gpu_low: 0.5,
+            tolerance: 0.1,
         }
     }
 
@@ -357,6 +374,12 @@ mod tests {
                     ..signals(500, 8, 20.0, 2)
                 },
                 expected: 8,
+                reason: Reason::Steady,
+            },
+            Case {
+                what: "demand just over capacity (within the tolerance) holds",
+                signals: signals(0, 2, 20.5, 2),
+                expected: 2,
                 reason: Reason::Steady,
             },
             Case {

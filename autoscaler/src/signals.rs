@@ -158,7 +158,9 @@ impl ArrivalMeter {
                 let entered = (ready + in_flight) as f64 - (r + f) as f64
                     + completed.saturating_sub(c) as f64;
                 let rate = (entered / dt).max(0.0);
-                self.rate = Some(smooth(self.rate, rate));
+                let smoothed = smooth(self.rate, rate);
+                // Let a decaying average reach zero.
+                self.rate = Some(if smoothed < 1e-3 { 0.0 } else { smoothed });
             }
         }
         self.last = Some((now, ready, in_flight, completed));
