@@ -112,7 +112,7 @@ impl Default for World {
         Self {
             seed: 7,
             duration_s: 1800.0,
-            dt_s: 0.1,
+            dt_s: 0.01,
             rate: 20.0,
             service_rate: 10.0,
             model_load_s: 5.0,
