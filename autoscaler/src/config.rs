@@ -14,6 +14,8 @@ use crate::policy::Settings;
 pub enum Backend {
     /// `ember-worker` processes on this machine.
     Local,
+    /// Deployments named by `InferencePool` resources (kubeconfig or in-cluster config).
+    Kubernetes,
 }
 
 /// The Ember autoscaler: sets each model's replicas from backlog, service rate and GPU load.
@@ -27,6 +29,30 @@ pub struct Config {
         default_value = "local"
     )]
     pub backend: Backend,
+
+    /// Print the InferencePool CRD as YAML and exit.
+    #[arg(long)]
+    pub print_crd: bool,
+
+    /// Namespace of the InferencePools, Deployments and the Lease (kubernetes backend).
+    #[arg(long, env = "EMBER_AUTOSCALER_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+
+    /// Name of the leader-election Lease (kubernetes backend).
+    #[arg(
+        long,
+        env = "EMBER_AUTOSCALER_LEASE_NAME",
+        default_value = "ember-autoscaler"
+    )]
+    pub lease_name: String,
+
+    /// This replica's identity in the Lease (default: POD_NAME, else the host name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+
+    /// How long a Lease holds without renewal.
+    #[arg(long, env = "EMBER_AUTOSCALER_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease_duration: Duration,
 
     /// Model directories to scale (local backend); repeat or comma-separate.
     #[arg(
