@@ -104,7 +104,15 @@ async fn jobs_answer_inline_with_wait_and_by_polling() {
         .json()
         .await
         .unwrap();
-    assert_eq!(seen, view);
+    let here: Value = dispatcher
+        .get(&format!("/v1/jobs/{job_id}"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(seen["status"], "done");
+    assert_eq!(seen, here);
 
     let missing = dispatcher.get("/v1/jobs/no-such-job").await.unwrap();
     assert_eq!(missing.status(), 404);
