@@ -181,7 +181,13 @@ impl LeaderLease {
         let leases: Api<Lease> = Api::namespaced(client.clone(), namespace);
         let now = MicroTime(Timestamp::now());
         let seconds = self.duration.as_secs().max(1) as i32;
-        let Some(mut lease) = leases.get_opt(&self.name).await? else {
+        // A 404 means no lease yet (matched on the code: not every server says "NotFound").
+        let existing = match leases.get(&self.name).await {
+            Ok(lease) => Some(lease),
+            Err(kube::Error::Api(status)) if status.code == 404 => None,
+            Err(error) => return Err(error.into()),
+        };
+        let Some(mut lease) = existing else {
             let lease = Lease {
                 metadata: ObjectMeta {
                     name: Some(self.name.clone()),
@@ -202,8 +208,13 @@ impl LeaderLease {
                 Err(error) => Err(error.into()),
             };
         };
+        let resource_version = lease.metadata.resource_version.clone();
         let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
         let mine = spec.holder_identity.as_deref() == Some(self.identity.as_str());
+        let mut patch = json!({
+            "metadata": {"resourceVersion": resource_version},
+            "spec": {"leaseDurationSeconds": seconds, "renewTime": now},
+        });
         if !mine {
             let expires = spec.renew_time.as_ref().map(|t| {
                 t.0 + Duration::from_secs(
@@ -213,15 +224,14 @@ impl LeaderLease {
             if expires.is_some_and(|at| at > now.0) {
                 return Ok(false);
             }
-            spec.holder_identity = Some(self.identity.clone());
-            spec.acquire_time = Some(now.clone());
-            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0) + 1);
+            patch["spec"]["holderIdentity"] = json!(self.identity);
+            patch["spec"]["acquireTime"] = json!(now);
+            patch["spec"]["leaseTransitions"] = json!(spec.lease_transitions.unwrap_or(0) + 1);
         }
-        spec.lease_duration_seconds = Some(seconds);
-        spec.renew_time = Some(now);
-        // The object's resourceVersion makes this a compare-and-swap: a rival's write wins.
+        // resourceVersion in the patch makes it a compare-and-swap: if a rival wrote since our
+        // read, the server answers 409 and we are not the leader.
         match leases
-            .replace(&self.name, &PostParams::default(), &lease)
+            .patch(&self.name, &PatchParams::default(), &Patch::Merge(patch))
             .await
         {
             Ok(_) => Ok(true),

@@ -316,22 +316,25 @@ async fn leader_election_creates_renews_respects_and_takes_over_the_lease() {
             }),
             // Ours: renew with a compare-and-swap on the resourceVersion.
             step(Method::GET, path, lease("a", &fresh)),
-            step(Method::PUT, path, lease("a", &fresh)).body(|b| {
-                assert_eq!(b["metadata"]["resourceVersion"], "41");
-                assert_eq!(b["spec"]["holderIdentity"], "a");
-                assert_eq!(b["spec"]["leaseTransitions"], 2);
-            }),
+            step(Method::PATCH, path, lease("a", &fresh))
+                .content_type("application/merge-patch+json")
+                .body(|b| {
+                    assert_eq!(b["metadata"]["resourceVersion"], "41");
+                    assert!(b["spec"]["renewTime"].is_string());
+                    assert!(b["spec"].get("holderIdentity").is_none(), "a renewal keeps the holder");
+                }),
             // Someone else's, fresh: keep off (no write).
             step(Method::GET, path, lease("b", &fresh)),
             // Someone else's, expired: take over.
             step(Method::GET, path, lease("b", "2020-01-01T00:00:00.000000Z")),
-            step(Method::PUT, path, lease("a", &fresh)).body(|b| {
+            step(Method::PATCH, path, lease("a", &fresh)).body(|b| {
+                assert_eq!(b["metadata"]["resourceVersion"], "41");
                 assert_eq!(b["spec"]["holderIdentity"], "a");
                 assert_eq!(b["spec"]["leaseTransitions"], 3);
             }),
             // A rival wrote first: 409, not the leader.
             step(Method::GET, path, lease("b", "2020-01-01T00:00:00.000000Z")),
-            step(Method::PUT, path, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "conflict"})).status(409),
+            step(Method::PATCH, path, json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "conflict"})).status(409),
         ],
     );
     let me = leader("a");
