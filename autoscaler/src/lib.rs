@@ -380,6 +380,9 @@ struct PoolScaler {
 }
 
 async fn run_kubernetes(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    // With several rustls providers in one build (kube's ring, reqwest's aws-lc-rs in the
+    // workspace), rustls cannot pick one by itself: choose ring for this process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = kube::Client::try_default()
         .await
         .map_err(|e| Error::Kubernetes(format!("no cluster configuration: {e}")))?;
