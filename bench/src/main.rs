@@ -1,0 +1,676 @@
+//! `ember-bench`: Ember's benchmarks. Each scenario runs the real parts (release binaries beside
+//! this one) against the local RabbitMQ, prints its figures and writes
+//! `<out>/<scenario>.json` (plots: scripts/plot_bench.py). None of this is a test.
+
+mod client;
+mod fleet;
+mod stats;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use ember_core::topology::{self, QueueSettings};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Connection, ConnectionProperties};
+use serde_json::{Value, json};
+
+use crate::client::RpcClient;
+use crate::stats::{across, summarise};
+
+#[derive(Debug, Parser)]
+#[command(name = "ember-bench", about = "Ember's benchmarks")]
+struct Args {
+    /// Where the JSON goes.
+    #[arg(long, global = true, default_value = "docs/benchmarks")]
+    out: PathBuf,
+    /// Repetitions of each measurement (median and spread are reported).
+    #[arg(long, global = true, default_value_t = 3)]
+    rounds: usize,
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// The study's Table 3: sequential jobs, --reload-per-job vs resident.
+    Residency {
+        #[arg(long, default_value_t = 100)]
+        jobs: usize,
+    },
+    /// Bare session.run in-process vs end to end through AMQP and through HTTP.
+    Overhead {
+        #[arg(long, default_value_t = 200)]
+        jobs: usize,
+    },
+    /// Jobs/s with the tiny model and many publishers, against the broker's own ceiling.
+    Throughput {
+        #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value_t = 8)]
+        publishers: usize,
+        /// Jobs each publisher keeps outstanding.
+        #[arg(long, default_value_t = 32)]
+        window: usize,
+    },
+    /// SSD throughput and p95 at a fixed offered load, max batch 1, 4, 8.
+    Batching {
+        /// Offered load, jobs/s (open loop).
+        #[arg(long, default_value_t = 60.0)]
+        rate: f64,
+        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+    },
+    /// Process memory idle, under load, and over a soak.
+    Memory {
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        soak: Duration,
+        /// Offered load during the soak, jobs/s.
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+    },
+}
+
+fn sample(name: &str) -> anyhow::Result<Vec<u8>> {
+    Ok(std::fs::read(
+        fleet::root().join("tests/samples").join(name),
+    )?)
+}
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "bench-{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+fn save(out: &PathBuf, name: &str, mut doc: Value) -> anyhow::Result<()> {
+    doc["machine"] = fleet::machine();
+    doc["command"] = json!(std::env::args().collect::<Vec<_>>().join(" "));
+    std::fs::create_dir_all(out)?;
+    let path = out.join(format!("{name}.json"));
+    std::fs::write(&path, serde_json::to_vec_pretty(&doc)?)?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
+async fn delete_queues(model: &str) {
+    if let Ok(c) = Connection::connect(client::URL, ConnectionProperties::default()).await
+        && let Ok(ch) = c.create_channel().await
+    {
+        for q in [
+            topology::jobs_queue(model),
+            topology::dead_letter_queue(model),
+        ] {
+            let _ = ch
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await;
+        }
+    }
+}
+
+async fn residency(args: &Args, jobs: usize) -> anyhow::Result<()> {
+    let image = sample("astronaut.png")?;
+    let dir = fleet::root().join("models/ssdlite-person");
+    let mut doc = json!({"jobs": jobs, "image": "astronaut.png (512x512)",
+        "study": {"cpu": {"stateless_mean_s": 1.87, "stateless_sd_s": 1.062, "resident_mean_s": 0.26, "resident_sd_s": 0.012},
+                  "gpu": {"stateless_mean_s": 56.55, "resident_mean_s": 0.02}}});
+    for (mode, extra) in [
+        ("resident", &[][..]),
+        ("reload_per_job", &["--reload-per-job"][..]),
+    ] {
+        let mut means = Vec::new();
+        let mut sds = Vec::new();
+        let mut first_round = Vec::new();
+        for round in 0..args.rounds {
+            let model = unique("residency");
+            let worker = fleet::worker(&model, &dir, extra)?;
+            worker.wait_http(worker.admin, "/readyz").await?;
+            let client = RpcClient::connect(&model).await?;
+            let mut times = Vec::with_capacity(jobs);
+            for _ in 0..jobs {
+                let (seconds, result) = client.call(&model, &image, "image/png").await?;
+                anyhow::ensure!(result.error.is_none(), "job failed: {result:?}");
+                times.push(seconds);
+            }
+            let s = summarise(&times);
+            println!(
+                "residency {mode} round {round}: mean {:.1} ms, sd {:.1} ms",
+                s.mean * 1e3,
+                s.sd * 1e3
+            );
+            means.push(s.mean);
+            sds.push(s.sd);
+            if round == 0 {
+                first_round = times;
+            }
+            drop(worker);
+            delete_queues(&model).await;
+        }
+        doc[mode] = json!({"mean_s": across(means), "sd_s": across(sds), "per_request_s_round0": first_round});
+    }
+    let speedup = doc["reload_per_job"]["mean_s"]["median"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / doc["resident"]["mean_s"]["median"].as_f64().unwrap_or(1.0);
+    doc["speedup"] = json!(speedup);
+    println!("resident is {speedup:.1}x faster than reload-per-job");
+    save(&args.out, "residency", doc)
+}
+
+async fn bare(jobs: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    use ember_core::model::{InputSpec, ModelSpec};
+    use ember_worker::engine::{self, Engine, ImageSize, Loaded, SessionOptions};
+    let dir = fleet::root().join("models/ssdlite-person");
+    let spec = Arc::new(ModelSpec::load(&dir).map_err(anyhow::Error::msg)?);
+    let InputSpec::Image {
+        width,
+        height,
+        ref tensor,
+        ..
+    } = spec.input;
+    let target = ember_worker::preprocess::Target {
+        tensor: tensor.clone(),
+        width,
+        height,
+    };
+    let image = sample("astronaut.png")?;
+    let limits = ember_worker::preprocess::InputLimits {
+        max_bytes: 1 << 26,
+        max_pixels: 1 << 26,
+    };
+    let mut decode = Vec::with_capacity(jobs);
+    let mut prepared = None;
+    for _ in 0..jobs {
+        let started = Instant::now();
+        let p = ember_worker::preprocess::prepare(Some("image/png"), &image, limits, &target)?;
+        decode.push(started.elapsed().as_secs_f64());
+        prepared = Some(p);
+    }
+    let prepared = prepared.ok_or_else(|| anyhow::anyhow!("no jobs"))?;
+    let dylib = engine::resolve_dylib(
+        std::env::var_os("ORT_DYLIB_PATH")
+            .map(PathBuf::from)
+            .as_deref(),
+    )?;
+    let options = SessionOptions {
+        model_path: dir.join(&spec.file),
+        device: ember_worker::config::Device::Cpu,
+        allow_cpu_fallback: false,
+        intra_threads: 0,
+    };
+    let engine_spec = spec.clone();
+    let engine = tokio::task::spawn_blocking(move || -> anyhow::Result<Engine> {
+        let env = engine::init_runtime(&dylib)?;
+        Ok(Engine::start(
+            Loaded::new(env, options, false)?,
+            engine_spec,
+        )?)
+    })
+    .await??;
+    let size = ImageSize {
+        width: prepared.original_width,
+        height: prepared.original_height,
+    };
+    let mut run = Vec::with_capacity(jobs);
+    for _ in 0..jobs {
+        let output = engine
+            .infer(vec![prepared.pixels.clone()], vec![size], vec![false])
+            .await?;
+        run.push(output.inference.as_secs_f64());
+    }
+    Ok((run, decode))
+}
+
+async fn overhead(args: &Args, jobs: usize) -> anyhow::Result<()> {
+    let image = sample("astronaut.png")?;
+    let dir = fleet::root().join("models/ssdlite-person");
+    let (mut bare_p50, mut decode_p50, mut amqp_p50, mut http_p50) =
+        (vec![], vec![], vec![], vec![]);
+    let mut detail = Vec::new();
+    for round in 0..args.rounds {
+        let (run, decode) = bare(jobs).await?;
+        let model = unique("overhead");
+        let worker = fleet::worker(&model, &dir, &[])?;
+        worker.wait_http(worker.admin, "/readyz").await?;
+        let client = RpcClient::connect(&model).await?;
+        let (mut amqp, mut queue_ms, mut inference_ms, mut worker_ms) =
+            (vec![], vec![], vec![], vec![]);
+        for _ in 0..jobs {
+            let (seconds, result) = client.call(&model, &image, "image/png").await?;
+            amqp.push(seconds);
+            queue_ms.push(result.timing.queue_ms);
+            inference_ms.push(result.timing.inference_ms);
+            worker_ms.push(result.timing.worker_ms);
+        }
+        let (dispatcher, api) = fleet::dispatcher(&model, &dir)?;
+        dispatcher.wait_http(api, "/v2/health/ready").await?;
+        let http = reqwest::Client::new();
+        let url = format!("http://127.0.0.1:{api}/v1/models/{model}/jobs?wait=30s");
+        let mut via_http = Vec::with_capacity(jobs);
+        for _ in 0..jobs {
+            let started = Instant::now();
+            let response = http
+                .post(&url)
+                .header("content-type", "image/png")
+                .body(image.clone())
+                .send()
+                .await?;
+            anyhow::ensure!(response.status() == 200, "HTTP {}", response.status());
+            let _ = response.bytes().await?;
+            via_http.push(started.elapsed().as_secs_f64());
+        }
+        let s = |v: &[f64]| summarise(v);
+        let (b, d, a, h) = (s(&run), s(&decode), s(&amqp), s(&via_http));
+        println!(
+            "overhead round {round}: bare run p50 {:.2} ms | decode+resize p50 {:.2} ms | AMQP p50 {:.2} p95 {:.2} p99 {:.2} ms | HTTP p50 {:.2} p95 {:.2} p99 {:.2} ms | worker stages (mean): queue {:.2}, inference {:.2}, worker {:.2} ms",
+            b.p50 * 1e3,
+            d.p50 * 1e3,
+            a.p50 * 1e3,
+            a.p95 * 1e3,
+            a.p99 * 1e3,
+            h.p50 * 1e3,
+            h.p95 * 1e3,
+            h.p99 * 1e3,
+            summarise(&queue_ms).mean,
+            summarise(&inference_ms).mean,
+            summarise(&worker_ms).mean
+        );
+        bare_p50.push(b.p50);
+        decode_p50.push(d.p50);
+        amqp_p50.push(a.p50);
+        http_p50.push(h.p50);
+        detail.push(json!({"bare_run_s": b, "decode_resize_s": d, "amqp_s": a, "http_s": h,
+            "worker_queue_ms": summarise(&queue_ms), "worker_inference_ms": summarise(&inference_ms), "worker_total_ms": summarise(&worker_ms)}));
+        drop(dispatcher);
+        drop(worker);
+        delete_queues(&model).await;
+    }
+    let (b, a, h) = (across(bare_p50), across(amqp_p50), across(http_p50));
+    println!(
+        "end-to-end / bare (p50): AMQP {:.2}x (+{:.1} ms), HTTP {:.2}x (+{:.1} ms)",
+        a.median / b.median,
+        (a.median - b.median) * 1e3,
+        h.median / b.median,
+        (h.median - b.median) * 1e3
+    );
+    let doc = json!({"jobs": jobs, "image": "astronaut.png", "threads": "ONNX Runtime default (one per core) in both",
+        "bare_run_p50_s": b, "decode_resize_p50_s": across(decode_p50), "amqp_p50_s": a, "http_p50_s": h,
+        "ratio_amqp": a.median / b.median, "ratio_http": h.median / b.median, "rounds_detail": detail});
+    save(&args.out, "overhead", doc)
+}
+
+/// The broker's own ceiling: the worker's AMQP pattern without a model. Consume (same prefetch)
+/// -> publish the reply to reply_to and a copy to a durable sink (as the worker's results go to
+/// ember.results.store) with confirms -> ack; clients as in the fleet run.
+async fn raw_ceiling(
+    duration: Duration,
+    publishers: usize,
+    window: usize,
+    body: &[u8],
+) -> anyhow::Result<f64> {
+    let queue = unique("raw");
+    let sink = format!("{queue}.sink");
+    let connection = Connection::connect(client::URL, ConnectionProperties::default()).await?;
+    let admin = connection.create_channel().await?;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    admin
+        .queue_declare(
+            queue.as_str().into(),
+            durable,
+            topology::jobs_queue_arguments(QueueSettings::default()),
+        )
+        .await?;
+    let mut quorum = FieldTable::default();
+    quorum.insert(
+        "x-queue-type".into(),
+        lapin::types::AMQPValue::LongString("quorum".into()),
+    );
+    admin
+        .queue_declare(sink.as_str().into(), durable, quorum)
+        .await?;
+    // The consumer side, on its own connection like a worker.
+    let worker_conn = Connection::connect(client::URL, ConnectionProperties::default()).await?;
+    let consume = worker_conn.create_channel().await?;
+    consume.basic_qos(128, BasicQosOptions::default()).await?;
+    let publish = worker_conn.create_channel().await?;
+    publish
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    let mut deliveries = consume
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let sink_name = sink.clone();
+    let worker = tokio::spawn(async move {
+        while let Some(Ok(delivery)) = deliveries.next().await {
+            let publish = publish.clone();
+            let sink = sink_name.clone();
+            tokio::spawn(async move {
+                let props = BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_correlation_id(
+                        delivery
+                            .properties
+                            .correlation_id()
+                            .clone()
+                            .unwrap_or_else(|| "".into()),
+                    );
+                let reply_to = delivery
+                    .properties
+                    .reply_to()
+                    .clone()
+                    .unwrap_or_else(|| "".into());
+                let body = vec![b'x'; 400];
+                let a = publish
+                    .basic_publish(
+                        "".into(),
+                        reply_to,
+                        BasicPublishOptions::default(),
+                        &body,
+                        props.clone(),
+                    )
+                    .await;
+                let b = publish
+                    .basic_publish(
+                        "".into(),
+                        sink.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &body,
+                        props,
+                    )
+                    .await;
+                if let (Ok(a), Ok(b)) = (a, b) {
+                    let _ = a.await;
+                    let _ = b.await;
+                }
+                let _ = delivery.ack(BasicAckOptions::default()).await;
+            });
+        }
+    });
+    // Drain the sink like the dispatcher's store consumer.
+    let sink_ch = worker_conn.create_channel().await?;
+    sink_ch.basic_qos(64, BasicQosOptions::default()).await?;
+    let mut sink_consumer = sink_ch
+        .basic_consume(
+            sink.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let drain = tokio::spawn(async move {
+        while let Some(Ok(d)) = sink_consumer.next().await {
+            let _ = d.ack(BasicAckOptions::default()).await;
+        }
+    });
+    let rate = drive_closed_loop(&queue, "", duration, publishers, window, body).await?;
+    worker.abort();
+    drain.abort();
+    for q in [&queue, &sink] {
+        let _ = admin
+            .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+            .await;
+    }
+    Ok(rate)
+}
+
+/// `publishers` clients, each keeping `window` jobs outstanding, for `duration` after a 2 s
+/// warm-up; returns completed jobs/s. `exchange` "" with the queue name for raw mode, or
+/// ember.jobs with the model.
+async fn drive_closed_loop(
+    route: &str,
+    exchange: &str,
+    duration: Duration,
+    publishers: usize,
+    window: usize,
+    body: &[u8],
+) -> anyhow::Result<f64> {
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Instant::now() + Duration::from_secs(2) + duration;
+    let mut tasks = Vec::new();
+    for _ in 0..publishers {
+        let client = RpcClient::connect_plain().await?;
+        for _ in 0..window {
+            let client = client.clone();
+            let done = done.clone();
+            let body = body.to_vec();
+            let route = route.to_string();
+            let exchange = exchange.to_string();
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < stop {
+                    match client.send_to(&exchange, &route, &body, "image/png").await {
+                        Ok(rx) => {
+                            if rx.await.is_ok() {
+                                done.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                    }
+                }
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let start_count = done.load(Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(duration).await;
+    let rate =
+        (done.load(Ordering::Relaxed) - start_count) as f64 / started.elapsed().as_secs_f64();
+    for task in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+    }
+    Ok(rate)
+}
+
+/// An 8x8 RGB PNG (232 bytes): the tiny model's job.
+fn tiny_png() -> anyhow::Result<Vec<u8>> {
+    Ok(include_bytes!("tiny.png").to_vec())
+}
+
+async fn throughput(
+    args: &Args,
+    duration: Duration,
+    publishers: usize,
+    window: usize,
+) -> anyhow::Result<()> {
+    let body = tiny_png()?;
+    let dir = fleet::root().join("models/tiny-ssd");
+    let (mut raw, mut fleet_rates) = (vec![], vec![]);
+    for round in 0..args.rounds {
+        let ceiling = raw_ceiling(duration, publishers, window, &body).await?;
+        let model = unique("tiny");
+        let worker = fleet::worker(&model, &dir, &["--max-batch", "64", "--prefetch", "128"])?;
+        worker.wait_http(worker.admin, "/readyz").await?;
+        let (dispatcher, api) = fleet::dispatcher(&model, &dir)?;
+        dispatcher.wait_http(api, "/v2/health/ready").await?;
+        let rate = drive_closed_loop(
+            &model,
+            topology::JOBS_EXCHANGE,
+            duration,
+            publishers,
+            window,
+            &body,
+        )
+        .await?;
+        println!(
+            "throughput round {round}: broker ceiling {ceiling:.0} jobs/s, fleet {rate:.0} jobs/s, ratio {:.2}",
+            rate / ceiling
+        );
+        raw.push(ceiling);
+        fleet_rates.push(rate);
+        drop(dispatcher);
+        drop(worker);
+        delete_queues(&model).await;
+    }
+    let (r, f) = (across(raw), across(fleet_rates));
+    let ratio = f.median / r.median;
+    println!(
+        "fleet / broker ceiling: {ratio:.2} ({:.0} / {:.0} jobs/s)",
+        f.median, r.median
+    );
+    save(
+        &args.out,
+        "throughput",
+        json!({"publishers": publishers, "window": window, "duration_s": duration.as_secs_f64(),
+        "message": "8x8 PNG job, persistent, quorum queue; replies by Direct Reply-to", "broker_ceiling_jobs_s": r, "fleet_jobs_s": f, "ratio": ratio}),
+    )
+}
+
+async fn batching(args: &Args, rate: f64, duration: Duration) -> anyhow::Result<()> {
+    let image = sample("astronaut.png")?;
+    let dir = fleet::root().join("models/ssdlite-person");
+    let mut doc = json!({"offered_jobs_s": rate, "duration_s": duration.as_secs_f64()});
+    for max_batch in [1usize, 4, 8] {
+        let (mut rates, mut p95s) = (vec![], vec![]);
+        for round in 0..args.rounds {
+            let model = unique("batch");
+            let batch = max_batch.to_string();
+            let worker = fleet::worker(&model, &dir, &["--max-batch", &batch])?;
+            worker.wait_http(worker.admin, "/readyz").await?;
+            let client = RpcClient::connect(&model).await?;
+            let latencies = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let started = Instant::now();
+            let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+            let mut tasks = Vec::new();
+            while started.elapsed() < duration {
+                ticker.tick().await;
+                let client = client.clone();
+                let image = image.clone();
+                let model = model.clone();
+                let latencies = latencies.clone();
+                tasks.push(tokio::spawn(async move {
+                    if let Ok((seconds, _)) = client.call(&model, &image, "image/png").await {
+                        latencies
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(seconds);
+                    }
+                }));
+            }
+            for task in tasks {
+                let _ = task.await;
+            }
+            let elapsed = started.elapsed().as_secs_f64();
+            let latencies = latencies.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let s = summarise(&latencies);
+            let served = latencies.len() as f64 / elapsed;
+            println!(
+                "batching max {max_batch} round {round}: {served:.1} jobs/s served, p50 {:.0} ms, p95 {:.0} ms",
+                s.p50 * 1e3,
+                s.p95 * 1e3
+            );
+            rates.push(served);
+            p95s.push(s.p95);
+            drop(worker);
+            delete_queues(&model).await;
+        }
+        doc[format!("max_batch_{max_batch}")] =
+            json!({"served_jobs_s": across(rates), "p95_s": across(p95s)});
+    }
+    save(&args.out, "batching", doc)
+}
+
+async fn memory(args: &Args, soak: Duration, rate: f64) -> anyhow::Result<()> {
+    let image = sample("astronaut.png")?;
+    let dir = fleet::root().join("models/ssdlite-person");
+    let model = unique("memory");
+    let worker = fleet::worker(&model, &dir, &[])?;
+    worker.wait_http(worker.admin, "/readyz").await?;
+    let (dispatcher, api) = fleet::dispatcher(&model, &dir)?;
+    dispatcher.wait_http(api, "/v2/health/ready").await?;
+    let mb = |pid| {
+        fleet::rss(pid)
+            .map(|b| b as f64 / 1048576.0)
+            .unwrap_or(f64::NAN)
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = json!({"worker_mb": mb(worker.pid()), "dispatcher_mb": mb(dispatcher.pid())});
+    println!("idle RSS: {idle}");
+    let client = RpcClient::connect(&model).await?;
+    let http = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{api}/v1/models/{model}/jobs");
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    let mut next_sample = Instant::now();
+    let mut sent = 0u64;
+    while started.elapsed() < soak {
+        ticker.tick().await;
+        sent += 1;
+        if sent % 2 == 0 {
+            let client = client.clone();
+            let (image, model) = (image.clone(), model.clone());
+            tokio::spawn(async move {
+                let _ = client.call(&model, &image, "image/png").await;
+            });
+        } else {
+            let request = http
+                .post(&url)
+                .header("content-type", "image/png")
+                .body(image.clone());
+            tokio::spawn(async move {
+                let _ = request.send().await;
+            });
+        }
+        if Instant::now() >= next_sample {
+            let s = (
+                started.elapsed().as_secs_f64(),
+                mb(worker.pid()),
+                mb(dispatcher.pid()),
+            );
+            samples.push(s);
+            next_sample += Duration::from_secs(5);
+        }
+    }
+    let first = samples
+        .iter()
+        .find(|s| s.0 >= 30.0)
+        .copied()
+        .unwrap_or(samples[0]);
+    let last = *samples.last().unwrap_or(&first);
+    let peak_w = samples.iter().map(|s| s.1).fold(0.0, f64::max);
+    let peak_d = samples.iter().map(|s| s.2).fold(0.0, f64::max);
+    println!(
+        "soak {:?} at {rate}/s: worker {:.1} -> {:.1} MB (peak {peak_w:.1}), dispatcher {:.1} -> {:.1} MB (peak {peak_d:.1}), {sent} jobs",
+        soak, first.1, last.1, first.2, last.2
+    );
+    let doc = json!({"soak_s": soak.as_secs_f64(), "rate_jobs_s": rate, "jobs": sent, "idle": idle,
+        "after_30s": {"worker_mb": first.1, "dispatcher_mb": first.2}, "end": {"worker_mb": last.1, "dispatcher_mb": last.2},
+        "peak": {"worker_mb": peak_w, "dispatcher_mb": peak_d}, "samples": samples, "rounds_note": "one soak run"});
+    let _ = args.rounds;
+    drop(dispatcher);
+    drop(worker);
+    delete_queues(&model).await;
+    save(&args.out, "memory", doc)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    match &args.scenario {
+        Scenario::Residency { jobs } => residency(&args, *jobs).await,
+        Scenario::Overhead { jobs } => overhead(&args, *jobs).await,
+        Scenario::Throughput {
+            duration,
+            publishers,
+            window,
+        } => throughput(&args, *duration, *publishers, *window).await,
+        Scenario::Batching { rate, duration } => batching(&args, *rate, *duration).await,
+        Scenario::Memory { soak, rate } => memory(&args, *soak, *rate).await,
+    }
+}

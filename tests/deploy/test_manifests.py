@@ -1,0 +1,390 @@
+"""The Kubernetes manifests: rendered by kustomize, validated by kubernetes-validate (built-in
+schemas), CRD-typed objects against their CRD schemas, and Ember's deployment policies."""
+
+import copy
+import json
+import re
+import tempfile
+
+import jsonschema
+import pytest
+import yaml
+
+from conftest import K8S_VERSIONS, NODE_MODULES, OVERLAYS, ROOT, find, pod_spec, render, render_text, run, tool
+
+# Kinds kubernetes-validate has no schema for; each is validated against its CRD schema below.
+CRD_KINDS = {"InferencePool", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
+MONITORING_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
+# Secrets the manifests reference but do not contain: docs/deploy.md has the user create them.
+REQUIRED_SECRETS = {"ember-rabbitmq": {"username", "password"}, "ember-callback": {"secret"}}
+# The one container allowed to run as root: NVIDIA's device plugin writes its socket into the
+# kubelet's hostPath directory (upstream runs it as root too).
+ROOT_EXEMPT = {("kube-system", "nvidia-device-plugin-daemonset")}
+# Exactly the Kubernetes calls autoscaler/src/kubernetes.rs makes (docs/autoscaling.md).
+EXPECTED_RULES = {
+    ("ember.dev", "inferencepools", (), ("get", "list", "watch")),
+    ("ember.dev", "inferencepools/status", (), ("patch",)),
+    ("apps", "deployments", (), ("get",)),
+    ("apps", "deployments/scale", (), ("patch",)),
+    ("", "pods", (), ("list", "patch")),
+    ("events.k8s.io", "events", (), ("create",)),
+    ("coordination.k8s.io", "leases", (), ("create",)),
+    ("coordination.k8s.io", "leases", ("ember-autoscaler",), ("get", "patch")),
+}
+
+
+def workloads(objs):
+    return [o for o in objs if pod_spec(o) is not None]
+
+
+def containers(spec):
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def ns(obj):
+    return obj["metadata"].get("namespace")
+
+
+def env_of(container):
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def parse_duration(text: str) -> float:
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    total, pos = 0.0, 0
+    for m in re.finditer(r"(\d+(?:\.\d+)?)(ms|s|m|h)", text):
+        assert m.start() == pos, f"cannot parse duration {text!r}"
+        total += float(m.group(1)) * units[m.group(2)]
+        pos = m.end()
+    assert pos == len(text) and pos, f"cannot parse duration {text!r}"
+    return total
+
+
+def arg_or_env(container, flag, env, default):
+    args = container.get("args", []) + container.get("command", [])[1:]
+    for i, a in enumerate(args):
+        if a == flag:
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    e = env_of(container).get(env)
+    if e is not None:
+        assert "value" in e, f"{env} must be a literal value to be checkable"
+        return e["value"]
+    return default
+
+
+def worker(objs):
+    (dep,) = find(objs, "Deployment", "ember-worker-ssdlite-person")
+    return dep, dep["spec"]["template"]["spec"]["containers"][0]
+
+
+# --- rendering and schema validation ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_kubernetes_validate_strict(overlay, version, tmp_path):
+    path = tmp_path / "rendered.yaml"
+    path.write_text(render_text(overlay))
+    proc = run([tool("kubernetes-validate"), "--strict", "--quiet", "-k", version, str(path)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Every kind it had no schema for must be one that is validated against its CRD below.
+    unknown = set(re.findall(r"Couldn't find schema for kind (\w+)", proc.stdout + proc.stderr))
+    assert unknown <= CRD_KINDS, f"kinds validated by nothing: {unknown - CRD_KINDS}"
+
+
+def test_kubernetes_validate_rejects_a_bad_object(tmp_path):
+    """Negative control: the validator really runs strict (an unknown field fails)."""
+    objs = render("overlays/cpu")
+    dep, _ = worker(objs)
+    bad = copy.deepcopy(dep)
+    bad["spec"]["template"]["spec"]["terminationGracePeriodSecond"] = 35
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(bad))
+    proc = run([tool("kubernetes-validate"), "--strict", "--quiet", "-k", K8S_VERSIONS[0], str(path)])
+    assert proc.returncode != 0 and "terminationGracePeriodSecond" in proc.stdout + proc.stderr
+
+
+def crd_schema():
+    crd = yaml.safe_load((ROOT / "manifests/base/crd-inferencepool.yaml").read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["storage"]]
+    return crd, version["name"], version["schema"]["openAPIV3Schema"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_inferencepools_match_the_crd_schema(overlay):
+    crd, version, schema = crd_schema()
+    pools = find(render(overlay), crd["spec"]["names"]["kind"])
+    for pool in pools:
+        assert pool["apiVersion"] == f"{crd['spec']['group']}/{version}"
+        jsonschema.validate({k: v for k, v in pool.items() if k in ("spec", "status")}, schema)
+    broken = copy.deepcopy(pools[0])
+    del broken["spec"]["maxReplicas"]
+    broken["spec"]["minReplicas"] = -1
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"spec": broken["spec"]}, schema)
+
+
+def test_crd_equals_the_autoscalers_print_crd():
+    proc = run([str(ROOT / "target/debug/ember-autoscaler"), "--print-crd"])
+    assert proc.returncode == 0, proc.stderr
+    assert (ROOT / "manifests/base/crd-inferencepool.yaml").read_text() == proc.stdout
+
+
+@pytest.mark.parametrize("overlay", ["overlays/cpu-monitoring", "overlays/gpu-monitoring"])
+def test_monitoring_objects_match_the_operator_crd_schemas(overlay, tmp_path):
+    objs = [o for o in render(overlay) if o["kind"] in MONITORING_KINDS]
+    assert {o["kind"] for o in objs} == MONITORING_KINDS
+    path = tmp_path / "objs.json"
+    path.write_text(json.dumps(objs))
+    proc = run(["node", str(ROOT / "tests/deploy/validate_monitoring.mjs"), str(NODE_MODULES), str(path)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Negative control: a wrongly typed field fails.
+    bad = copy.deepcopy(find(objs, "ServiceMonitor")[0])
+    bad["spec"]["endpoints"][0]["interval"] = "every 15 seconds"
+    path.write_text(json.dumps([bad]))
+    proc = run(["node", str(ROOT / "tests/deploy/validate_monitoring.mjs"), str(NODE_MODULES), str(path)])
+    assert proc.returncode == 1 and "interval" in proc.stdout
+
+
+@pytest.mark.parametrize("overlay", ["base", "overlays/cpu", "overlays/gpu"])
+def test_plain_overlays_need_no_prometheus_operator(overlay):
+    assert not [o for o in render(overlay) if o["apiVersion"].startswith("monitoring.coreos.com")]
+
+
+# --- policies ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_is_locked_down_with_requests_and_limits(overlay):
+    for obj in workloads(render(overlay)):
+        spec, key = pod_spec(obj), (ns(obj), obj["metadata"]["name"])
+        pod_sc = spec.get("securityContext", {})
+        for c in containers(spec):
+            where = f"{obj['kind']}/{key[1]} container {c['name']}"
+            sc = c.get("securityContext", {})
+            res = c.get("resources", {})
+            for part in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(res.get(part, {})), f"{where}: {part} need cpu and memory"
+            assert sc.get("allowPrivilegeEscalation") is False, where
+            assert "ALL" in sc.get("capabilities", {}).get("drop", []), where
+            seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {}))
+            assert seccomp.get("type") == "RuntimeDefault", where
+            if key in ROOT_EXEMPT:
+                continue
+            assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, where
+            uid = sc.get("runAsUser", pod_sc.get("runAsUser"))
+            assert isinstance(uid, int) and uid > 0, f"{where}: runAsUser must be a non-zero uid"
+            assert sc.get("readOnlyRootFilesystem") is True, where
+            assert sc.get("privileged") is not True, where
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_ember_containers_probe_livez_and_readyz(overlay):
+    for name in ("ember-worker-ssdlite-person", "ember-dispatcher", "ember-autoscaler"):
+        (dep,) = find(render(overlay), "Deployment", name)
+        c = dep["spec"]["template"]["spec"]["containers"][0]
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/livez")):
+            get = c[probe]["httpGet"]
+            assert get["path"] == path and get["port"] == "admin" and "admin" in ports, f"{name} {probe}"
+
+
+def test_gpu_overlay_worker_gets_exactly_one_gpu():
+    objs = render("overlays/gpu")
+    dep, c = worker(objs)
+    spec = dep["spec"]["template"]["spec"]
+    assert c["resources"]["requests"]["nvidia.com/gpu"] == 1
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert spec["runtimeClassName"] == "nvidia"
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
+    assert arg_or_env(c, "--device", "EMBER_WORKER_DEVICE", "cpu") == "cuda"
+    assert c["image"].rsplit(":", 1)[0].endswith("/ember-worker-cuda")
+    (rc,) = find(objs, "RuntimeClass", "nvidia")
+    assert rc["handler"] == "nvidia"
+    (ds,) = find(objs, "DaemonSet", "nvidia-device-plugin-daemonset")
+    image = ds["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert re.fullmatch(r"nvcr\.io/nvidia/k8s-device-plugin:v\d+\.\d+\.\d+", image), image
+    # No other container in the namespace asks for a GPU.
+    for obj in workloads(objs):
+        for other in containers(pod_spec(obj)):
+            if other is not c:
+                assert "nvidia.com/gpu" not in json.dumps(other.get("resources", {})), obj["metadata"]["name"]
+
+
+@pytest.mark.parametrize("overlay", ["base", "overlays/cpu", "overlays/cpu-monitoring"])
+def test_cpu_worker_asks_for_no_gpu(overlay):
+    objs = render(overlay)
+    _, c = worker(objs)
+    assert arg_or_env(c, "--device", "EMBER_WORKER_DEVICE", "cpu") == "cpu"
+    assert "nvidia" not in render_text(overlay)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_grace_periods_exceed_drain_timeouts(overlay):
+    objs = render(overlay)
+    for name, flag, env, default in (
+        ("ember-worker-ssdlite-person", "--drain-timeout", "EMBER_WORKER_DRAIN_TIMEOUT", "25s"),
+        ("ember-dispatcher", "--drain-timeout", "EMBER_DISPATCHER_DRAIN_TIMEOUT", "20s"),
+    ):
+        (dep,) = find(objs, "Deployment", name)
+        spec = dep["spec"]["template"]["spec"]
+        drain = parse_duration(arg_or_env(spec["containers"][0], flag, env, default))
+        assert spec["terminationGracePeriodSeconds"] > drain, f"{name}: grace <= drain {drain}s"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_worker_is_identified_by_pod_name_and_scaled_by_the_autoscaler(overlay):
+    objs = render(overlay)
+    dep, c = worker(objs)
+    assert "replicas" not in dep["spec"], "spec.replicas would fight the autoscaler on every apply"
+    assert env_of(c)["EMBER_WORKER_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    (pool,) = find(objs, "InferencePool")
+    assert pool["spec"]["deployment"] == dep["metadata"]["name"]
+    assert labels["ember.dev/model"] == pool["spec"]["model"]
+    assert ns(pool) == ns(dep) == "ember"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_selectors_match_pod_labels(overlay):
+    objs = render(overlay)
+    pods = [(ns(o), o["spec"]["template"]["metadata"]["labels"], o) for o in workloads(objs)]
+
+    def matching(namespace, selector):
+        return [o for n, labels, o in pods if n == namespace and selector.items() <= labels.items()]
+
+    for obj in workloads(objs):
+        sel = obj["spec"]["selector"]["matchLabels"]
+        assert sel.items() <= obj["spec"]["template"]["metadata"]["labels"].items(), obj["metadata"]["name"]
+    for svc in (o for o in objs if o["kind"] == "Service"):
+        targets = matching(ns(svc), svc["spec"]["selector"])
+        assert targets, f"Service {svc['metadata']['name']} selects no pods"
+        for port in svc["spec"]["ports"]:
+            tp = port.get("targetPort", port["port"])
+            for t in targets:
+                cports = [p for c in pod_spec(t)["containers"] for p in c.get("ports", [])]
+                assert any(p.get("name") == tp or p["containerPort"] == tp for p in cports), (
+                    f"Service {svc['metadata']['name']} port {tp} not on {t['metadata']['name']}"
+                )
+    for pdb in (o for o in objs if o["kind"] == "PodDisruptionBudget"):
+        assert matching(ns(pdb), pdb["spec"]["selector"]["matchLabels"]), f"PDB {pdb['metadata']['name']}"
+    for np in (o for o in objs if o["kind"] == "NetworkPolicy"):
+        sel = np["spec"]["podSelector"].get("matchLabels", {})
+        assert matching(ns(np), sel), f"NetworkPolicy {np['metadata']['name']} selects no pods"
+        for rule in np["spec"].get("ingress", []):
+            for peer in rule.get("from", []):
+                if "podSelector" in peer and "namespaceSelector" not in peer:
+                    assert matching(ns(np), peer["podSelector"].get("matchLabels", {})), np["metadata"]["name"]
+    # Every Ember component has a PDB.
+    pdb_names = {o["metadata"]["name"] for o in objs if o["kind"] == "PodDisruptionBudget"}
+    assert {"ember-dispatcher", "ember-autoscaler", "ember-worker-ssdlite-person"} <= pdb_names
+
+
+@pytest.mark.parametrize("overlay", ["overlays/cpu-monitoring", "overlays/gpu-monitoring"])
+def test_monitors_select_pods_and_ports(overlay):
+    objs = render(overlay)
+    for mon in (o for o in objs if o["kind"] in ("PodMonitor", "ServiceMonitor")):
+        sel = mon["spec"]["selector"]["matchLabels"]
+        if mon["kind"] == "PodMonitor":
+            targets = [o for o in workloads(objs) if ns(o) == ns(mon) and sel.items() <= o["spec"]["template"]["metadata"]["labels"].items()]
+            names = {p["name"] for t in targets for c in pod_spec(t)["containers"] for p in c.get("ports", [])}
+            endpoints = mon["spec"]["podMetricsEndpoints"]
+        else:
+            targets = [o for o in objs if o["kind"] == "Service" and ns(o) == ns(mon) and sel.items() <= o["metadata"].get("labels", {}).items()]
+            names = {p["name"] for t in targets for p in t["spec"]["ports"]}
+            endpoints = mon["spec"]["endpoints"]
+        assert targets, f"{mon['kind']} {mon['metadata']['name']} selects nothing"
+        for ep in endpoints:
+            assert ep["port"] in names, f"{mon['metadata']['name']}: no port {ep['port']}"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_autoscaler_uses_the_bound_service_account_and_exact_rbac(overlay):
+    objs = render(overlay)
+    (dep,) = find(objs, "Deployment", "ember-autoscaler")
+    spec = dep["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    sa = spec["serviceAccountName"]
+    find(objs, "ServiceAccount", sa)
+    bindings = [b for b in find(objs, "RoleBinding") if {"kind": "ServiceAccount", "name": sa, "namespace": ns(dep)} in b["subjects"]]
+    assert len(bindings) == 1, "the autoscaler's ServiceAccount must be bound to its Role"
+    ref = bindings[0]["roleRef"]
+    assert ref["kind"] == "Role" and ref["apiGroup"] == "rbac.authorization.k8s.io"
+    (role,) = find(objs, "Role", ref["name"])
+    assert ns(role) == ns(bindings[0]) == ns(dep)
+    got = {
+        (g, r, tuple(rule.get("resourceNames", [])), tuple(sorted(rule["verbs"])))
+        for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"]
+    }
+    assert got == EXPECTED_RULES
+    assert sum(len(r["apiGroups"]) * len(r["resources"]) for r in role["rules"]) == len(EXPECTED_RULES)
+    assert not [o for o in objs if o["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    assert arg_or_env(c, "--backend", "EMBER_AUTOSCALER_BACKEND", "local") == "kubernetes"
+    env = env_of(c)
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["EMBER_AUTOSCALER_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_config_and_secret_references_resolve(overlay):
+    objs = render(overlay)
+    configmaps = {(ns(o), o["metadata"]["name"]): o.get("data", {}) for o in objs if o["kind"] == "ConfigMap"}
+    assert not [o for o in objs if o["kind"] == "Secret"], "no credentials in the manifests"
+    used_secrets = {}
+    for obj in workloads(objs):
+        for c in containers(pod_spec(obj)):
+            defined = set()
+            for e in c.get("env", []):
+                for ref in re.findall(r"\$\((\w+)\)", e.get("value", "")):
+                    assert ref in defined, f"{c['name']}: {e['name']} uses $({ref}) before it is defined"
+                src = e.get("valueFrom", {})
+                if "configMapKeyRef" in src:
+                    r = src["configMapKeyRef"]
+                    assert r["key"] in configmaps.get((ns(obj), r["name"]), {}), f"{c['name']}: {r}"
+                if "secretKeyRef" in src:
+                    r = src["secretKeyRef"]
+                    used_secrets.setdefault(r["name"], set()).add(r["key"])
+                defined.add(e["name"])
+    assert used_secrets == REQUIRED_SECRETS
+    docs = (ROOT / "docs/deploy.md").read_text()
+    for name, keys in REQUIRED_SECRETS.items():
+        assert f"create secret generic {name}" in docs, f"docs/deploy.md must say how to create {name}"
+        for key in keys:
+            assert f"--from-literal={key}=" in docs
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_queue_arguments_agree_everywhere(overlay):
+    """x-delivery-limit and x-max-length must be the same for every declarer (docs/protocol.md)."""
+    objs = render(overlay)
+    for setting, prefix in (("EMBER_DELIVERY_LIMIT", "DELIVERY_LIMIT"), ("EMBER_QUEUE_MAX_LENGTH", "QUEUE_MAX_LENGTH")):
+        for name, part in (("ember-worker-ssdlite-person", "WORKER"), ("ember-dispatcher", "DISPATCHER"), ("ember-autoscaler", "AUTOSCALER")):
+            (dep,) = find(objs, "Deployment", name)
+            e = env_of(dep["spec"]["template"]["spec"]["containers"][0])[f"EMBER_{part}_{prefix}"]
+            assert e["valueFrom"]["configMapKeyRef"] == {"name": "ember-config", "key": setting}
+
+
+def test_prometheusrule_carries_the_rules_file():
+    rules = yaml.safe_load((ROOT / "monitoring/rules/ember.rules.yaml").read_text())
+    (pr,) = find(render("overlays/gpu-monitoring"), "PrometheusRule")
+    assert pr["spec"] == rules
+    proc = run([str(ROOT / ".venv/bin/python"), str(ROOT / "tests/deploy/gen_prometheusrule.py")])
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_dashboard_configmap_is_generated_from_the_json_files():
+    (cm,) = find(render("overlays/gpu-monitoring"), "ConfigMap", "ember-grafana-dashboards")
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    files = {p.name: p.read_text() for p in (ROOT / "monitoring/dashboards").glob("*.json")}
+    assert files and cm["data"] == files
+
+
+def test_rabbitmq_plugins_agree_between_cluster_and_compose():
+    (cm,) = find(render("base"), "ConfigMap", "ember-rabbitmq-config")
+    compose = (ROOT / "docker/rabbitmq/enabled_plugins").read_text()
+    assert cm["data"]["enabled_plugins"] == compose
+    assert "rabbitmq_prometheus" in compose and "rabbitmq_management" in compose
+    assert "prometheus.tcp.port = 15692" in cm["data"]["rabbitmq.conf"]
