@@ -70,13 +70,6 @@ impl Proc {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-
-    pub fn terminate(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
 }
 
 impl Drop for Proc {

@@ -205,6 +205,8 @@ async fn bare(jobs: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
         device: ember_worker::config::Device::Cpu,
         allow_cpu_fallback: false,
         intra_threads: 0,
+        // Same setting as the worker (EMBER_WORKER_ORT_SPIN), so "bare" means the same engine.
+        spin: std::env::var_os("EMBER_WORKER_ORT_SPIN").is_some(),
     };
     let engine_spec = spec.clone();
     let engine = tokio::task::spawn_blocking(move || -> anyhow::Result<Engine> {

@@ -78,6 +78,11 @@ pub struct Config {
     #[arg(long, env = "EMBER_WORKER_INTRA_THREADS", default_value_t = 0)]
     pub intra_threads: usize,
 
+    /// Let ONNX Runtime's intra-op threads spin while waiting for work (lower latency on a
+    /// dedicated machine; burns a core that the broker or other workers may need otherwise).
+    #[arg(long, env = "EMBER_WORKER_ORT_SPIN")]
+    pub ort_spin: bool,
+
     /// Most jobs per session.run (default and ceiling: model.toml's max_batch).
     #[arg(long, env = "EMBER_WORKER_MAX_BATCH")]
     pub max_batch: Option<usize>,

@@ -92,6 +92,8 @@ pub struct SessionOptions {
     pub device: Device,
     pub allow_cpu_fallback: bool,
     pub intra_threads: usize,
+    /// Intra-op threads spin between runs (ONNX Runtime's default) or sleep.
+    pub spin: bool,
 }
 
 /// Creates a session; asking for CUDA where it cannot be had fails unless fallback is allowed.
@@ -101,6 +103,11 @@ pub fn load_session(env: &Environment, options: &SessionOptions) -> Result<Sessi
         .map_err(runtime)?
         .with_optimization_level(GraphOptimizationLevel::Level3)
         .map_err(|e| runtime(e.into()))?;
+    if !options.spin {
+        builder = builder
+            .with_config_entry("session.intra_op.allow_spinning", "0")
+            .map_err(|e| runtime(e.into()))?;
+    }
     if options.intra_threads > 0 {
         builder = builder
             .with_intra_threads(options.intra_threads)

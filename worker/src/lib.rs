@@ -122,6 +122,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         device: config.device,
         allow_cpu_fallback: config.allow_cpu_fallback,
         intra_threads: config.intra_threads,
+        spin: config.ort_spin,
     };
     tracing::info!(model = %model, path = %options.model_path.display(), device = %config.device, ort = %dylib.display(), "loading the model");
     let load_started = Instant::now();
