@@ -68,6 +68,17 @@ enum Scenario {
         #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
         duration: Duration,
     },
+    /// Local-mode autoscaling from zero: a step of steady load, then a burst.
+    Scaling {
+        /// Step: offered load, jobs/s.
+        #[arg(long, default_value_t = 20.0)]
+        rate: f64,
+        #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+        step: Duration,
+        /// Burst: jobs published at once.
+        #[arg(long, default_value_t = 200)]
+        burst: usize,
+    },
     /// Process memory idle, under load, and over a soak.
     Memory {
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
@@ -661,6 +672,176 @@ async fn memory(args: &Args, soak: Duration, rate: f64) -> anyhow::Result<()> {
     save(&args.out, "memory", doc)
 }
 
+fn gauge(text: &str, name: &str, model: &str) -> f64 {
+    let prefix = format!("{name}{{model=\"{model}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Publishes `jobs` (all at once, or at `rate`/s), collects every result, and samples the
+/// autoscaler every 50 ms: first decision, first result, drain, replica-seconds.
+async fn scaling_phase(
+    admin: u16,
+    model: &str,
+    jobs: usize,
+    rate: Option<f64>,
+) -> anyhow::Result<Value> {
+    let image = sample("astronaut.png")?;
+    let client = RpcClient::connect(model).await?;
+    let http = reqwest::Client::new();
+    let metrics_url = format!("http://127.0.0.1:{admin}/metrics");
+    let started = Instant::now();
+    let results = Arc::new(std::sync::Mutex::new(Vec::<f64>::new()));
+    let publisher = {
+        let (client, model, image, results) = (
+            client.clone(),
+            model.to_string(),
+            image.clone(),
+            results.clone(),
+        );
+        tokio::spawn(async move {
+            let mut tasks = Vec::new();
+            let mut ticker = rate.map(|r| tokio::time::interval(Duration::from_secs_f64(1.0 / r)));
+            for _ in 0..jobs {
+                if let Some(ticker) = ticker.as_mut() {
+                    ticker.tick().await;
+                }
+                let rx = client.send(&model, &image, "image/png").await;
+                let results = results.clone();
+                tasks.push(tokio::spawn(async move {
+                    if let Ok(rx) = rx
+                        && rx.await.is_ok()
+                    {
+                        results
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(started.elapsed().as_secs_f64());
+                    }
+                }));
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+        })
+    };
+    let (mut first_decision, mut replica_seconds, mut peak) = (None, 0.0, 0.0f64);
+    let mut last = Instant::now();
+    while !publisher.is_finished() {
+        let text = http.get(&metrics_url).send().await?.text().await?;
+        let replicas = gauge(&text, "ember_autoscaler_ready_replicas", model)
+            + gauge(&text, "ember_autoscaler_starting_replicas", model);
+        replica_seconds += replicas * last.elapsed().as_secs_f64();
+        last = Instant::now();
+        let desired = gauge(&text, "ember_autoscaler_desired_replicas", model);
+        peak = peak.max(desired);
+        if desired > 0.0 && first_decision.is_none() {
+            first_decision = Some(started.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let times = results.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    anyhow::ensure!(times.len() == jobs, "{} of {jobs} answered", times.len());
+    let first = times.iter().copied().fold(f64::INFINITY, f64::min);
+    let drained = times.iter().copied().fold(0.0, f64::max);
+    Ok(
+        json!({"jobs": jobs, "rate": rate, "first_decision_s": first_decision, "first_result_s": first,
+        "drained_s": drained, "replica_seconds_until_drained": replica_seconds, "peak_replicas": peak}),
+    )
+}
+
+async fn wait_zero(admin: u16, model: &str) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    loop {
+        let text = http
+            .get(format!("http://127.0.0.1:{admin}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let replicas = gauge(&text, "ember_autoscaler_ready_replicas", model)
+            + gauge(&text, "ember_autoscaler_starting_replicas", model);
+        if replicas == 0.0 && text.contains("ember_autoscaler_desired_replicas") {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "never back to zero"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn scaling(args: &Args, rate: f64, step: Duration, burst: usize) -> anyhow::Result<()> {
+    let mut rounds = Vec::new();
+    for round in 0..args.rounds {
+        let model = unique("scaling");
+        let admin = fleet::free_port();
+        let a: Vec<String> = [
+            "--model-dir",
+            "models/ssdlite-person",
+            "--model-name",
+            &model,
+            "--admin-addr",
+            &format!("127.0.0.1:{admin}"),
+            "--tick",
+            "200ms",
+            "--min-replicas",
+            "0",
+            "--max-replicas",
+            "3",
+            "--scale-down-window",
+            "3s",
+            "--idle-to-zero",
+            "3s",
+            "--scale-down-step",
+            "3",
+            "--worker-arg",
+            "--log warn",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let autoscaler = fleet::Proc::start("ember-autoscaler", &a, admin)?;
+        autoscaler.wait_http(admin, "/readyz").await?;
+        wait_zero(admin, &model).await?;
+        let jobs = (rate * step.as_secs_f64()).round() as usize;
+        let step_result = scaling_phase(admin, &model, jobs, Some(rate)).await?;
+        wait_zero(admin, &model).await?;
+        let burst_result = scaling_phase(admin, &model, burst, None).await?;
+        println!(
+            "scaling round {round}: step {step_result}\n                 burst {burst_result}"
+        );
+        rounds.push(json!({"step": step_result, "burst": burst_result}));
+        drop(autoscaler);
+        delete_queues(&model).await;
+    }
+    let pick = |phase: &str, key: &str| {
+        across(
+            rounds
+                .iter()
+                .filter_map(|r| r[phase][key].as_f64())
+                .collect(),
+        )
+    };
+    let summary = json!({
+        "step": {"first_decision_s": pick("step", "first_decision_s"), "first_result_s": pick("step", "first_result_s"),
+                 "drained_s": pick("step", "drained_s"), "replica_seconds": pick("step", "replica_seconds_until_drained")},
+        "burst": {"first_decision_s": pick("burst", "first_decision_s"), "first_result_s": pick("burst", "first_result_s"),
+                  "drained_s": pick("burst", "drained_s"), "replica_seconds": pick("burst", "replica_seconds_until_drained")},
+    });
+    println!("{summary}");
+    save(
+        &args.out,
+        "scaling",
+        json!({"rate": rate, "step_s": step.as_secs_f64(), "burst": burst,
+        "autoscaler": "local backend, tick 200 ms, min 0, max 3, scale-down window 3 s, idle-to-zero 3 s",
+        "summary": summary, "rounds": rounds}),
+    )
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -674,5 +855,6 @@ async fn main() -> anyhow::Result<()> {
         } => throughput(&args, *duration, *publishers, *window).await,
         Scenario::Batching { rate, duration } => batching(&args, *rate, *duration).await,
         Scenario::Memory { soak, rate } => memory(&args, *soak, *rate).await,
+        Scenario::Scaling { rate, step, burst } => scaling(&args, *rate, *step, *burst).await,
     }
 }

@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Plots the benchmark JSON in docs/benchmarks/ (written by ember-bench) to PNGs beside it."""
+
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+d = sys.argv[1] if len(sys.argv) > 1 else "docs/benchmarks"
+
+
+def load(name):
+    path = os.path.join(d, f"{name}.json")
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def save(fig, name):
+    fig.tight_layout()
+    out = os.path.join(d, f"{name}.png")
+    fig.savefig(out, dpi=90)
+    print("wrote", out)
+
+
+r = load("residency")
+if r:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharey=False)
+    for ax, mode, colour in [(axes[0], "reload_per_job", "tab:blue"), (axes[1], "resident", "tab:red")]:
+        ys = np.array(r[mode]["per_request_s_round0"]) * 1000
+        xs = np.arange(1, len(ys) + 1)
+        ax.bar(xs, ys, color=colour, width=0.8)
+        slope, intercept = np.polyfit(xs, ys, 1)
+        ax.plot(xs, slope * xs + intercept, color="black", lw=1.5, label=f"trend ({slope:+.3f} ms/request)")
+        ax.set_title(f"{mode.replace('_', ' ')}: mean {ys.mean():.1f} ms, sd {ys.std(ddof=1):.1f} ms")
+        ax.set_xlabel("request")
+        ax.set_ylabel("response time, ms")
+        ax.legend()
+    fig.suptitle("100 sequential SSD jobs through the queue (cf. the study's Figure 3)")
+    save(fig, "residency")
+
+o = load("overhead")
+if o:
+    detail = o["rounds_detail"]
+    mid = sorted(range(len(detail)), key=lambda i: detail[i]["amqp_s"]["p50"])[len(detail) // 2]
+    row = detail[mid]
+    labels = ["bare session.run", "AMQP end to end", "HTTP end to end"]
+    keys = ["bare_run_s", "amqp_s", "http_s"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.25
+    for i, q in enumerate(["p50", "p95", "p99"]):
+        ax.bar(np.arange(3) + (i - 1) * width, [row[k][q] * 1000 for k in keys], width, label=q)
+    ax.set_xticks(np.arange(3), labels)
+    ax.set_ylabel("ms")
+    ax.set_title("SSD model, one 512x512 image per job (median round)")
+    ax.legend()
+    save(fig, "overhead")
+
+t = load("throughput")
+if t:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    vals = [t["broker_ceiling_jobs_s"], t["fleet_jobs_s"]]
+    ax.bar(["broker ceiling\n(raw AMQP pattern)", "Ember fleet\n(tiny model)"], [v["median"] for v in vals],
+           yerr=[[v["median"] - v["min"] for v in vals], [v["max"] - v["median"] for v in vals]],
+           color=["tab:gray", "tab:red"], capsize=6)
+    ax.set_ylabel("jobs/s")
+    ax.set_title(f"ratio {t['ratio']:.2f} ({t['publishers']} publishers x {t['window']} outstanding)")
+    save(fig, "throughput")
+
+b = load("batching")
+if b:
+    sizes = [1, 4, 8]
+    fig, ax1 = plt.subplots(figsize=(7, 4))
+    served = [b[f"max_batch_{s}"]["served_jobs_s"]["median"] for s in sizes]
+    p95 = [b[f"max_batch_{s}"]["p95_s"]["median"] * 1000 for s in sizes]
+    ax1.bar([str(s) for s in sizes], served, color="tab:blue", alpha=0.7, label="served jobs/s")
+    ax1.set_xlabel("max batch")
+    ax1.set_ylabel("served jobs/s")
+    ax2 = ax1.twinx()
+    ax2.plot([str(s) for s in sizes], p95, color="tab:red", marker="o", label="p95 latency")
+    ax2.set_ylabel("p95, ms")
+    ax1.set_title(f"SSD at {b['offered_jobs_s']} jobs/s offered (2 vCPU)")
+    save(fig, "batching")
+
+m = load("memory")
+if m:
+    s = np.array(m["samples"])
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(s[:, 0], s[:, 1], label="worker")
+    ax.plot(s[:, 0], s[:, 2], label="dispatcher")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("RSS, MiB")
+    ax.set_title(f"soak: {m['jobs']} jobs at {m['rate_jobs_s']}/s")
+    ax.legend()
+    save(fig, "memory")
