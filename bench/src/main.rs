@@ -256,9 +256,13 @@ async fn overhead(args: &Args, jobs: usize) -> anyhow::Result<()> {
         let client = RpcClient::connect(&model).await?;
         let (mut amqp, mut queue_ms, mut inference_ms, mut worker_ms) =
             (vec![], vec![], vec![], vec![]);
+        let mut confirm_ms = Vec::with_capacity(jobs);
         for _ in 0..jobs {
-            let (seconds, result) = client.call(&model, &image, "image/png").await?;
-            amqp.push(seconds);
+            let started = Instant::now();
+            let rx = client.send(&model, &image, "image/png").await?;
+            confirm_ms.push(started.elapsed().as_secs_f64() * 1e3);
+            let result: ember_core::protocol::JobResult = serde_json::from_slice(&rx.await?)?;
+            amqp.push(started.elapsed().as_secs_f64());
             queue_ms.push(result.timing.queue_ms);
             inference_ms.push(result.timing.inference_ms);
             worker_ms.push(result.timing.worker_ms);
@@ -283,7 +287,7 @@ async fn overhead(args: &Args, jobs: usize) -> anyhow::Result<()> {
         let s = |v: &[f64]| summarise(v);
         let (b, d, a, h) = (s(&run), s(&decode), s(&amqp), s(&via_http));
         println!(
-            "overhead round {round}: bare run p50 {:.2} ms | decode+resize p50 {:.2} ms | AMQP p50 {:.2} p95 {:.2} p99 {:.2} ms | HTTP p50 {:.2} p95 {:.2} p99 {:.2} ms | worker stages (mean): queue {:.2}, inference {:.2}, worker {:.2} ms",
+            "overhead round {round}: bare run p50 {:.2} ms | decode+resize p50 {:.2} ms | AMQP p50 {:.2} p95 {:.2} p99 {:.2} ms | HTTP p50 {:.2} p95 {:.2} p99 {:.2} ms | worker stages (mean): queue {:.2}, inference {:.2}, worker {:.2} ms | publish confirm {:.2} ms",
             b.p50 * 1e3,
             d.p50 * 1e3,
             a.p50 * 1e3,
@@ -294,14 +298,16 @@ async fn overhead(args: &Args, jobs: usize) -> anyhow::Result<()> {
             h.p99 * 1e3,
             summarise(&queue_ms).mean,
             summarise(&inference_ms).mean,
-            summarise(&worker_ms).mean
+            summarise(&worker_ms).mean,
+            summarise(&confirm_ms).mean
         );
         bare_p50.push(b.p50);
         decode_p50.push(d.p50);
         amqp_p50.push(a.p50);
         http_p50.push(h.p50);
         detail.push(json!({"bare_run_s": b, "decode_resize_s": d, "amqp_s": a, "http_s": h,
-            "worker_queue_ms": summarise(&queue_ms), "worker_inference_ms": summarise(&inference_ms), "worker_total_ms": summarise(&worker_ms)}));
+            "worker_queue_ms": summarise(&queue_ms), "worker_inference_ms": summarise(&inference_ms), "worker_total_ms": summarise(&worker_ms),
+            "client_publish_confirm_ms": summarise(&confirm_ms)}));
         drop(dispatcher);
         drop(worker);
         delete_queues(&model).await;
