@@ -151,26 +151,24 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     let server_shutdown = shutdown.clone();
     let served = axum::serve(listener, api::router(state, config.max_body_bytes))
         .with_graceful_shutdown(async move { server_shutdown.cancelled().await });
-    let drained = tokio::time::timeout(config.drain_timeout, async {
+    // Serve until shutdown; the drain after it is bounded by --drain-timeout (measured from
+    // the signal, not from the start).
+    let drained = async {
         let served = served.await;
         let _ = broker_task.await;
         served
-    });
+    };
     let outcome = tokio::select! {
         outcome = drained => outcome,
         () = async {
-            // Bound the drain only once shutdown has begun.
             shutdown.cancelled().await;
             tokio::time::sleep(config.drain_timeout).await;
         } => {
             tracing::warn!("drain timed out");
-            Ok(Ok(()))
+            Ok(())
         }
     };
     let _ = ready_probe.await;
     admin_stop.cancel();
-    match outcome {
-        Ok(Ok(())) | Err(_) => Ok(()),
-        Ok(Err(error)) => Err(Error::Io(error)),
-    }
+    outcome.map_err(Error::Io)
 }

@@ -6,6 +6,7 @@ variable's `type`), a contextually typed literal is checked field by field, incl
 (excess) properties."""
 
 import json
+import os
 import shutil
 
 from conftest import NODE_MODULES, ROOT, run
@@ -14,7 +15,7 @@ DASHBOARDS = sorted((ROOT / "monitoring/dashboards").glob("*.json"))
 
 
 def compile_dashboards(sources):
-    work = NODE_MODULES.parent / "check"  # inside .tools/node so node_modules resolves
+    work = NODE_MODULES.parent / f"check-{os.getpid()}"  # inside .tools/node so node_modules resolves
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     files = []
@@ -45,7 +46,7 @@ def test_tsc_rejects_a_broken_dashboard():
     d["schemaVersion"] = "39"
     proc = compile_dashboards({"broken": json.dumps(d)})
     assert proc.returncode != 0
-    assert "'height' does not exist in type 'GridPos'" in proc.stdout
+    assert "'\"height\"' does not exist in type 'GridPos'" in proc.stdout
     assert "Type 'string' is not assignable to type 'number'" in proc.stdout
 
 

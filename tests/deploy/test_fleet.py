@@ -115,10 +115,7 @@ def fleet(tmp_path_factory):
         disp = start("dispatcher", [str(BIN / "ember-dispatcher"), "--model-dir", str(model_dir), "--model-name", model,
                                     "--listen", f"127.0.0.1:{ports['api']}", "--admin-addr", f"127.0.0.1:{ports['dispatcher']}",
                                     "--callback-allow-net", "127.0.0.1/32", "--callback-max-attempts", "2",
-                                    "--callback-initial-backoff", "100ms", "--callback-max-backoff", "200ms", "--log", "info",
-                                    # Works around the bug test_dispatcher_api_outlives_its_drain_timeout shows:
-                                    # the API closes --drain-timeout after start.
-                                    "--drain-timeout", "10m"])
+                                    "--callback-initial-backoff", "100ms", "--callback-max-backoff", "200ms", "--log", "info"])
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(ROOT / "monitoring/rules/ember.rules.yaml")],
@@ -282,11 +279,9 @@ def test_promtool_check_metrics(fleet, part):
     assert proc.returncode == 0 and not (proc.stdout + proc.stderr).strip(), proc.stdout + proc.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "dispatcher bug: dispatcher/src/lib.rs wraps axum::serve in tokio::time::timeout(drain_timeout) "
-    "from startup, so the API listener closes --drain-timeout (20s default) after start while "
-    "/readyz stays 200. Remove this marker once fixed."))
 def test_dispatcher_api_outlives_its_drain_timeout(tmp_path):
+    """Regression: the drain timeout once ran from start instead of from the signal, closing the
+    API --drain-timeout after start while /readyz stayed 200 (found by the dashboards test)."""
     model_dir = tmp_path / "model"
     model_dir.mkdir()
     shutil.copy(ROOT / "models/ssdlite-person/model.toml", model_dir)
@@ -310,3 +305,9 @@ def test_dispatcher_api_outlives_its_drain_timeout(tmp_path):
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+
+
+@pytest.mark.parametrize("where,expr", [(f"{f} / {t}", e) for f, t, e in dashboard_exprs() if any(m in e for m in GPU_ONLY)])
+def test_gpu_only_dashboard_queries(where, expr):
+    """Listed, not checked: NVML's gauges exist only where a worker runs on a GPU."""
+    pytest.skip(f"GPU-only, not checkable here (no GPU): {where}: {expr}")
