@@ -631,7 +631,7 @@ async fn memory(args: &Args, soak: Duration, rate: f64) -> anyhow::Result<()> {
     while started.elapsed() < soak {
         ticker.tick().await;
         sent += 1;
-        if sent % 2 == 0 {
+        if sent.is_multiple_of(2) {
             let client = client.clone();
             let (image, model) = (image.clone(), model.clone());
             tokio::spawn(async move {
