@@ -19,6 +19,19 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 
 const PATIENCE: Duration = Duration::from_secs(180);
 
+/// The autoscaler process; on drop (a failed assertion included) it gets SIGTERM so that it
+/// stops the workers it started instead of leaving them running.
+struct Autoscaler(std::process::Child);
+
+impl Drop for Autoscaler {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let _ = self.0.wait();
+    }
+}
+
 fn metric(text: &str, prefix: &str) -> Option<f64> {
     text.lines()
         .find(|line| line.starts_with(prefix))
@@ -55,7 +68,7 @@ async fn a_burst_scales_from_zero_drains_and_returns_to_zero_losing_nothing() {
         .unwrap()
         .port();
     let log = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{model}-autoscaler.log"));
-    let mut autoscaler = Command::new(env!("CARGO_BIN_EXE_ember-autoscaler"))
+    let autoscaler = Command::new(env!("CARGO_BIN_EXE_ember-autoscaler"))
         .current_dir(&root)
         .args([
             "--model-dir",
@@ -90,6 +103,7 @@ async fn a_burst_scales_from_zero_drains_and_returns_to_zero_losing_nothing() {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
+    let mut autoscaler = Autoscaler(autoscaler);
     let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
 
     let connection = Connection::connect(
@@ -242,9 +256,9 @@ async fn a_burst_scales_from_zero_drains_and_returns_to_zero_losing_nothing() {
         drained_after
     );
     let _ = Command::new("kill")
-        .args(["-TERM", &autoscaler.id().to_string()])
+        .args(["-TERM", &autoscaler.0.id().to_string()])
         .status();
-    let status = autoscaler.wait().unwrap();
+    let status = autoscaler.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
     for queue in [
         topology::jobs_queue(&model),

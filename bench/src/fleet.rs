@@ -73,7 +73,19 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// SIGTERM first (an autoscaler then stops the workers it started; a SIGKILL would orphan
+    /// them), SIGKILL after 15 s.
     fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
