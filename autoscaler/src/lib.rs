@@ -30,7 +30,7 @@ use ember_core::protocol::Heartbeat;
 use ember_core::telemetry::{Readiness, serve_admin};
 use ember_core::topology::{self, QueueSettings};
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use prometheus::Registry;
@@ -182,7 +182,7 @@ async fn serve(
     for scaler in scalers.iter() {
         topology::declare_model(&channel, &scaler.name, queue).await?;
     }
-    let mut heartbeats = heartbeat_consumer(&channel).await?;
+    let mut heartbeats = topology::telemetry_consumer(&channel).await?;
     readiness.set(true);
     let mut ticker = tokio::time::interval(config.tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -340,40 +340,6 @@ fn record(
     }
 }
 
-async fn heartbeat_consumer(channel: &Channel) -> lapin::Result<lapin::Consumer> {
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            topology::TELEMETRY_EXCHANGE.into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .basic_consume(
-            queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-}
-
 struct PoolScaler {
     policy: PolicyState,
     arrivals: ArrivalMeter,
@@ -455,7 +421,7 @@ async fn serve_kubernetes(
 ) -> lapin::Result<()> {
     let channel = connection.create_channel().await?;
     topology::declare_shared(&channel).await?;
-    let mut heartbeats = heartbeat_consumer(&channel).await?;
+    let mut heartbeats = topology::telemetry_consumer(&channel).await?;
     let queue = QueueSettings {
         delivery_limit: config.delivery_limit,
         max_length: config.queue_max_length,

@@ -1,7 +1,9 @@
 //! The AMQP topology every part declares at start (idempotently: re-declaring with the same
 //! arguments is a no-op, so any part may come up first).
 
-use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::options::{
+    BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
 
@@ -104,6 +106,50 @@ fn durable_queue() -> QueueDeclareOptions {
     }
 }
 
+/// Declares a durable quorum queue (idempotent).
+pub async fn declare_quorum_queue(channel: &Channel, name: &str) -> lapin::Result<()> {
+    channel
+        .queue_declare(name.into(), durable_queue(), quorum_arguments())
+        .await
+        .map(|_| ())
+}
+
+/// Every heartbeat of every worker: an exclusive, auto-deleted queue of the caller's own bound to
+/// [`TELEMETRY_EXCHANGE`] with `#`, consumed without acks (heartbeats are transient).
+pub async fn telemetry_consumer(channel: &Channel) -> lapin::Result<lapin::Consumer> {
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            TELEMETRY_EXCHANGE.into(),
+            "#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
 /// Declares the shared exchanges and the callbacks queue.
 pub async fn declare_shared(channel: &Channel) -> lapin::Result<()> {
     for (name, kind) in [
@@ -124,10 +170,7 @@ pub async fn declare_shared(channel: &Channel) -> lapin::Result<()> {
             FieldTable::default(),
         )
         .await?;
-    channel
-        .queue_declare(CALLBACKS_QUEUE.into(), durable_queue(), quorum_arguments())
-        .await?;
-    Ok(())
+    declare_quorum_queue(channel, CALLBACKS_QUEUE).await
 }
 
 /// Declares everything a model needs: the shared parts, its job queue bound to
@@ -156,9 +199,7 @@ pub async fn declare_model(
             FieldTable::default(),
         )
         .await?;
-    channel
-        .queue_declare(dead.as_str().into(), durable_queue(), quorum_arguments())
-        .await?;
+    declare_quorum_queue(channel, &dead).await?;
     channel
         .queue_bind(
             dead.as_str().into(),

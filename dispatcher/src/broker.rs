@@ -13,7 +13,7 @@ use ember_core::topology::{self, QueueSettings};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
+    ConfirmSelectOptions, QueueBindOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
@@ -325,7 +325,7 @@ impl Broker {
             session.clone(),
         ));
         let heartbeat_channel = connection.create_channel().await?;
-        let heartbeats = heartbeat_consumer(&heartbeat_channel).await?;
+        let heartbeats = topology::telemetry_consumer(&heartbeat_channel).await?;
         let callback_channel = connection.create_channel().await?;
         callback_channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -381,56 +381,8 @@ impl Broker {
     }
 }
 
-async fn heartbeat_consumer(channel: &Channel) -> lapin::Result<lapin::Consumer> {
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            topology::TELEMETRY_EXCHANGE.into(),
-            "#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .basic_consume(
-            queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-}
-
 async fn declare_results_store(channel: &Channel) -> lapin::Result<()> {
-    let mut args = FieldTable::default();
-    args.insert(
-        ShortString::from("x-queue-type"),
-        AMQPValue::LongString(LongString::from("quorum")),
-    );
-    channel
-        .queue_declare(
-            RESULTS_STORE_QUEUE.into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            args,
-        )
-        .await?;
+    topology::declare_quorum_queue(channel, RESULTS_STORE_QUEUE).await?;
     channel
         .queue_bind(
             RESULTS_STORE_QUEUE.into(),

@@ -21,7 +21,6 @@ use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use sha2::Sha256;
@@ -340,21 +339,7 @@ pub async fn consume(
     tracker: TaskTracker,
 ) {
     let setup = async {
-        let mut args = FieldTable::default();
-        args.insert(
-            ShortString::from("x-queue-type"),
-            AMQPValue::LongString(LongString::from("quorum")),
-        );
-        channel
-            .queue_declare(
-                CALLBACKS_DEAD_QUEUE.into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..QueueDeclareOptions::default()
-                },
-                args,
-            )
-            .await?;
+        topology::declare_quorum_queue(&channel, CALLBACKS_DEAD_QUEUE).await?;
         channel
             .basic_qos(concurrency.max(1), BasicQosOptions::default())
             .await?;
