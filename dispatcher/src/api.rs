@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use ember_core::amqp::unix_ms;
 use ember_core::model::{InputSpec, ModelSpec, OutputSpec};
-use ember_core::protocol::oip::{InferRequest, InferResponse};
+use ember_core::protocol::oip::InferResponse;
 use ember_core::protocol::{ErrorCode, JobResult, Status, content_type};
 use ipnet::IpNet;
 use serde::Deserialize;
@@ -268,21 +268,8 @@ async fn infer(
 ) -> Result<Response, OipError> {
     model(&state, &name)?;
     let body = body_or_error(body)?;
-    let binary =
-        oip_binary::decode_request(&body, header_value(&headers, oip_binary::HEADER_LENGTH))?;
-    let (request, body) = match binary {
-        Some(request) => {
-            let body =
-                serde_json::to_vec(&request).map_err(|e| ApiError::internal(e.to_string()))?;
-            (request, Bytes::from(body))
-        }
-        None => {
-            let request: InferRequest = serde_json::from_slice(&body).map_err(|e| {
-                ApiError::bad_request("invalid_request", format!("not an inference request: {e}"))
-            })?;
-            (request, body)
-        }
-    };
+    let (request, body) =
+        oip_binary::parse_infer(body, header_value(&headers, oip_binary::HEADER_LENGTH))?;
     let job_id = uuid::Uuid::new_v4().to_string();
     let respond_async =
         header_value(&headers, "prefer").is_some_and(|p| p.contains("respond-async"));

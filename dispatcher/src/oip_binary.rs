@@ -3,7 +3,7 @@
 //! this way from `tritonclient` by default; they are turned into JSON tensors for the worker.
 //! Outputs are sent this way when the request asks for binary data.
 
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use ember_core::protocol::oip::{InferRequest, InferResponse};
@@ -76,6 +76,28 @@ pub fn decode_request(
         )));
     }
     Ok(Some(request))
+}
+
+/// An `/v2/models/{model}/infer` body as the request and the JSON job body to publish: a binary
+/// request (the header length is given) is re-encoded as JSON tensors, a JSON one is passed on as
+/// it came.
+pub fn parse_infer(
+    body: Bytes,
+    header_length: Option<&str>,
+) -> Result<(InferRequest, Bytes), ApiError> {
+    match decode_request(&body, header_length)? {
+        Some(request) => {
+            let body =
+                serde_json::to_vec(&request).map_err(|e| ApiError::internal(e.to_string()))?;
+            Ok((request, Bytes::from(body)))
+        }
+        None => {
+            let request: InferRequest = serde_json::from_slice(&body).map_err(|e| {
+                ApiError::bad_request("invalid_request", format!("not an inference request: {e}"))
+            })?;
+            Ok((request, body))
+        }
+    }
 }
 
 /// Whether the response should carry binary outputs: any requested output asks for it, or the
