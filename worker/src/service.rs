@@ -349,6 +349,24 @@ async fn cancel_consumer(channel: &Channel, model: &str) -> Result<lapin::Consum
         .await?)
 }
 
+/// Fault injection for the chaos suite (docs/chaos.md), off unless the hidden variable
+/// `EMBER_WORKER_CHAOS_CRASH_ON` is set: a job whose body contains its (non-empty) value aborts
+/// the process, as a model that crashes on one input would.
+fn chaos_crash_on(body: &[u8]) {
+    static MARKER: std::sync::OnceLock<Option<Vec<u8>>> = std::sync::OnceLock::new();
+    let marker = MARKER.get_or_init(|| {
+        std::env::var_os("EMBER_WORKER_CHAOS_CRASH_ON")
+            .map(|m| m.into_encoded_bytes())
+            .filter(|m| !m.is_empty())
+    });
+    if let Some(marker) = marker
+        && body.windows(marker.len()).any(|w| w == marker.as_slice())
+    {
+        tracing::error!("EMBER_WORKER_CHAOS_CRASH_ON matched a job: aborting (fault injection)");
+        std::process::abort();
+    }
+}
+
 /// Takes one delivery: answers an expired job at once, else prepares it off the runtime and
 /// hands it to the batcher.
 fn accept(
@@ -361,6 +379,7 @@ fn accept(
     shared.stats.in_flight.fetch_add(1, Ordering::Relaxed);
     shared.metrics.in_flight.inc();
     let (job, content_type, body) = split(delivery);
+    chaos_crash_on(&body);
     let refused = if shared.is_cancelled(&job.job_id) {
         Some(Error::Cancelled)
     } else {
