@@ -29,7 +29,6 @@ use tokio_util::task::TaskTracker;
 use crate::batcher::next_batch;
 use crate::engine::{Engine, ImageSize};
 use crate::error::Disposition;
-use crate::gpu::Gpu;
 use crate::metrics::Metrics;
 use crate::preprocess::{InputLimits, Prepared, Target, prepare};
 use crate::{Error, Result};
@@ -72,7 +71,11 @@ pub struct Shared {
     pub metrics: Metrics,
     pub stats: Stats,
     pub readiness: Readiness,
-    pub gpu: Option<Gpu>,
+    /// The newest NVML reading, sampled on its own thread (none without a GPU or NVML).
+    pub gpu: Option<crate::gpu::Latest>,
+    /// Where the model runs (`cpu`, `cuda:0`) and whether that is a fallback from a GPU.
+    pub device: String,
+    pub device_fallback: bool,
     pub limits: InputLimits,
     pub target: Target,
     pub max_batch: usize,
@@ -154,14 +157,25 @@ struct Done {
     timing: Timing,
 }
 
-fn split(delivery: Delivery) -> (Job, Option<ShortString>, Vec<u8>) {
-    let Delivery {
-        acker,
-        properties,
-        data,
-        redelivered,
-        ..
-    } = delivery;
+/// What a job's properties say about it, read without the broker. Everything here comes from
+/// the client that published the job: untrusted input, decoded without panics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    /// `message_id`, or a fresh UUID when the client sent none.
+    pub job_id: String,
+    pub reply_to: Option<ShortString>,
+    pub correlation_id: Option<ShortString>,
+    pub callback_url: Option<LongString>,
+    pub traceparent: Option<LongString>,
+    /// 1 for the first delivery, 2 after one redelivery, ...
+    pub attempt: u32,
+    pub submitted_at_ms: Option<u64>,
+    pub deadline_ms: Option<u64>,
+    pub content_type: Option<String>,
+}
+
+/// Decodes a job's envelope from its AMQP properties and the delivery's `redelivered` flag.
+pub fn decode_envelope(properties: &BasicProperties, redelivered: bool) -> Envelope {
     let headers = properties.headers().as_ref();
     let delivery_count = header_u64(headers, header::DELIVERY_COUNT);
     let attempt = match delivery_count {
@@ -170,7 +184,7 @@ fn split(delivery: Delivery) -> (Job, Option<ShortString>, Vec<u8>) {
         None => 1,
     };
     let long = |name: &str| header_str(headers, name).map(LongString::from);
-    let job = Job {
+    Envelope {
         job_id: properties
             .message_id()
             .as_ref()
@@ -181,12 +195,62 @@ fn split(delivery: Delivery) -> (Job, Option<ShortString>, Vec<u8>) {
         callback_url: long(header::CALLBACK_URL),
         traceparent: long(header::TRACEPARENT),
         attempt,
-        arrived: Instant::now(),
         submitted_at_ms: header_u64(headers, header::SUBMITTED_AT),
         deadline_ms: header_u64(headers, header::DEADLINE),
+        content_type: properties
+            .content_type()
+            .as_ref()
+            .map(|ct| ct.as_str().to_string()),
+    }
+}
+
+/// A whole job as the worker decodes it: the envelope, then the body prepared for the model.
+/// The service runs the two steps apart (the body only when the job is neither cancelled nor
+/// expired, and large bodies off the runtime); this is both in one call, for tests and fuzzing.
+pub fn decode_job(
+    properties: &BasicProperties,
+    redelivered: bool,
+    body: &[u8],
+    limits: InputLimits,
+    target: &Target,
+) -> (Envelope, Result<Prepared>) {
+    let envelope = decode_envelope(properties, redelivered);
+    let prepared = prepare(envelope.content_type.as_deref(), body, limits, target);
+    (envelope, prepared)
+}
+
+fn split(delivery: Delivery) -> (Job, Option<String>, Vec<u8>) {
+    let Delivery {
+        acker,
+        properties,
+        data,
+        redelivered,
+        ..
+    } = delivery;
+    let Envelope {
+        job_id,
+        reply_to,
+        correlation_id,
+        callback_url,
+        traceparent,
+        attempt,
+        submitted_at_ms,
+        deadline_ms,
+        content_type,
+    } = decode_envelope(&properties, redelivered);
+    let job = Job {
+        job_id,
+        reply_to,
+        correlation_id,
+        callback_url,
+        traceparent,
+        attempt,
+        arrived: Instant::now(),
+        submitted_at_ms,
+        deadline_ms,
         acker,
     };
-    (job, properties.content_type().clone(), data)
+    (job, content_type, data)
 }
 
 /// Serves one broker connection until shutdown (drain) or failure.
@@ -400,7 +464,6 @@ fn accept(
     let prepared_tx = prepared_tx.clone();
     tracker.spawn(async move {
         let limits = shared.limits;
-        let content_type = content_type.as_ref().map(|ct| ct.as_str().to_string());
         // Small bodies decode in microseconds: a hop to the blocking pool costs more than that.
         let prepared = if body.len() <= INLINE_DECODE_BYTES {
             prepare(content_type.as_deref(), &body, limits, &shared.target)
@@ -726,12 +789,7 @@ async fn settle(shared: &Shared, job: Job, answered: bool, outcome: Option<&'sta
 }
 
 fn heartbeat(shared: &Shared) -> Heartbeat {
-    let gpu = shared.gpu.as_ref().and_then(Gpu::read);
-    if let (Some(reading), Some(metrics)) = (&gpu, &shared.metrics.gpu) {
-        metrics.utilization.set(reading.utilization);
-        metrics.memory_used.set(reading.memory_used_bytes as f64);
-        metrics.memory_total.set(reading.memory_total_bytes as f64);
-    }
+    let gpu = shared.gpu.as_ref().and_then(crate::gpu::Latest::get);
     Heartbeat {
         worker: shared.worker_id.clone(),
         model: shared.model.clone(),
@@ -741,6 +799,8 @@ fn heartbeat(shared: &Shared) -> Heartbeat {
         busy_seconds: shared.stats.busy_nanos.load(Ordering::Relaxed) as f64 / 1e9,
         model_load_seconds: shared.model_load_seconds,
         at_ms: unix_ms(),
+        device: Some(shared.device.clone()),
+        device_fallback: shared.device_fallback,
         gpu,
     }
 }
