@@ -1,32 +1,349 @@
-//! Connecting to RabbitMQ with backoff, and small helpers for message headers.
+//! Connecting to RabbitMQ (plain or TLS) with backoff, and small helpers for message headers.
 //!
 //! Recovery is done by the caller's loop, not inside lapin: when a connection fails, every
 //! channel, consumer and unconfirmed publish on it is gone, and the broker requeues what was
 //! unacked. The caller reconnects with [`connect`], re-declares its topology, re-enables confirms
 //! and re-consumes; the jobs in hand are redelivered, so nothing is lost, only repeated.
+//!
+//! Credentials: the URL may come from a flag, an environment variable or a file (a mounted
+//! Secret), the password alone from a file; files are read again at every connection attempt, so
+//! a rotated Secret is picked up on the next reconnect. The password is never logged: the URL is
+//! only ever shown through [`RedactedUrl`], and connection errors are scrubbed of it.
+//!
+//! TLS: an `amqps://` URL connects through rustls with the ring provider. The server is
+//! verified against the bundled Mozilla roots plus the CAs of `--amqp-ca-file`, by the URL's
+//! host name (or IP address); `--amqp-cert-file`/`--amqp-key-file` present a client certificate.
 
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
+use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
 use lapin::types::{AMQPValue, FieldTable};
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_util::sync::CancellationToken;
 
+/// The URL used when none is configured.
+pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
 /// Broker connection settings shared by all parts.
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Clone, clap::Args)]
 pub struct AmqpConfig {
-    /// AMQP URL of the broker.
+    /// AMQP URL of the broker, `amqp://` or `amqps://` (TLS). Its password is never logged.
     #[arg(
         long = "amqp-url",
         env = "EMBER_AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+        default_value = DEFAULT_URL,
+        hide_env_values = true
     )]
     pub url: String,
+    /// File holding the AMQP URL (a mounted Secret), used instead of --amqp-url; read at every
+    /// connection attempt.
+    #[arg(
+        long = "amqp-url-file",
+        env = "EMBER_AMQP_URL_FILE",
+        value_name = "PATH",
+        conflicts_with = "url"
+    )]
+    pub url_file: Option<PathBuf>,
+    /// File holding the broker password, which replaces the URL's; taken as it is (no URL
+    /// escaping; a trailing newline is dropped), read at every connection attempt.
+    #[arg(
+        long = "amqp-password-file",
+        env = "EMBER_AMQP_PASSWORD_FILE",
+        value_name = "PATH"
+    )]
+    pub password_file: Option<PathBuf>,
+    /// PEM file of CA certificates trusted for amqps, besides the bundled public roots (for a
+    /// broker whose certificate a private CA signed).
+    #[arg(long = "amqp-ca-file", env = "EMBER_AMQP_CA_FILE", value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) presented over amqps; needs --amqp-key-file.
+    #[arg(
+        long = "amqp-cert-file",
+        env = "EMBER_AMQP_CERT_FILE",
+        value_name = "PATH",
+        requires = "key_file"
+    )]
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1, unencrypted) of --amqp-cert-file.
+    #[arg(
+        long = "amqp-key-file",
+        env = "EMBER_AMQP_KEY_FILE",
+        value_name = "PATH",
+        requires = "cert_file"
+    )]
+    pub key_file: Option<PathBuf>,
+    /// Longest one connection attempt (TCP, TLS and AMQP handshakes) may take.
+    #[arg(long = "amqp-connect-timeout", env = "EMBER_AMQP_CONNECT_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
     /// First reconnect delay; doubles per failed attempt up to --amqp-max-backoff.
     #[arg(long = "amqp-min-backoff", env = "EMBER_AMQP_MIN_BACKOFF", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub min_backoff: Duration,
     /// Longest delay between reconnect attempts.
     #[arg(long = "amqp-max-backoff", env = "EMBER_AMQP_MAX_BACKOFF", default_value = "5s", value_parser = humantime::parse_duration)]
     pub max_backoff: Duration,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            url: DEFAULT_URL.into(),
+            url_file: None,
+            password_file: None,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            connect_timeout: Duration::from_secs(30),
+            min_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+// By hand, so that printing a part's configuration never prints the password.
+impl fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("url", &format_args!("{}", RedactedUrl(&self.url)))
+            .field("url_file", &self.url_file)
+            .field("password_file", &self.password_file)
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("min_backoff", &self.min_backoff)
+            .field("max_backoff", &self.max_backoff)
+            .finish()
+    }
+}
+
+/// Shows a URL with its password replaced by `***` (user, host, port, vhost and query kept).
+/// Text that is not a `scheme://` URL is not shown at all.
+#[derive(Debug, Clone, Copy)]
+pub struct RedactedUrl<'a>(pub &'a str);
+
+impl fmt::Display for RedactedUrl<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Some((scheme, rest)) = self.0.split_once("://") else {
+            return f.write_str("<not a URL>");
+        };
+        let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(authority_end);
+        write!(f, "{scheme}://")?;
+        match authority.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _password)) => write!(f, "{user}:***@{host}")?,
+                None => write!(f, "{userinfo}@{host}")?,
+            },
+            None => f.write_str(authority)?,
+        }
+        f.write_str(tail)
+    }
+}
+
+/// Why a connection attempt failed. No variant's text holds the password.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// A configured file could not be read.
+    #[error("cannot read {flag} {}: {reason}", path.display())]
+    File {
+        flag: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    /// The URL does not parse.
+    #[error("invalid AMQP URL {url}: {reason}")]
+    Url { url: String, reason: String },
+    /// A certificate or key file holds nothing usable.
+    #[error("{flag} {}: {reason}", path.display())]
+    Pem {
+        flag: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    /// The attempt took longer than --amqp-connect-timeout.
+    #[error("connecting to {url} timed out after {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+    /// TCP, TLS or the AMQP handshake failed (refused, certificate not trusted, login refused…).
+    #[error("connecting to {url} failed: {reason}")]
+    Broker { url: String, reason: String },
+}
+
+impl ConnectError {
+    /// Whether the configuration itself is wrong (a file, the URL), rather than the broker or the
+    /// way to it.
+    pub fn is_config(&self) -> bool {
+        matches!(
+            self,
+            ConnectError::File { .. } | ConnectError::Url { .. } | ConnectError::Pem { .. }
+        )
+    }
+}
+
+/// Everything one attempt needs, read from the configuration and its files.
+struct Target {
+    uri: AMQPUri,
+    tls: OwnedTLSConfig,
+    /// The URL as it may be logged.
+    shown: String,
+    /// Secrets to scrub from error text (the password, raw and as written in the URL).
+    secrets: Vec<String>,
+}
+
+fn read_file(flag: &'static str, path: &Path) -> Result<Vec<u8>, ConnectError> {
+    std::fs::read(path).map_err(|e| ConnectError::File {
+        flag,
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
+}
+
+fn read_text(flag: &'static str, path: &Path) -> Result<String, ConnectError> {
+    let bytes = read_file(flag, path)?;
+    String::from_utf8(bytes).map_err(|_| ConnectError::File {
+        flag,
+        path: path.to_path_buf(),
+        reason: "not UTF-8 text".into(),
+    })
+}
+
+/// Replaces every secret in `text` by `***`.
+fn scrub(mut text: String, secrets: &[String]) -> String {
+    for secret in secrets.iter().filter(|s| !s.is_empty()) {
+        text = text.replace(secret.as_str(), "***");
+    }
+    text
+}
+
+/// The password as written in a URL's authority (possibly percent-encoded), if any.
+fn url_password(url: &str) -> Option<&str> {
+    let rest = url.split_once("://")?.1;
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    let userinfo = authority.rsplit_once('@')?.0;
+    Some(userinfo.split_once(':')?.1)
+}
+
+fn pem_certificates(flag: &'static str, path: &Path) -> Result<String, ConnectError> {
+    let text = read_text(flag, path)?;
+    let count = CertificateDer::pem_slice_iter(text.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ConnectError::Pem {
+            flag,
+            path: path.to_path_buf(),
+            reason: format!("not valid PEM: {e}"),
+        })?
+        .len();
+    if count == 0 {
+        return Err(ConnectError::Pem {
+            flag,
+            path: path.to_path_buf(),
+            reason: "holds no PEM certificate".into(),
+        });
+    }
+    Ok(text)
+}
+
+impl AmqpConfig {
+    /// Reads the URL, password and TLS files.
+    fn target(&self) -> Result<Target, ConnectError> {
+        let url = match &self.url_file {
+            Some(path) => read_text("--amqp-url-file", path)?.trim().to_string(),
+            None => self.url.trim().to_string(),
+        };
+        let mut secrets = Vec::new();
+        if let Some(password) = url_password(&url) {
+            secrets.push(password.to_string());
+        }
+        let shown = RedactedUrl(&url).to_string();
+        let mut uri = AMQPUri::from_str(&url).map_err(|reason| ConnectError::Url {
+            url: shown.clone(),
+            reason: scrub(reason.replace(&url, &shown), &secrets),
+        })?;
+        if !uri.authority.userinfo.password.is_empty() {
+            secrets.push(uri.authority.userinfo.password.clone());
+        }
+        if let Some(path) = &self.password_file {
+            let text = read_text("--amqp-password-file", path)?;
+            let password = text.strip_suffix('\n').unwrap_or(&text);
+            let password = password.strip_suffix('\r').unwrap_or(password);
+            secrets.push(password.to_string());
+            uri.authority.userinfo.password = password.to_string();
+        }
+        let mut tls = OwnedTLSConfig::default();
+        if let Some(path) = &self.ca_file {
+            tls.cert_chain = Some(pem_certificates("--amqp-ca-file", path)?);
+        }
+        if let (Some(cert), Some(key)) = (&self.cert_file, &self.key_file) {
+            let pem = pem_certificates("--amqp-cert-file", cert)?.into_bytes();
+            let key_pem = read_file("--amqp-key-file", key)?;
+            PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| ConnectError::Pem {
+                flag: "--amqp-key-file",
+                path: key.clone(),
+                reason: format!("no usable private key: {e}"),
+            })?;
+            tls.identity = Some(OwnedIdentity::PKCS8 { pem, key: key_pem });
+        }
+        Ok(Target {
+            uri,
+            tls,
+            shown,
+            secrets,
+        })
+    }
+}
+
+/// One connection attempt, bounded by --amqp-connect-timeout.
+pub async fn connect_once(
+    config: &AmqpConfig,
+    client_name: &str,
+) -> Result<Connection, ConnectError> {
+    open(config, client_name)
+        .await
+        .map(|(connection, _)| connection)
+}
+
+/// One attempt; on success also the URL as it may be logged.
+async fn open(
+    config: &AmqpConfig,
+    client_name: &str,
+) -> Result<(Connection, String), ConnectError> {
+    let target = config.target()?;
+    let tls = target.uri.scheme == AMQPScheme::AMQPS;
+    if !tls && (config.ca_file.is_some() || config.cert_file.is_some()) {
+        tracing::warn!(broker = %target.shown, "TLS files are set but the URL is amqp://, not amqps://: connecting without TLS");
+    }
+    if tls {
+        install_crypto_provider();
+    }
+    let broker_error = |reason: String| ConnectError::Broker {
+        url: target.shown.clone(),
+        reason: scrub(reason, &target.secrets),
+    };
+    let runtime = lapin::runtime::default_runtime().map_err(|e| broker_error(e.to_string()))?;
+    let props = ConnectionProperties::default().with_connection_name(client_name.into());
+    let attempt = Connection::connect_uri_with_config(target.uri, props, target.tls, runtime);
+    match tokio::time::timeout(config.connect_timeout, attempt).await {
+        Ok(Ok(connection)) => Ok((connection, target.shown)),
+        Ok(Err(error)) => Err(broker_error(error.to_string())),
+        Err(_) => Err(ConnectError::Timeout {
+            url: target.shown.clone(),
+            timeout: config.connect_timeout,
+        }),
+    }
+}
+
+/// Makes ring the process's rustls provider unless one is installed already. Every part builds
+/// rustls with ring, and some also with aws-lc-rs (reqwest), and then rustls cannot choose by
+/// itself ("no process-level CryptoProvider"): choosing here keeps amqps from ever panicking.
+pub fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
 }
 
 /// Connects, retrying with exponential backoff (one log line per attempt) until it succeeds or
@@ -39,15 +356,17 @@ pub async fn connect(
     let mut delay = config.min_backoff;
     let mut attempt: u32 = 1;
     loop {
-        let props = ConnectionProperties::default().with_connection_name(client_name.into());
         let outcome = tokio::select! {
             () = shutdown.cancelled() => return None,
-            outcome = Connection::connect(&config.url, props) => outcome,
+            outcome = open(config, client_name) => outcome,
         };
         match outcome {
-            Ok(connection) => {
-                tracing::info!(attempt, "connected to the broker");
+            Ok((connection, broker)) => {
+                tracing::info!(attempt, %broker, "connected to the broker");
                 return Some(connection);
+            }
+            Err(error) if error.is_config() => {
+                tracing::error!(attempt, %error, retry_in = ?delay, "broker connection settings are unusable");
             }
             Err(error) => {
                 tracing::warn!(attempt, %error, retry_in = ?delay, "broker connection failed");
@@ -98,9 +417,118 @@ pub fn unix_ms() -> u64 {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use lapin::types::{LongString, ShortString};
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        amqp: AmqpConfig,
+    }
+
+    fn parse(args: &[&str]) -> Result<AmqpConfig, clap::Error> {
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("test").chain(args.iter().copied())).map(|c| c.amqp)
+    }
+
+    fn temp_file(name: &str, contents: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ember-amqp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path
+    }
+
+    #[test]
+    fn urls_are_shown_without_their_password() {
+        let cases = [
+            (
+                "amqps://ember:s3cr%40t@rabbit:5671/%2f?heartbeat=10",
+                "amqps://ember:***@rabbit:5671/%2f?heartbeat=10",
+            ),
+            ("amqp://ember:pw@host", "amqp://ember:***@host"),
+            ("amqp://a:b:c@d@host/v", "amqp://a:***@host/v"),
+            ("amqp://ember@host/v", "amqp://ember@host/v"),
+            ("amqp://host:5672", "amqp://host:5672"),
+            ("amqp:user:pw@host", "<not a URL>"),
+        ];
+        for (url, shown) in cases {
+            assert_eq!(RedactedUrl(url).to_string(), shown, "{url}");
+        }
+        let config = AmqpConfig {
+            url: "amqp://ember:hunter2hunter2@host/%2f".into(),
+            ..AmqpConfig::default()
+        };
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("amqp://ember:***@host/%2f"), "{debug}");
+    }
+
+    #[test]
+    fn an_invalid_url_is_reported_without_its_password() {
+        for url in [
+            "amqp:ember:Pa55wordXYZ@host",
+            "amqp://ember:Pa55wordXYZ@host:notaport/",
+        ] {
+            let config = parse(&["--amqp-url", url]).unwrap();
+            let error = config.target().err().unwrap();
+            assert!(error.is_config());
+            let text = error.to_string();
+            assert!(text.starts_with("invalid AMQP URL"), "{text}");
+            assert!(!text.contains("Pa55wordXYZ"), "{text}");
+        }
+    }
+
+    #[test]
+    fn the_url_and_password_come_from_files() {
+        let url = temp_file("url", "amqps://ember:old@broker:5671/prod\n");
+        let password = temp_file("password", "n3w p@ss/word\n");
+        let config = parse(&[
+            "--amqp-url-file",
+            url.to_str().unwrap(),
+            "--amqp-password-file",
+            password.to_str().unwrap(),
+        ])
+        .unwrap();
+        let target = config.target().unwrap();
+        assert_eq!(target.uri.scheme, AMQPScheme::AMQPS);
+        assert_eq!(target.uri.authority.host, "broker");
+        assert_eq!(target.uri.authority.userinfo.username, "ember");
+        // Verbatim, not URL-decoded, trailing newline dropped.
+        assert_eq!(target.uri.authority.userinfo.password, "n3w p@ss/word");
+        assert_eq!(target.uri.vhost, "prod");
+        assert_eq!(target.shown, "amqps://ember:***@broker:5671/prod");
+        let scrubbed = scrub(
+            "login n3w p@ss/word and old refused".into(),
+            &target.secrets,
+        );
+        assert_eq!(scrubbed, "login *** and *** refused");
+
+        let missing = parse(&["--amqp-url-file", "/nonexistent/ember-url"]).unwrap();
+        let text = missing.target().err().unwrap().to_string();
+        assert!(
+            text.starts_with("cannot read --amqp-url-file /nonexistent/ember-url"),
+            "{text}"
+        );
+        // A URL and a URL file are one too many.
+        assert!(parse(&["--amqp-url", "amqp://h", "--amqp-url-file", "/x"]).is_err());
+    }
+
+    #[test]
+    fn tls_files_are_checked_before_connecting() {
+        let not_pem = temp_file("not-a-ca.pem", "just text\n");
+        let config = parse(&["--amqp-ca-file", not_pem.to_str().unwrap()]).unwrap();
+        let text = config.target().err().unwrap().to_string();
+        assert!(
+            text.contains("--amqp-ca-file") && text.contains("no PEM certificate"),
+            "{text}"
+        );
+        // A client certificate needs its key, and the other way round.
+        assert!(parse(&["--amqp-cert-file", "/c.pem"]).is_err());
+        assert!(parse(&["--amqp-key-file", "/k.pem"]).is_err());
+    }
 
     #[test]
     fn integer_headers_of_any_width_and_decimal_strings_are_read() {
