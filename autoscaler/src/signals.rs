@@ -188,6 +188,8 @@ mod tests {
             busy_seconds: busy,
             model_load_seconds: 0.2,
             at_ms: 0,
+            device: Some("cpu".into()),
+            device_fallback: false,
             gpu: None,
         }
     }

@@ -227,6 +227,12 @@ pub struct Heartbeat {
     pub model_load_seconds: f64,
     /// Unix milliseconds when the heartbeat was made.
     pub at_ms: u64,
+    /// Where the model runs: `cpu` or `cuda:<N>` (absent from workers before this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    /// The worker was asked for a GPU and runs on the CPU instead (`--allow-cpu-fallback`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub device_fallback: bool,
     pub gpu: Option<GpuReading>,
 }
 

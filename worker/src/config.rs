@@ -41,6 +41,49 @@ impl std::fmt::Display for Device {
     }
 }
 
+/// How the CUDA execution provider allocates and picks kernels (ignored on CPU).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct CudaOptions {
+    /// Most bytes the CUDA memory arena may hold (default: no limit).
+    #[arg(long, env = "EMBER_WORKER_CUDA_MEM_LIMIT")]
+    pub cuda_mem_limit: Option<usize>,
+
+    /// How the CUDA arena grows: next-power-of-two (ONNX Runtime's default; fewer, larger
+    /// allocations) or same-as-requested (tighter memory, more allocations).
+    #[arg(
+        long,
+        env = "EMBER_WORKER_CUDA_ARENA_EXTEND",
+        default_value = "next-power-of-two"
+    )]
+    pub cuda_arena_extend: ArenaExtend,
+
+    /// How cuDNN picks convolution kernels: exhaustive (benchmarks every kernel at the first run
+    /// of each shape; the warm-up pays for it), heuristic or default.
+    #[arg(
+        long,
+        env = "EMBER_WORKER_CUDNN_CONV_ALGO",
+        default_value = "exhaustive"
+    )]
+    pub cudnn_conv_algo: ConvAlgo,
+}
+
+/// The CUDA arena's growth strategy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ArenaExtend {
+    #[default]
+    NextPowerOfTwo,
+    SameAsRequested,
+}
+
+/// cuDNN's convolution algorithm search.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ConvAlgo {
+    #[default]
+    Exhaustive,
+    Heuristic,
+    Default,
+}
+
 /// An Ember worker: keeps one model resident and answers its jobs.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "ember-worker", version, about)]
@@ -73,6 +116,9 @@ pub struct Config {
     /// startup error.
     #[arg(long, env = "EMBER_WORKER_ALLOW_CPU_FALLBACK")]
     pub allow_cpu_fallback: bool,
+
+    #[command(flatten)]
+    pub cuda: CudaOptions,
 
     /// ONNX Runtime intra-op threads (0 = ONNX Runtime's default: one per core).
     #[arg(long, env = "EMBER_WORKER_INTRA_THREADS", default_value_t = 0)]
@@ -168,5 +214,29 @@ mod tests {
         assert_eq!(config.max_batch, Some(4));
         assert_eq!(config.device, Device::Cuda(1));
         assert!(!config.reload_per_job);
+        assert_eq!(config.cuda.cuda_mem_limit, None);
+        assert_eq!(config.cuda.cuda_arena_extend, ArenaExtend::NextPowerOfTwo);
+    }
+
+    #[test]
+    fn cuda_arena_settings_parse() {
+        let config = Config::try_parse_from([
+            "ember-worker",
+            "--device",
+            "cuda",
+            "--cuda-mem-limit",
+            "2147483648",
+            "--cuda-arena-extend",
+            "same-as-requested",
+            "--cudnn-conv-algo",
+            "heuristic",
+        ])
+        .expect("parses");
+        assert_eq!(config.cuda.cuda_mem_limit, Some(2 << 30));
+        assert_eq!(config.cuda.cuda_arena_extend, ArenaExtend::SameAsRequested);
+        assert_eq!(config.cuda.cudnn_conv_algo, ConvAlgo::Heuristic);
+        assert!(
+            Config::try_parse_from(["ember-worker", "--cuda-arena-extend", "sometimes"]).is_err()
+        );
     }
 }

@@ -13,9 +13,10 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::value::TensorRef;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::Device;
+use crate::config::{ArenaExtend, ConvAlgo, CudaOptions, Device};
 use crate::{Error, Result};
 use ember_core::model::{InputSpec, ModelSpec, OutputSpec};
+use ort::ep::cuda::ConvAlgorithmSearch;
 
 /// Finds the ONNX Runtime library: the flag/env value, else the project's `.venv` (searched
 /// from the current directory upwards), so a missing library is a clear error, never a panic.
@@ -89,15 +90,82 @@ pub fn init_runtime(dylib: &Path) -> Result<Environment> {
 #[derive(Debug, Clone)]
 pub struct SessionOptions {
     pub model_path: PathBuf,
+    /// The ONNX Runtime library in use (named in CUDA errors: its provider libraries sit beside it).
+    pub ort_dylib: PathBuf,
     pub device: Device,
     pub allow_cpu_fallback: bool,
+    pub cuda: CudaOptions,
     pub intra_threads: usize,
     /// Intra-op threads spin between runs (ONNX Runtime's default) or sleep.
     pub spin: bool,
 }
 
-/// Creates a session; asking for CUDA where it cannot be had fails unless fallback is allowed.
-pub fn load_session(env: &Environment, options: &SessionOptions) -> Result<Session> {
+/// The CUDA libraries the onnxruntime-gpu 1.31 (CUDA 13) provider needs at load time.
+const CUDA_LIBRARIES: &[&str] = &[
+    "libcuda.so.1",
+    "libcudart.so.13",
+    "libcublas.so.13",
+    "libcublasLt.so.13",
+    "libcurand.so.10",
+    "libcufft.so.12",
+    "libcudnn.so.9",
+];
+
+/// Says why CUDA cannot be used, naming what is missing: the provider library beside the ONNX
+/// Runtime library (the CPU wheel has none), or the CUDA libraries the dynamic loader cannot find.
+pub fn diagnose_cuda(ort_dylib: &Path) -> String {
+    let dir = ort_dylib.parent().unwrap_or(Path::new("."));
+    let provider = dir.join("libonnxruntime_providers_cuda.so");
+    if !provider.is_file() {
+        return format!(
+            "{} is missing: {} has no CUDA provider (install the onnxruntime-gpu wheel, not \
+             onnxruntime)",
+            provider.display(),
+            ort_dylib.display()
+        );
+    }
+    let missing: Vec<&str> = CUDA_LIBRARIES
+        .iter()
+        .copied()
+        // SAFETY: loading a shared library runs its initialisers; these are NVIDIA's CUDA
+        // libraries, the same ones the CUDA provider is about to load itself.
+        .filter(|name| unsafe { libloading::Library::new(name) }.is_err())
+        .collect();
+    if missing.is_empty() {
+        format!(
+            "the provider {} is there and the CUDA libraries load; see the ONNX Runtime error",
+            provider.display()
+        )
+    } else {
+        format!(
+            "the dynamic loader cannot find {} (add their directory to LD_LIBRARY_PATH; \
+             libcuda.so.1 comes with the NVIDIA driver)",
+            missing.join(", ")
+        )
+    }
+}
+
+fn cuda_provider(index: i32, cuda: &CudaOptions) -> ort::ep::ExecutionProviderDispatch {
+    let mut provider = ort::ep::CUDA::default()
+        .with_device_id(index)
+        .with_arena_extend_strategy(match cuda.cuda_arena_extend {
+            ArenaExtend::NextPowerOfTwo => ort::ep::ArenaExtendStrategy::NextPowerOfTwo,
+            ArenaExtend::SameAsRequested => ort::ep::ArenaExtendStrategy::SameAsRequested,
+        })
+        .with_conv_algorithm_search(match cuda.cudnn_conv_algo {
+            ConvAlgo::Exhaustive => ConvAlgorithmSearch::Exhaustive,
+            ConvAlgo::Heuristic => ConvAlgorithmSearch::Heuristic,
+            ConvAlgo::Default => ConvAlgorithmSearch::Default,
+        });
+    if let Some(limit) = cuda.cuda_mem_limit {
+        provider = provider.with_memory_limit(limit);
+    }
+    provider.build().error_on_failure()
+}
+
+/// Creates a session and says which device it runs on: asking for CUDA where it cannot be had
+/// fails unless fallback is allowed, and then the session runs on the CPU.
+pub fn load_session(env: &Environment, options: &SessionOptions) -> Result<(Session, Device)> {
     let runtime = |e: ort::Error| Error::Runtime(e.to_string());
     let mut builder = Session::builder(env)
         .map_err(runtime)?
@@ -113,35 +181,39 @@ pub fn load_session(env: &Environment, options: &SessionOptions) -> Result<Sessi
             .with_intra_threads(options.intra_threads)
             .map_err(|e| runtime(e.into()))?;
     }
+    let mut device = options.device;
     if let Device::Cuda(index) = options.device {
-        let cuda = ort::ep::CUDA::default()
-            .with_device_id(index)
-            .build()
-            .error_on_failure();
-        match builder.clone().with_execution_providers([cuda]) {
+        match builder
+            .clone()
+            .with_execution_providers([cuda_provider(index, &options.cuda)])
+        {
             Ok(with_cuda) => builder = with_cuda,
             Err(error) if options.allow_cpu_fallback => {
                 tracing::error!(
                     %error,
+                    why = %diagnose_cuda(&options.ort_dylib),
                     device = %options.device,
                     "CUDA is not available; RUNNING ON CPU because --allow-cpu-fallback was given"
                 );
+                device = Device::Cpu;
             }
             Err(error) => {
                 return Err(Error::Runtime(format!(
-                    "device {} was asked for but CUDA cannot be used: {error} (pass \
+                    "device {} was asked for but CUDA cannot be used: {error}; {} (pass \
                      --allow-cpu-fallback to run on CPU instead)",
-                    options.device
+                    options.device,
+                    diagnose_cuda(&options.ort_dylib)
                 )));
             }
         }
     }
-    builder.commit_from_file(&options.model_path).map_err(|e| {
+    let session = builder.commit_from_file(&options.model_path).map_err(|e| {
         Error::Runtime(format!(
             "cannot load model {}: {e}",
             options.model_path.display()
         ))
-    })
+    })?;
+    Ok((session, device))
 }
 
 /// One image's place in a batch.
@@ -226,6 +298,8 @@ pub struct Loaded {
     options: SessionOptions,
     session: Option<Session>,
     reload_per_job: bool,
+    /// Where the model runs: the asked-for device, or the CPU after a fallback.
+    device: Device,
 }
 
 impl std::fmt::Debug for Loaded {
@@ -242,13 +316,19 @@ impl Loaded {
     pub fn new(env: Environment, options: SessionOptions, reload_per_job: bool) -> Result<Self> {
         // Even with reload-per-job, load once at start: a broken model or device must fail at
         // startup, not on the first job.
-        let session = load_session(&env, &options)?;
+        let (session, device) = load_session(&env, &options)?;
         Ok(Self {
             env,
             options,
             session: (!reload_per_job).then_some(session),
             reload_per_job,
+            device,
         })
+    }
+
+    /// The device the model runs on (the CPU after a fallback).
+    pub fn device(&self) -> Device {
+        self.device
     }
 }
 
@@ -335,7 +415,7 @@ fn run_batch(
     let started = Instant::now();
     let mut reloaded;
     let session = if loaded.reload_per_job {
-        reloaded = load_session(&loaded.env, &loaded.options)?;
+        reloaded = load_session(&loaded.env, &loaded.options)?.0;
         &mut reloaded
     } else {
         loaded

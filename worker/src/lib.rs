@@ -12,7 +12,8 @@
 //! - [`engine`]: ONNX Runtime session on its own thread; SSD decoding.
 //! - [`batcher`]: dynamic batching.
 //! - [`service`]: the AMQP loop for one connection: consume, batch, publish, ack, heartbeats.
-//! - [`metrics`], [`gpu`]: Prometheus metrics and NVML readings.
+//! - [`metrics`], [`gpu`]: Prometheus metrics and NVML readings (sampled on their own thread).
+//! - [`offline`]: the same model path fed from files, no broker (`ember-offline`).
 //! - [`error`]: the error type and what each error does to a job.
 
 pub mod batcher;
@@ -21,6 +22,7 @@ pub mod engine;
 pub mod error;
 pub mod gpu;
 pub mod metrics;
+pub mod offline;
 pub mod preprocess;
 pub mod service;
 
@@ -87,6 +89,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         .unwrap_or_else(|| u16::try_from(max_batch * 2).unwrap_or(u16::MAX))
         .max(1);
 
+    // NVML is opened for a GPU that was asked for, even after a CPU fallback: its readings
+    // (idle) then say plainly that the GPU is not in use.
     let gpu = match config.device {
         Device::Cuda(index) => gpu::Gpu::open(index.unsigned_abs()),
         Device::Cpu => None,
@@ -119,8 +123,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let dylib = engine::resolve_dylib(config.ort_dylib_path.as_deref())?;
     let options = SessionOptions {
         model_path: config.model_dir.join(&spec.file),
+        ort_dylib: dylib.clone(),
         device: config.device,
         allow_cpu_fallback: config.allow_cpu_fallback,
+        cuda: config.cuda.clone(),
         intra_threads: config.intra_threads,
         spin: config.ort_spin,
     };
@@ -128,17 +134,40 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let load_started = Instant::now();
     let reload = config.reload_per_job;
     let engine_spec = spec.clone();
-    let engine = tokio::task::spawn_blocking(move || -> Result<Engine> {
+    let (engine, device) = tokio::task::spawn_blocking(move || -> Result<(Engine, Device)> {
         let env = engine::init_runtime(&dylib)?;
         let loaded = Loaded::new(env, options, reload)?;
-        Engine::start(loaded, engine_spec)
+        let device = loaded.device();
+        Ok((Engine::start(loaded, engine_spec)?, device))
     })
     .await
     .map_err(|e| Error::Internal(format!("model loading panicked: {e}")))??;
+    let device_fallback = device != config.device;
+    metrics
+        .device
+        .with_label_values(&[device.to_string(), config.device.to_string()])
+        .set(1);
+    let gpu_stop = CancellationToken::new();
+    let _stop_sampling = gpu_stop.clone().drop_guard();
+    let gpu = match gpu {
+        Some(gpu) => {
+            let gauges = metrics.gpu.clone();
+            let sampled = gpu.sample(config.heartbeat_interval, gpu_stop, move |reading| {
+                if let Some(gauges) = &gauges {
+                    gauges.utilization.set(reading.utilization);
+                    gauges.memory_used.set(reading.memory_used_bytes as f64);
+                    gauges.memory_total.set(reading.memory_total_bytes as f64);
+                }
+            });
+            Some(sampled.map_err(|e| Error::Internal(format!("cannot start NVML sampling: {e}")))?)
+        }
+        None => None,
+    };
     let model_load_seconds = load_started.elapsed().as_secs_f64();
     metrics.model_load.set(model_load_seconds);
     tracing::info!(
         model_load_seconds,
+        %device,
         max_batch,
         prefetch,
         reload_per_job = reload,
@@ -153,6 +182,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         stats: Stats::default(),
         readiness,
         gpu,
+        device: device.to_string(),
+        device_fallback,
         limits: InputLimits {
             max_bytes: config.max_input_bytes,
             max_pixels: config.max_pixels,

@@ -27,6 +27,9 @@ pub struct Metrics {
     /// Present only where NVML found the GPU (no zero-valued GPU series on CPU workers).
     pub gpu: Option<GpuMetrics>,
     pub reconnects: prometheus::IntCounter,
+    /// 1, labelled with the device the model runs on and the one asked for (they differ after a
+    /// CPU fallback).
+    pub device: prometheus::IntGaugeVec,
 }
 
 fn register<C: prometheus::core::Collector + Clone + 'static>(
@@ -131,6 +134,16 @@ impl Metrics {
                 prometheus::IntCounter::new(
                     "ember_worker_broker_reconnects_total",
                     "Times the worker lost its broker connection and connected again",
+                )?,
+            )?,
+            device: register(
+                registry,
+                prometheus::IntGaugeVec::new(
+                    Opts::new(
+                        "ember_worker_device_info",
+                        "The device the model runs on (device) and the one asked for (requested)",
+                    ),
+                    &["device", "requested"],
                 )?,
             )?,
         })

@@ -445,23 +445,97 @@ async fn a_job_that_keeps_failing_is_dead_lettered_by_the_delivery_limit() {
     client.cleanup().await;
 }
 
-#[test]
-fn asking_for_cuda_without_a_gpu_is_a_startup_error_unless_fallback_is_asked_for() {
+#[tokio::test(flavor = "multi_thread")]
+async fn asking_for_cuda_without_a_gpu_is_a_startup_error_unless_fallback_is_asked_for() {
+    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
     let model = common::unique_model("cuda");
     let mut refused = Worker::spawn(&model, &["--device", "cuda:0"]);
     let status = refused.wait_exit();
     assert!(!status.success());
     let log = refused.log_text();
     assert!(log.contains("CUDA cannot be used"), "{log}");
+    // The error names what is missing: the CPU wheel has no CUDA provider library.
+    assert!(
+        log.contains("libonnxruntime_providers_cuda.so is missing"),
+        "{log}"
+    );
     assert!(log.contains("--allow-cpu-fallback"), "{log}");
 
-    let mut fallback = Worker::spawn(&model, &["--device", "cuda:0", "--allow-cpu-fallback"]);
+    // With the fallback it serves on CPU and says so in logs, metrics and heartbeats.
+    let mut client = Client::new(&model).await;
+    let queue = client
+        .channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    client
+        .channel
+        .queue_bind(
+            queue.name().clone(),
+            topology::TELEMETRY_EXCHANGE.into(),
+            format!("{model}.*").as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut fallback = Worker::spawn(
+        &model,
+        &[
+            "--device",
+            "cuda:0",
+            "--allow-cpu-fallback",
+            "--heartbeat-interval",
+            "200ms",
+        ],
+    );
     fallback.wait_ready();
     let log = fallback.log_text();
     assert!(log.contains("RUNNING ON CPU"), "{log}");
-    assert!(log.contains("no GPU telemetry"), "{log}");
+    // No NVIDIA driver here: one line, no GPU fields, no GPU series.
+    assert_eq!(log.matches("no GPU telemetry").count(), 1, "{log}");
+    let metrics = fallback.metrics();
+    assert!(
+        metrics.contains(r#"ember_worker_device_info{device="cpu",requested="cuda:0"} 1"#),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("ember_worker_gpu_"), "{metrics}");
+    let mut consumer = client
+        .channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let delivery = tokio::time::timeout(common::PATIENCE, consumer.next())
+        .await
+        .expect("a heartbeat comes")
+        .unwrap()
+        .unwrap();
+    let beat: serde_json::Value = serde_json::from_slice(&delivery.data).unwrap();
+    assert_eq!(beat["device"], "cpu");
+    assert_eq!(beat["device_fallback"], true);
+    assert!(beat["gpu"].is_null(), "{beat}");
+    // And it answers jobs.
+    let id = client.submit_png("astronaut.png").await;
+    client.collect(std::slice::from_ref(&id)).await;
+    assert_eq!(client.result(&id).status, ember_core::protocol::Status::Ok);
     fallback.signal("TERM");
     assert!(fallback.wait_exit().success());
+    client.cleanup().await;
 }
 
 #[test]
@@ -552,6 +626,8 @@ async fn the_worker_publishes_a_heartbeat_every_interval() {
         assert_eq!(beat.state, ember_core::protocol::WorkerState::Ready);
         assert!(beat.model_load_seconds > 0.0);
         assert!(beat.gpu.is_none(), "no NVIDIA driver here");
+        assert_eq!(beat.device.as_deref(), Some("cpu"));
+        assert!(!beat.device_fallback);
         if beat.completed == 1 {
             assert_eq!(beat.in_flight, 0);
             assert!(beat.busy_seconds > 0.0);
