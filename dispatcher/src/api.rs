@@ -16,7 +16,6 @@ use ember_core::amqp::unix_ms;
 use ember_core::model::{InputSpec, ModelSpec, OutputSpec};
 use ember_core::protocol::oip::InferResponse;
 use ember_core::protocol::{ErrorCode, JobResult, Status, content_type};
-use ipnet::IpNet;
 use serde::Deserialize;
 use serde_json::json;
 use subtle::ConstantTimeEq;
@@ -41,7 +40,7 @@ pub struct AppState {
     pub infer_timeout: Duration,
     pub max_wait: Duration,
     pub auth_tokens: Vec<String>,
-    pub callback_allow: Vec<IpNet>,
+    pub callback_guard: callbacks::CallbackGuard,
 }
 
 type Shared = State<Arc<AppState>>;
@@ -385,7 +384,7 @@ async fn submit(
     };
     let callback_url = header_value(&headers, "x-callback-url");
     if let Some(url) = callback_url {
-        callbacks::check_url(url, &state.callback_allow).await?;
+        state.callback_guard.check_url(url).await?;
     }
     let job_id = uuid::Uuid::new_v4().to_string();
     let idempotency_key = header_value(&headers, "idempotency-key");

@@ -68,6 +68,17 @@ fn load_models(config: &Config) -> Result<HashMap<String, ModelSpec>, Error> {
 /// Runs the dispatcher until `shutdown`; then stops taking requests, lets the ones in flight
 /// finish, and hands the callbacks in hand back to the queue.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
+    run_with_resolver(config, Arc::new(callbacks::SystemResolver), shutdown).await
+}
+
+/// [`run`], resolving callback host names with `names` (at submit time and, through the
+/// [`callbacks::CallbackGuard`], at connect time) instead of the system resolver: tests use it
+/// to play DNS rebinding.
+pub async fn run_with_resolver(
+    config: Config,
+    names: Arc<dyn reqwest::dns::Resolve>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
     let models = load_models(&config)?;
     let registry = Registry::new();
     let metrics = metrics::Metrics::register(&registry)
@@ -83,11 +94,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
     .await?;
 
     let store = store::Store::connect(&config.redis_url, config.result_ttl).await?;
-    let client = reqwest::Client::builder()
-        .timeout(config.callback_timeout)
-        .redirect(reqwest::redirect::Policy::none())
-        .user_agent("ember-dispatcher")
-        .build()
+    let callback_guard = callbacks::CallbackGuard::new(config.callback_allow_nets.clone(), names);
+    let client = callback_guard
+        .http_client(config.callback_timeout)
         .map_err(|e| Error::Config(format!("http client: {e}")))?;
     let callbacks = Arc::new(callbacks::CallbackSender {
         client,
@@ -98,7 +107,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
             initial_backoff: config.callback_initial_backoff,
             max_backoff: config.callback_max_backoff,
         },
-        allow: config.callback_allow_nets.clone(),
+        guard: callback_guard.clone(),
         store: store.clone(),
         metrics: metrics.clone(),
     });
@@ -129,7 +138,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         infer_timeout: config.infer_timeout,
         max_wait: config.max_wait,
         auth_tokens: config.auth_tokens.clone(),
-        callback_allow: config.callback_allow_nets.clone(),
+        callback_guard,
     });
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "API listening");
