@@ -1,0 +1,362 @@
+//! Replays the fuzz corpora of the worker's targets (`job`, `image`; see docs/fuzzing.md)
+//! through the same harness code the fuzzer runs, without a fuzzer: every input must come back
+//! (Ok or a clear error) without a panic, and the named seeds must give their named outcome.
+//! `cargo test -p ember-worker --test fuzz_corpus -- --ignored write_seeds` rewrites the seeds.
+#![allow(clippy::unwrap_used)]
+
+#[allow(dead_code)]
+#[path = "../../fuzz/src/image.rs"]
+mod image;
+#[allow(dead_code)]
+#[path = "../../fuzz/src/job.rs"]
+mod job;
+
+use std::path::{Path, PathBuf};
+
+use ember_core::protocol::ErrorCode;
+use ember_worker::Error;
+use ember_worker::preprocess::Prepared;
+use lapin::BasicProperties;
+use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+
+fn fuzz_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
+}
+
+/// Every file under `fuzz/{seeds,corpus,regressions}/<target>/`, with its name.
+fn inputs(target: &str) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for kind in ["seeds", "corpus", "regressions"] {
+        let Ok(entries) = std::fs::read_dir(fuzz_dir().join(kind).join(target)) else {
+            continue;
+        };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            let name = format!("{kind}/{}", path.file_name().unwrap().to_string_lossy());
+            out.push((name, std::fs::read(&path).unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The outcome a seed's name promises: `ok-WxH-...`, `toolarge-...`, `invalid_image-...`, ...
+fn check_named(name: &str, result: &Result<Prepared, Error>) {
+    let Some(seed) = name.strip_prefix("seeds/") else {
+        return;
+    };
+    let mut parts = seed.split('-');
+    let expected = parts.next().unwrap();
+    let code = |expected: ErrorCode| match result {
+        Err(error) => assert_eq!(error.code(), expected, "{name}: {error}"),
+        Ok(_) => panic!("{name}: decoded, expected {expected:?}"),
+    };
+    match expected {
+        "ok" => {
+            let dims = parts.next().unwrap();
+            let prepared = result.as_ref().unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(
+                format!("{}x{}", prepared.original_width, prepared.original_height),
+                dims,
+                "{name}"
+            );
+        }
+        "toolarge" => code(ErrorCode::InputTooLarge),
+        "invalid_image" => code(ErrorCode::InvalidImage),
+        "invalid_input" => code(ErrorCode::InvalidInput),
+        "unsupported" => code(ErrorCode::UnsupportedContentType),
+        "unparsed" => panic!("{name}: the properties parsed"),
+        other => panic!("{name}: unknown seed kind `{other}`"),
+    }
+}
+
+#[test]
+fn the_image_corpus_decodes_without_panics_and_seeds_give_their_outcome() {
+    let inputs = inputs("image");
+    assert!(inputs.len() >= 15, "only {} inputs", inputs.len());
+    let mut ok = 0;
+    for (name, data) in &inputs {
+        let Some(result) = image::run(data) else {
+            continue;
+        };
+        ok += usize::from(result.is_ok());
+        check_named(name, &result);
+    }
+    assert!(ok >= 5, "only {ok} inputs decoded");
+}
+
+#[test]
+fn the_job_corpus_decodes_without_panics_and_seeds_give_their_outcome() {
+    let inputs = inputs("job");
+    assert!(inputs.len() >= 8, "only {} inputs", inputs.len());
+    for (name, data) in &inputs {
+        match job::run(data) {
+            Some((_, result)) => check_named(name, &result),
+            None => assert!(
+                !name.starts_with("seeds/") || name.starts_with("seeds/unparsed-"),
+                "{name}: the properties did not parse"
+            ),
+        }
+    }
+}
+
+#[test]
+fn a_job_envelope_is_read_from_its_headers() {
+    let data = std::fs::read(fuzz_dir().join("seeds/job/ok-24x24-headers")).unwrap();
+    let (envelope, prepared) = job::run(&data).unwrap();
+    assert!(prepared.is_ok());
+    assert_eq!(envelope.job_id, "job-1");
+    assert_eq!(
+        envelope.attempt, 3,
+        "x-delivery-count 2 is the third attempt"
+    );
+    assert_eq!(envelope.deadline_ms, Some(1_700_000_000_000));
+    assert_eq!(envelope.submitted_at_ms, Some(1_699_999_999_000));
+    assert_eq!(
+        envelope.callback_url.as_ref().map(|u| u.to_string()),
+        Some("http://127.0.0.1:1/cb".into())
+    );
+    assert_eq!(envelope.content_type.as_deref(), Some("image/png"));
+
+    let data = std::fs::read(fuzz_dir().join("seeds/job/ok-24x24-bare-redelivered")).unwrap();
+    let (envelope, _) = job::run(&data).unwrap();
+    assert_eq!(envelope.attempt, 2, "redelivered without a count");
+    assert!(uuid_like(&envelope.job_id), "{}", envelope.job_id);
+    assert_eq!(envelope.content_type, None);
+}
+
+fn uuid_like(id: &str) -> bool {
+    id.len() == 36 && id.chars().filter(|&c| c == '-').count() == 4
+}
+
+// ---- seed writer ----
+
+fn png(width: u32, height: u32, color: ::image::ExtendedColorType, bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    ::image::ImageEncoder::write_image(
+        ::image::codecs::png::PngEncoder::new(&mut out),
+        bytes,
+        width,
+        height,
+        color,
+    )
+    .unwrap();
+    out
+}
+
+fn jpeg(width: u32, height: u32, color: ::image::ExtendedColorType, bytes: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    ::image::ImageEncoder::write_image(
+        ::image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 80),
+        bytes,
+        width,
+        height,
+        color,
+    )
+    .unwrap();
+    out
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xffff_ffffu32;
+    for &byte in bytes {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// A valid PNG whose IHDR claims `width x height` (CRC fixed): a decompression bomb's header.
+fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+    let mut bomb = png(1, 1, ::image::ExtendedColorType::Rgb8, &[0; 3]);
+    bomb[16..20].copy_from_slice(&width.to_be_bytes());
+    bomb[20..24].copy_from_slice(&height.to_be_bytes());
+    let crc = crc32(&bomb[12..29]);
+    bomb[29..33].copy_from_slice(&crc.to_be_bytes());
+    bomb
+}
+
+/// A JPEG whose SOF0 claims `width x height`.
+fn jpeg_claiming(width: u16, height: u16) -> Vec<u8> {
+    let mut bomb = jpeg(8, 8, ::image::ExtendedColorType::Rgb8, &[90; 192]);
+    let sof = bomb
+        .windows(2)
+        .position(|w| w == [0xff, 0xc0])
+        .expect("baseline SOF0");
+    // FFC0, length (2), precision (1), height (2), width (2).
+    bomb[sof + 5..sof + 7].copy_from_slice(&height.to_be_bytes());
+    bomb[sof + 7..sof + 9].copy_from_slice(&width.to_be_bytes());
+    bomb
+}
+
+/// A sample photo from tests/samples shrunk to `size x size` RGB.
+fn sample(name: &str, size: u32) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/samples")
+        .join(name);
+    let image = ::image::open(path).unwrap().into_rgb8();
+    ::image::imageops::resize(&image, size, size, ::image::imageops::FilterType::Triangle)
+        .into_raw()
+}
+
+fn tensor(width: usize, height: usize, name: &str) -> Vec<u8> {
+    let data: Vec<u8> = (0..width * height * 3).map(|i| (i % 251) as u8).collect();
+    serde_json::to_vec(&serde_json::json!({
+        "id": "seed",
+        "inputs": [{"name": name, "shape": [1, height, width, 3], "datatype": "UINT8", "data": data}]
+    }))
+    .unwrap()
+}
+
+fn headers(entries: Vec<(&str, AMQPValue)>) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (name, value) in entries {
+        table.insert(ShortString::from(name), value);
+    }
+    table
+}
+
+fn long(s: &str) -> AMQPValue {
+    AMQPValue::LongString(LongString::from(s))
+}
+
+#[test]
+#[ignore = "writes fuzz/seeds; run by hand"]
+fn write_seeds() {
+    use ::image::ExtendedColorType as C;
+    let rgb = |w: u32, h: u32| -> Vec<u8> { (0..w * h * 3).map(|i| (i * 7 % 256) as u8).collect() };
+    let camera = sample("camera.png", 24);
+    let chelsea = sample("chelsea.png", 16);
+    let camera_png = png(24, 24, C::Rgb8, &camera);
+    let camera_jpg = jpeg(24, 24, C::Rgb8, &camera);
+    let chelsea_jpg = jpeg(16, 16, C::Rgb8, &chelsea);
+    let grey_jpg = jpeg(9, 7, C::L8, &[128; 63]);
+    let bomb_png = png_claiming(100_000, 100_000);
+    let bomb_jpg = jpeg_claiming(65_535, 65_535);
+
+    // Target `image`: selector byte (0 none, 1 png, 2 jpeg, 3 json, 4 octet-stream,
+    // 5 `Image/JPG; q=1`, 6 text/plain), then the body.
+    let image_seeds: Vec<(&str, u8, Vec<u8>)> = vec![
+        ("ok-4x2-grey-png", 1, png(4, 2, C::L8, &[200; 8])),
+        ("ok-3x3-rgb-png-sniffed", 0, png(3, 3, C::Rgb8, &rgb(3, 3))),
+        ("ok-2x2-rgba-png", 4, png(2, 2, C::Rgba8, &[10, 20, 30, 0].repeat(4))),
+        ("ok-5x1-rgb16-png", 1, png(5, 1, C::Rgb16, &[7; 30])),
+        ("ok-2x3-greyalpha-png", 1, png(2, 3, C::La8, &[9; 12])),
+        ("ok-24x24-camera-png", 1, camera_png.clone()),
+        ("ok-24x24-camera-jpeg", 2, camera_jpg.clone()),
+        ("ok-16x16-chelsea-jpeg-sniffed", 0, chelsea_jpg.clone()),
+        ("ok-9x7-grey-jpeg", 5, grey_jpg.clone()),
+        ("ok-2x1-tensor-json", 3, tensor(2, 1, "image_tensor:0")),
+        ("ok-32x32-tensor-json", 3, tensor(32, 32, "image_tensor:0")),
+        ("toolarge-100000x100000-png", 1, bomb_png.clone()),
+        ("toolarge-65535x65535-jpeg", 2, bomb_jpg.clone()),
+        ("toolarge-2000x1000-png", 1, png_claiming(2000, 1000)),
+        ("toolarge-tensor-100000x100000", 3, br#"{"inputs":[{"name":"image_tensor:0","shape":[1,100000,100000,3],"datatype":"UINT8","data":[]}]}"#.to_vec()),
+        ("invalid_image-truncated-png", 1, camera_png[..camera_png.len() / 2].to_vec()),
+        ("invalid_image-truncated-jpeg", 2, camera_jpg[..camera_jpg.len() / 2].to_vec()),
+        ("invalid_image-png-as-jpeg", 2, camera_png.clone()),
+        ("invalid_image-garbage", 0, b"GIF89a not ours".to_vec()),
+        ("invalid_image-0x0-png", 1, png_claiming(0, 0)),
+        ("invalid_input-empty", 1, Vec::new()),
+        ("invalid_input-tensor-wrong-name", 3, tensor(2, 1, "other")),
+        ("invalid_input-tensor-short", 3, br#"{"inputs":[{"name":"image_tensor:0","shape":[1,1,1,3],"datatype":"UINT8","data":[1,2]}]}"#.to_vec()),
+        ("invalid_input-tensor-300", 3, br#"{"inputs":[{"name":"image_tensor:0","shape":[1,1,1,3],"datatype":"UINT8","data":[1,2,300]}]}"#.to_vec()),
+        ("invalid_input-tensor-negative", 3, br#"{"inputs":[{"name":"image_tensor:0","shape":[1,-1,-1,3],"datatype":"UINT8","data":[1]}]}"#.to_vec()),
+        ("invalid_input-tensor-nested", 3, br#"{"inputs":[{"name":"image_tensor:0","shape":[1,1,1,3],"datatype":"UINT8","data":[[[[[[1]]]]],{"a":2},3]}]}"#.to_vec()),
+        ("invalid_input-json-broken", 3, b"{\"inputs\":[".to_vec()),
+        ("unsupported-text", 6, b"hello".to_vec()),
+    ];
+    let dir = fuzz_dir().join("seeds/image");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, selector, body) in image_seeds {
+        let mut data = vec![selector];
+        data.extend_from_slice(&body);
+        std::fs::write(dir.join(name), data).unwrap();
+    }
+
+    // Target `job`: flag byte, AMQP basic properties as on the wire, body.
+    let full = BasicProperties::default()
+        .with_content_type(ShortString::from("image/png"))
+        .with_message_id(ShortString::from("job-1"))
+        .with_reply_to(ShortString::from("amq.rabbitmq.reply-to"))
+        .with_correlation_id(ShortString::from("c-1"))
+        .with_delivery_mode(2)
+        .with_headers(headers(vec![
+            ("x-delivery-count", AMQPValue::LongLongInt(2)),
+            ("ember-deadline", long(" 1700000000000 ")),
+            (
+                "ember-submitted-at",
+                AMQPValue::Timestamp(1_699_999_999_000),
+            ),
+            ("ember-callback-url", long("http://127.0.0.1:1/cb")),
+            (
+                "traceparent",
+                long("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            ),
+        ]));
+    let odd = BasicProperties::default()
+        .with_content_type(ShortString::from("image/jpeg; x=y"))
+        .with_message_id(ShortString::from(""))
+        .with_headers(headers(vec![
+            ("x-delivery-count", AMQPValue::ShortInt(-1)),
+            (
+                "ember-deadline",
+                AMQPValue::FieldArray(FieldArray::from(vec![long("1")])),
+            ),
+            ("ember-submitted-at", long("soon")),
+            (
+                "ember-callback-url",
+                AMQPValue::LongString(LongString::from(vec![0xff, 0xfe])),
+            ),
+            (
+                "nested",
+                AMQPValue::FieldTable(headers(vec![("x", AMQPValue::Boolean(true))])),
+            ),
+        ]));
+    let json = BasicProperties::default()
+        .with_content_type(ShortString::from("application/json"))
+        .with_headers(headers(vec![(
+            "x-delivery-count",
+            long("18446744073709551615"),
+        )]));
+    let bare = BasicProperties::default();
+    let other = BasicProperties::default().with_content_type(ShortString::from("video/mp4"));
+    let job_seeds: Vec<(&str, Vec<u8>)> = vec![
+        ("ok-24x24-headers", job::encode(&full, false, &camera_png)),
+        (
+            "ok-24x24-bare-redelivered",
+            job::encode(&bare, true, &camera_jpg),
+        ),
+        ("ok-9x7-odd-headers", job::encode(&odd, false, &grey_jpg)),
+        (
+            "ok-2x1-tensor",
+            job::encode(&json, false, &tensor(2, 1, "image_tensor:0")),
+        ),
+        ("toolarge-png-bomb", job::encode(&full, false, &bomb_png)),
+        ("toolarge-jpeg-bomb", job::encode(&bare, false, &bomb_jpg)),
+        (
+            "invalid_image-truncated",
+            job::encode(&odd, true, &camera_jpg[..100]),
+        ),
+        ("invalid_input-empty-body", job::encode(&full, false, b"")),
+        (
+            "unsupported-video",
+            job::encode(&other, false, b"\0\0\0\x18ftypmp42"),
+        ),
+        (
+            "unparsed-truncated-properties",
+            job::encode(&full, false, b"")[..20].to_vec(),
+        ),
+    ];
+    let dir = fuzz_dir().join("seeds/job");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (name, data) in job_seeds {
+        std::fs::write(dir.join(name), data).unwrap();
+    }
+}
