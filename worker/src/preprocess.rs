@@ -164,8 +164,12 @@ fn prepare_tensor(body: &[u8], limits: InputLimits, target: &Target) -> Result<P
             limits.max_pixels
         )));
     }
-    let expected = (w * h * 3) as usize;
-    let mut pixels = Vec::with_capacity(expected);
+    // In u64: `w * h * 3` overflows u32 once the pixel limit is over 1.4 G.
+    let expected = usize::try_from(u64::from(w) * u64::from(h) * 3)
+        .map_err(|_| Error::InputTooLarge(format!("the image is {w}x{h}")))?;
+    // Every value takes two bytes of JSON at least: a short body cannot make a large allocation
+    // by claiming a large shape.
+    let mut pixels = Vec::with_capacity(expected.min(body.len() / 2));
     flatten_u8(&input.data, &mut pixels, expected)?;
     if pixels.len() != expected {
         return Err(Error::InvalidInput(format!(
@@ -399,6 +403,19 @@ mod tests {
         assert_eq!(prepared.pixels, vec![1, 2, 3, 4, 5, 6]);
         assert!(prepared.raw_outputs);
         assert_eq!((prepared.original_width, prepared.original_height), (2, 1));
+    }
+
+    #[test]
+    fn a_huge_tensor_shape_under_a_huge_pixel_limit_is_an_error_not_an_overflow() {
+        // 100000 x 100000 x 3 overflowed u32 (a panic in debug builds, a wrong allocation in
+        // release) when the pixel limit let it through.
+        let body = br#"{"inputs":[{"name":"image_tensor:0","shape":[1,100000,100000,3],"datatype":"UINT8","data":[1,2,3]}]}"#;
+        let unlimited = InputLimits {
+            max_bytes: 1 << 20,
+            max_pixels: u64::MAX,
+        };
+        let result = prepare(Some("application/json"), body, unlimited, &target(1, 1));
+        assert_eq!(code(result), ErrorCode::InvalidInput);
     }
 
     #[test]
