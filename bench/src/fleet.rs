@@ -31,19 +31,32 @@ pub fn free_port() -> u16 {
 pub struct Proc {
     pub child: Child,
     pub admin: u16,
+    /// Where its stderr goes.
+    pub log: PathBuf,
 }
 
 impl Proc {
     pub fn start(binary_name: &str, args: &[String], admin: u16) -> anyhow::Result<Self> {
+        Self::start_env(binary_name, args, admin, &[])
+    }
+
+    /// Started with extra environment variables (`EMBER_LOG` defaults to warn).
+    pub fn start_env(
+        binary_name: &str,
+        args: &[String],
+        admin: u16,
+        env: &[(String, String)],
+    ) -> anyhow::Result<Self> {
         let log = std::env::temp_dir().join(format!("ember-bench-{binary_name}-{admin}.log"));
         let child = Command::new(binary(binary_name))
             .current_dir(root())
             .args(args)
             .env("EMBER_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log)?)
+            .stderr(std::fs::File::create(&log)?)
             .spawn()?;
-        Ok(Self { child, admin })
+        Ok(Self { child, admin, log })
     }
 
     pub fn pid(&self) -> u32 {

@@ -2,6 +2,7 @@
 //! this one) against the local RabbitMQ, prints its figures and writes
 //! `<out>/<scenario>.json` (plots: scripts/plot_bench.py). None of this is a test.
 
+mod chaos;
 mod client;
 mod fleet;
 mod stats;
@@ -79,6 +80,8 @@ enum Scenario {
         #[arg(long, default_value_t = 200)]
         burst: usize,
     },
+    /// Faults one at a time under load, every job accounted for (docs/chaos.md).
+    Chaos(chaos::ChaosArgs),
     /// Process memory idle, under load, and over a soak.
     Memory {
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
@@ -862,5 +865,6 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Batching { rate, duration } => batching(&args, *rate, *duration).await,
         Scenario::Memory { soak, rate } => memory(&args, *soak, *rate).await,
         Scenario::Scaling { rate, step, burst } => scaling(&args, *rate, *step, *burst).await,
+        Scenario::Chaos(chaos) => chaos::run(&args.out, chaos).await,
     }
 }
