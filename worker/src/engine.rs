@@ -107,7 +107,6 @@ const CUDA_LIBRARIES: &[&str] = &[
     "libcublas.so.13",
     "libcublasLt.so.13",
     "libcurand.so.10",
-    "libcufft.so.12",
     "libcudnn.so.9",
 ];
 
