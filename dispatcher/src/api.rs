@@ -1,12 +1,14 @@
 //! The HTTP API: Open Inference Protocol v2 (`/v2/...`) and asynchronous jobs (`/v1/...`).
 
 use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{ConnectInfo, MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -18,11 +20,11 @@ use ember_core::protocol::oip::InferResponse;
 use ember_core::protocol::{ErrorCode, JobResult, Status, content_type};
 use serde::Deserialize;
 use serde_json::json;
-use subtle::ConstantTimeEq;
 use tokio::sync::oneshot;
 
 use crate::broker::{Broker, OutgoingJob, PublishError};
 use crate::error::{ApiError, OipError};
+use crate::limits::{self, Client, RateLimiter, Tokens};
 use crate::metrics::Metrics;
 use crate::store::{JobRecord, JobState, Store};
 use crate::{callbacks, oip_binary};
@@ -39,14 +41,26 @@ pub struct AppState {
     pub models: HashMap<String, ModelSpec>,
     pub infer_timeout: Duration,
     pub max_wait: Duration,
-    pub auth_tokens: Vec<String>,
+    pub tokens: Tokens,
     pub callback_guard: callbacks::CallbackGuard,
+    pub limits: Limits,
+}
+
+/// Request limits (413, 431, 429 beyond).
+#[derive(Debug)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    /// Per token, or per client address without auth; none: no rate limit.
+    pub rate: Option<RateLimiter>,
 }
 
 type Shared = State<Arc<AppState>>;
 
-/// The API router; `max_body` bounds request bodies (413 beyond).
-pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
+/// The API router.
+pub fn router(state: Arc<AppState>) -> Router {
+    let max_body = state.limits.max_body_bytes;
     Router::new()
         .route(
             "/v2/health/live",
@@ -59,9 +73,25 @@ pub fn router(state: Arc<AppState>, max_body: usize) -> Router {
         .route("/v1/models/{model}/jobs", post(submit))
         .route("/v1/jobs/{id}", get(job_status).delete(cancel))
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .layer(middleware::from_fn_with_state(state.clone(), limit_headers))
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .with_state(state)
+}
+
+/// An error answered by a middleware, in the format of the route it stopped: the protocol's on
+/// `/v2/`, the jobs' elsewhere.
+fn reject(path: &str, error: ApiError) -> Response {
+    if path.starts_with("/v2/") {
+        OipError(error).into_response()
+    } else {
+        error.into_response()
+    }
+}
+
+/// Routes that neither auth nor the rate limit applies to.
+fn exempt(path: &str) -> bool {
+    path.starts_with("/v2/health/")
 }
 
 async fn observe(State(state): Shared, request: Request, next: Next) -> Response {
@@ -86,34 +116,84 @@ async fn observe(State(state): Shared, request: Request, next: Next) -> Response
     response
 }
 
+/// 431 with a JSON error when the header fields are too many or too large. (hyper's own
+/// limits, 100 fields and about 400 KiB of head, sit above the configurable ones and answer a
+/// bare 431.)
+async fn limit_headers(State(state): Shared, request: Request, next: Next) -> Response {
+    let limits = &state.limits;
+    match limits::check_headers(
+        request.headers(),
+        limits.max_headers,
+        limits.max_header_bytes,
+    ) {
+        Ok(()) => next.run(request).await,
+        Err(why) => reject(
+            request.uri().path(),
+            ApiError::new(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers_too_large",
+                why,
+            ),
+        ),
+    }
+}
+
+/// Bearer auth (when tokens are configured), then the rate limit: per token, or per client
+/// address without auth. Health routes are exempt from both.
 async fn authorize(State(state): Shared, request: Request, next: Next) -> Response {
-    if state.auth_tokens.is_empty() || request.uri().path().starts_with("/v2/health/") {
+    let path = request.uri().path();
+    if exempt(path) {
         return next.run(request).await;
     }
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    let mut ok = false;
-    for token in &state.auth_tokens {
-        ok |= bool::from(token.as_bytes().ct_eq(presented.as_bytes()));
-    }
-    if ok {
-        next.run(request).await
+    let client = if state.tokens.required() {
+        let presented = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        match state.tokens.find(presented) {
+            Some(index) => Client::Token(index),
+            None => {
+                let mut response = reject(
+                    path,
+                    ApiError::new(
+                        StatusCode::UNAUTHORIZED,
+                        "unauthorized",
+                        "a valid bearer token is required",
+                    ),
+                );
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                return response;
+            }
+        }
     } else {
-        let mut response = ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "a valid bearer token is required",
-        )
-        .into_response();
-        response
-            .headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        response
+        let ip = request
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip())
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        Client::address(ip)
+    };
+    if let Some(limiter) = &state.limits.rate
+        && let Err(wait) = limiter.check(client, Instant::now())
+    {
+        let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+        return reject(
+            path,
+            ApiError {
+                retry_after: Some(seconds),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!("over the request rate limit; retry in {seconds} s"),
+                )
+            },
+        );
     }
+    next.run(request).await
 }
 
 async fn server_ready(State(state): Shared) -> Result<Json<serde_json::Value>, OipError> {
@@ -184,15 +264,20 @@ async fn model_ready(
     ))
 }
 
-fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+/// The body, or 413 `body_too_large` past `max` bytes, or 400 `invalid_body` when it could not
+/// be read (the connection's own error is not echoed).
+fn body_or_error(body: Result<Bytes, BytesRejection>, max: usize) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
-        let status = rejection.status();
-        let code = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "body_too_large"
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("the body is larger than the limit of {max} bytes"),
+            )
         } else {
-            "invalid_body"
-        };
-        ApiError::new(status, code, rejection.body_text())
+            ApiError::bad_request("invalid_body", "the request body could not be read")
+                .with_detail(rejection.body_text())
+        }
     })
 }
 
@@ -202,7 +287,10 @@ fn publish_error(error: PublishError, model: &str) -> ApiError {
         PublishError::Unroutable => {
             ApiError::unavailable("no_queue", format!("no queue took the job for `{model}`"))
         }
-        PublishError::Unavailable(why) => ApiError::unavailable("broker_unavailable", why),
+        PublishError::Unavailable(why) => {
+            ApiError::unavailable("broker_unavailable", "the broker is unavailable")
+                .with_detail(why)
+        }
     }
 }
 
@@ -266,7 +354,7 @@ async fn infer(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OipError> {
     model(&state, &name)?;
-    let body = body_or_error(body)?;
+    let body = body_or_error(body, state.limits.max_body_bytes)?;
     let (request, body) =
         oip_binary::parse_infer(body, header_value(&headers, oip_binary::HEADER_LENGTH))?;
     let job_id = uuid::Uuid::new_v4().to_string();
@@ -313,11 +401,15 @@ async fn infer(
         )));
     };
     if let Some(error) = result.error {
-        return Err(OipError(ApiError::new(
-            job_error_status(error.code),
-            error.code.as_str(),
-            error.message,
-        )));
+        let status = job_error_status(error.code);
+        // A worker's own failure (model, runtime) may carry internal text: logged, not sent.
+        let failure = if status.is_server_error() {
+            ApiError::new(status, error.code.as_str(), "the job failed in the worker")
+                .with_detail(format!("job {job_id}: {}", error.message))
+        } else {
+            ApiError::new(status, error.code.as_str(), error.message)
+        };
+        return Err(OipError(failure));
     }
     let mut outputs = result
         .outputs
@@ -346,12 +438,13 @@ struct SubmitQuery {
 async fn submit(
     State(state): Shared,
     Path(name): Path<String>,
-    Query(query): Query<SubmitQuery>,
+    query: Result<Query<SubmitQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     model(&state, &name)?;
-    let body = body_or_error(body)?;
+    let body = body_or_error(body, state.limits.max_body_bytes)?;
     if body.is_empty() {
         return Err(ApiError::bad_request("invalid_input", "the body is empty"));
     }
@@ -519,7 +612,10 @@ async fn cancel(State(state): Shared, Path(id): Path<String>) -> Result<Response
                 .broker
                 .announce_cancel(&record.model, &id)
                 .await
-                .map_err(|e| ApiError::unavailable("broker_unavailable", e))?;
+                .map_err(|e| {
+                    ApiError::unavailable("broker_unavailable", "the broker is unavailable")
+                        .with_detail(e)
+                })?;
             Ok((
                 StatusCode::ACCEPTED,
                 Json(json!({"job_id": id, "model": record.model, "status": "cancelled"})),

@@ -57,6 +57,31 @@ pub struct Config {
     #[arg(long, env = "EMBER_DISPATCHER_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Largest total size of a request's header fields, in bytes, each counted as
+    /// `name: value\r\n` (431 beyond). hyper refuses heads over about 400 KiB by itself.
+    #[arg(long, env = "EMBER_DISPATCHER_MAX_HEADER_BYTES", default_value_t = 32 * 1024,
+          value_parser = clap::value_parser!(u32).range(256..=256 * 1024))]
+    pub max_header_bytes: u32,
+
+    /// Most header fields a request may have (431 beyond); hyper's own limit is 100.
+    #[arg(long, env = "EMBER_DISPATCHER_MAX_HEADERS", default_value_t = 64,
+          value_parser = clap::value_parser!(u16).range(8..=100))]
+    pub max_headers: u16,
+
+    /// Request rate allowed per bearer token (per client address when auth is off; IPv6 per
+    /// /64), e.g. `50/s`, `3000/min`, `5/10s`; 429 with Retry-After beyond. Health routes are
+    /// exempt. None: no limit.
+    #[arg(long, env = "EMBER_DISPATCHER_RATE_LIMIT")]
+    pub rate_limit: Option<crate::limits::Rate>,
+
+    /// Requests a client may make at once before the rate applies (default: the rate's count).
+    #[arg(
+        long,
+        env = "EMBER_DISPATCHER_RATE_LIMIT_BURST",
+        requires = "rate_limit"
+    )]
+    pub rate_limit_burst: Option<u32>,
+
     /// How long /v2/.../infer waits for the result before 504.
     #[arg(long, env = "EMBER_DISPATCHER_INFER_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub infer_timeout: Duration,

@@ -13,6 +13,7 @@
 //!   heartbeats), reconnecting by itself.
 //! - [`store`]: job records, results, idempotency keys in Redis.
 //! - [`callbacks`]: Standard Webhooks signing, retries, dead-lettering, the SSRF guard.
+//! - [`limits`]: header limits, bearer tokens, the per-client rate limit.
 //! - [`metrics`], [`error`].
 
 pub mod api;
@@ -20,6 +21,7 @@ pub mod broker;
 pub mod callbacks;
 pub mod config;
 pub mod error;
+pub mod limits;
 pub mod metrics;
 pub mod oip_binary;
 pub mod store;
@@ -80,6 +82,11 @@ pub async fn run_with_resolver(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let models = load_models(&config)?;
+    if config.auth_tokens.iter().any(String::is_empty) {
+        return Err(Error::Config(
+            "an empty --auth-token (a stray comma?) would let requests without a token in".into(),
+        ));
+    }
     let registry = Registry::new();
     let metrics = metrics::Metrics::register(&registry)
         .map_err(|e| Error::Config(format!("metrics: {e}")))?;
@@ -137,8 +144,16 @@ pub async fn run_with_resolver(
         models,
         infer_timeout: config.infer_timeout,
         max_wait: config.max_wait,
-        auth_tokens: config.auth_tokens.clone(),
+        tokens: limits::Tokens::new(&config.auth_tokens),
         callback_guard,
+        limits: api::Limits {
+            max_body_bytes: config.max_body_bytes,
+            max_header_bytes: config.max_header_bytes as usize,
+            max_headers: usize::from(config.max_headers),
+            rate: config
+                .rate_limit
+                .map(|rate| limits::RateLimiter::new(rate, config.rate_limit_burst)),
+        },
     });
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "API listening");
@@ -158,7 +173,8 @@ pub async fn run_with_resolver(
         })
     };
     let server_shutdown = shutdown.clone();
-    let served = axum::serve(listener, api::router(state, config.max_body_bytes))
+    let app = api::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let served = axum::serve(listener, app)
         .with_graceful_shutdown(async move { server_shutdown.cancelled().await });
     // Serve until shutdown; the drain after it is bounded by --drain-timeout (measured from
     // the signal, not from the start).
