@@ -216,8 +216,10 @@ async fn bare(jobs: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     )?;
     let options = SessionOptions {
         model_path: dir.join(&spec.file),
+        ort_dylib: dylib.clone(),
         device: ember_worker::config::Device::Cpu,
         allow_cpu_fallback: false,
+        cuda: ember_worker::config::CudaOptions::default(),
         intra_threads: 0,
         // Same setting as the worker (EMBER_WORKER_ORT_SPIN), so "bare" means the same engine.
         spin: std::env::var_os("EMBER_WORKER_ORT_SPIN").is_some(),
