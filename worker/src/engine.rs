@@ -246,6 +246,8 @@ pub struct BatchOutput {
 #[derive(Debug, Clone)]
 pub struct Engine {
     tx: mpsc::Sender<BatchRequest>,
+    width: u32,
+    height: u32,
 }
 
 /// The SSD decoding settings, resolved from the model spec.
@@ -349,17 +351,25 @@ impl Engine {
                 }
             })
             .map_err(|e| Error::Internal(format!("cannot start the inference thread: {e}")))?;
-        let engine = Self { tx };
-        engine.warm_up(warm.0, warm.1)?;
+        let engine = Self {
+            tx,
+            width: warm.0,
+            height: warm.1,
+        };
+        engine.warm_up(1)?;
         Ok(engine)
     }
 
-    fn warm_up(&self, width: u32, height: u32) -> Result<()> {
+    /// Runs one blank batch of `n` images and waits for it (from a blocking context). On a GPU,
+    /// each new batch size pays cuDNN's kernel search at its first run: warming every size the
+    /// worker can gather keeps that off the first jobs.
+    pub fn warm_up(&self, n: usize) -> Result<()> {
+        let (width, height) = (self.width, self.height);
         let (reply, rx) = oneshot::channel();
         let request = BatchRequest {
-            pixels: vec![vec![0u8; (width * height * 3) as usize]],
-            sizes: vec![ImageSize { width, height }],
-            raw: vec![true],
+            pixels: vec![vec![0u8; (width * height * 3) as usize]; n.max(1)],
+            sizes: vec![ImageSize { width, height }; n.max(1)],
+            raw: vec![true; n.max(1)],
             reply,
         };
         self.tx

@@ -187,7 +187,12 @@ mod tests {
     #[test]
     fn cuda_indices_map_through_the_visible_devices() {
         let uuid = "GPU-8f6c1a2e-0000-4b1e-9d3c-123456789abc";
-        type Row<'a> = (u32, Option<&'a str>, Option<&'a str>, Result<NvmlTarget, ()>);
+        type Row<'a> = (
+            u32,
+            Option<&'a str>,
+            Option<&'a str>,
+            Result<NvmlTarget, ()>,
+        );
         let table: &[Row] = &[
             (0, None, None, Ok(NvmlTarget::Index(0))),
             (2, None, None, Ok(NvmlTarget::Index(2))),

@@ -138,7 +138,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         let env = engine::init_runtime(&dylib)?;
         let loaded = Loaded::new(env, options, reload)?;
         let device = loaded.device();
-        Ok((Engine::start(loaded, engine_spec)?, device))
+        let engine = Engine::start(loaded, engine_spec)?;
+        if matches!(device, Device::Cuda(_)) {
+            for n in 2..=max_batch {
+                engine.warm_up(n)?;
+            }
+        }
+        Ok((engine, device))
     })
     .await
     .map_err(|e| Error::Internal(format!("model loading panicked: {e}")))??;

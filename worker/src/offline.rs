@@ -366,6 +366,7 @@ pub async fn run(config: OfflineConfig) -> Result<Report> {
 
     let load = |reload: bool| {
         let (dylib, options, spec) = (dylib.clone(), options.clone(), spec.clone());
+        let warm = config.batches.clone();
         tokio::task::spawn_blocking(move || -> Result<(Engine, Device, f64, f64)> {
             let env = engine::init_runtime(&dylib)?;
             let started = Instant::now();
@@ -374,6 +375,11 @@ pub async fn run(config: OfflineConfig) -> Result<Report> {
             let device = loaded.device();
             let started = Instant::now();
             let engine = Engine::start(loaded, spec)?;
+            if matches!(device, Device::Cuda(_)) && !reload {
+                for &n in &warm {
+                    engine.warm_up(n)?;
+                }
+            }
             Ok((
                 engine,
                 device,
