@@ -236,9 +236,14 @@ impl Amqp {
         });
         let supervisor = me.clone();
         tokio::spawn(async move {
+            let mut last = String::new();
             loop {
                 if let Err(error) = supervisor.session().await {
-                    eprintln!("chaos: AMQP client session ended: {error}");
+                    let error = error.to_string();
+                    if error != last {
+                        eprintln!("chaos: AMQP client: {error}; reconnecting");
+                    }
+                    last = error;
                 }
                 *lock(&supervisor.publisher) = None;
                 tokio::time::sleep(Duration::from_millis(300)).await;
@@ -795,6 +800,8 @@ struct Ctx {
     image: Vec<u8>,
     poison: Vec<u8>,
     args: ChaosArgs,
+    /// Scale-ins logged before the scale-in phase began.
+    scale_in_baseline: std::sync::atomic::AtomicUsize,
 }
 
 /// What the fault did: when it started and ended, and what it saw.
@@ -892,12 +899,9 @@ async fn inject(ctx: &Arc<Ctx>, fault: &str, phase: usize) -> anyhow::Result<Inj
             }
         }
         "scale-in" => {
-            // The burst is sent by the load (see run_phase); here: wait for scale-ins.
-            let before = ctx
-                .fleet
-                .autoscaler_log()
-                .matches("worker drained and exited")
-                .count();
+            // The burst was sent at the phase's start (see run_phase); here: wait, under the
+            // steady load, for the pool to scale in.
+            let before = ctx.scale_in_baseline.load(Ordering::Relaxed);
             let wait = Instant::now();
             let mut seen = 0;
             while wait.elapsed() < Duration::from_secs(30) {
@@ -1158,14 +1162,24 @@ async fn run_phase(ctx: &Arc<Ctx>, fault: &str, phase: usize) -> anyhow::Result<
         }
         "scale-in" => {
             // A burst that scales the pool out, then the steady load while it scales in.
+            ctx.scale_in_baseline.store(
+                ctx.fleet
+                    .autoscaler_log()
+                    .matches("worker drained and exited")
+                    .count(),
+                Ordering::Relaxed,
+            );
             let burst: Vec<_> = (0..ctx.args.jobs.max(60) * 2)
                 .map(|i| send(ctx, phase, kind_of(i), false))
                 .collect();
+            let rate = (ctx.args.jobs as f64 / 20.0)
+                .min(ctx.args.rate * 0.5)
+                .max(1.0);
+            let injected = steady_load(ctx, fault, phase, ctx.args.jobs, rate).await?;
             for t in burst {
                 let _ = t.await;
             }
-            let rate = ctx.args.rate.min(ctx.args.jobs as f64 / 8.0).max(1.0);
-            steady_load(ctx, fault, phase, ctx.args.jobs, rate).await?
+            injected
         }
         _ => steady_load(ctx, fault, phase, ctx.args.jobs, ctx.args.rate).await?,
     };
@@ -1519,6 +1533,7 @@ pub async fn run(out: &Path, args: &ChaosArgs) -> anyhow::Result<()> {
         image,
         poison,
         args: args.clone(),
+        scale_in_baseline: std::sync::atomic::AtomicUsize::new(0),
     });
     // Two ready workers before the first fault.
     let started = Instant::now();
