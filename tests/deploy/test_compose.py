@@ -78,3 +78,17 @@ def test_grafana_provisioning_points_at_the_dashboards():
 def test_compose_worker_grace_exceeds_drain():
     svc = compose()["services"]["worker"]
     assert svc["stop_grace_period"] == "35s"  # the worker drains for 25s by default
+
+
+def test_compose_runs_ember_images_as_their_non_root_user_with_a_read_only_root():
+    import re
+
+    built = {name: svc for name, svc in compose()["services"].items() if "build" in svc}
+    assert {"worker", "dispatcher"} <= set(built)
+    for name, svc in built.items():
+        dockerfile = (DOCKER / svc["build"]["context"] / svc["build"]["dockerfile"]).read_text()
+        final = dockerfile.rsplit("\nFROM ", 1)[1]
+        image_user = re.findall(r"^USER (\S+)$", final, re.M)[-1]
+        assert svc.get("user") == image_user, f"{name}: user {svc.get('user')!r}, image has {image_user}"
+        assert int(image_user.split(":")[0]) > 0, f"{name}: runs as root"
+        assert svc.get("read_only") is True, f"{name}: root filesystem is writable"
