@@ -9,7 +9,8 @@
 //! - [`protocol`]: job and result types, header names, error codes, content types. Serde only: no
 //!   tokio or lapin types, so a client can depend on it alone.
 //! - [`topology`]: names of the exchanges and queues and their idempotent declaration.
-//! - [`amqp`]: connecting with backoff, header helpers.
+//! - [`amqp`]: connecting (plain or TLS, credentials from env or files, never logged) with
+//!   backoff, header helpers.
 //! - [`model`]: a model directory's `model.toml`.
 //! - [`telemetry`]: logging set-up, the per-process metrics registry and the admin server
 //!   (`/metrics`, `/livez`, `/readyz`).
