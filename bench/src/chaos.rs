@@ -503,26 +503,40 @@ impl Node {
     }
 
     fn start(port: u16) -> anyhow::Result<Self> {
-        Self::script(&["start", "chaos", &port.to_string()])?;
+        Self::script(&["start", &Self::name_for(port), &port.to_string()])?;
         Ok(Self { port })
+    }
+
+    /// The node's name: one per port, so runs on different ports never share a node.
+    fn name_for(port: u16) -> String {
+        format!("chaos{port}")
+    }
+
+    fn name(&self) -> String {
+        Self::name_for(self.port)
     }
 
     fn url(&self) -> String {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
 
-    fn pid() -> Option<u32> {
-        std::fs::read_to_string(fleet::root().join("target/rabbitmq-nodes/chaos/pid"))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
+    fn pid(port: u16) -> Option<u32> {
+        std::fs::read_to_string(
+            fleet::root()
+                .join("target/rabbitmq-nodes")
+                .join(Self::name_for(port))
+                .join("pid"),
+        )
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
     }
 }
 
 impl Drop for Node {
     fn drop(&mut self) {
-        let _ = Self::script(&["stop", "chaos"]);
+        let _ = Self::script(&["stop", &self.name()]);
     }
 }
 
@@ -766,7 +780,7 @@ fn sample_memory(fleet: Arc<Fleet>, stop: Arc<AtomicBool>) -> Peaks {
             if let Some(pid) = fleet.dispatcher_pid() {
                 roles.push(("dispatcher".into(), pid));
             }
-            if let Some(pid) = Node::pid() {
+            if let Some(pid) = Node::pid(fleet.node.port) {
                 roles.push(("rabbitmq".into(), pid));
             }
             for (pid, _) in fleet.workers() {
@@ -935,17 +949,18 @@ async fn inject(ctx: &Arc<Ctx>, fault: &str, phase: usize) -> anyhow::Result<Inj
             ));
         }
         "broker-stop-app" => {
-            Node::run(vec!["ctl".into(), "chaos".into(), "stop_app".into()]).await?;
+            let node = ctx.fleet.node.name();
+            Node::run(vec!["ctl".into(), node.clone(), "stop_app".into()]).await?;
             tokio::time::sleep(Duration::from_secs(3)).await;
-            Node::run(vec!["ctl".into(), "chaos".into(), "start_app".into()]).await?;
-            Node::run(vec!["ctl".into(), "chaos".into(), "await_startup".into()]).await?;
+            Node::run(vec!["ctl".into(), node.clone(), "start_app".into()]).await?;
+            Node::run(vec!["ctl".into(), node, "await_startup".into()]).await?;
             notes.push(format!(
                 "broker app back after {:.1} s",
                 started.elapsed().as_secs_f64()
             ));
         }
         "broker-restart" => {
-            Node::run(vec!["restart".into(), "chaos".into()]).await?;
+            Node::run(vec!["restart".into(), ctx.fleet.node.name()]).await?;
             notes.push(format!(
                 "broker node back after {:.1} s",
                 started.elapsed().as_secs_f64()
@@ -1009,7 +1024,7 @@ async fn steady_load(
 }
 
 /// The overload: the capacity measured by a burst, then 10x that offered over HTTP.
-async fn overload(ctx: &Arc<Ctx>, phase: usize, notes: &mut Vec<String>) -> anyhow::Result<()> {
+async fn overload(ctx: &Arc<Ctx>, phase: usize, notes: &mut Vec<String>) -> anyhow::Result<Value> {
     let burst = 150;
     let started = Instant::now();
     let tasks: Vec<_> = (0..burst)
@@ -1065,6 +1080,7 @@ async fn overload(ctx: &Arc<Ctx>, phase: usize, notes: &mut Vec<String>) -> anyh
             }
         })
     };
+    let before_retry_after = ctx.http.too_many_retry_after.load(Ordering::Relaxed);
     let (before_429, sent_from) = (
         ctx.http.too_many.load(Ordering::Relaxed),
         lock(&ctx.ledger).len(),
@@ -1091,11 +1107,18 @@ async fn overload(ctx: &Arc<Ctx>, phase: usize, notes: &mut Vec<String>) -> anyh
         "achieved {:.0} jobs/s offered ({:.1}x capacity); {n429} answered 429 ({} with Retry-After); peak queue depth {} (bound {})",
         sent as f64 / offered_for,
         sent as f64 / offered_for / capacity,
-        ctx.http.too_many_retry_after.load(Ordering::Relaxed),
+        ctx.http.too_many_retry_after.load(Ordering::Relaxed) - before_retry_after,
         depth.load(Ordering::Relaxed),
         ctx.args.queue_max_length
     ));
-    Ok(())
+    Ok(json!({
+        "capacity_jobs_s": capacity,
+        "offered_jobs_s": sent as f64 / offered_for,
+        "answered_429": n429,
+        "with_retry_after": ctx.http.too_many_retry_after.load(Ordering::Relaxed) - before_retry_after,
+        "peak_queue_depth": depth.load(Ordering::Relaxed),
+        "queue_max_length": ctx.args.queue_max_length,
+    }))
 }
 
 /// Jobs in ember.dead.<model>: (job id, x-death reason).
@@ -1151,10 +1174,16 @@ async fn run_phase(ctx: &Arc<Ctx>, fault: &str, phase: usize) -> anyhow::Result<
     let stop = Arc::new(AtomicBool::new(false));
     let peaks = sample_memory(ctx.fleet.clone(), stop.clone());
     let restarts_before = ctx.fleet.autoscaler_log().matches("worker died").count();
+    let scale_ins_before = ctx
+        .fleet
+        .autoscaler_log()
+        .matches("worker drained and exited")
+        .count();
+    let mut overload_figures = Value::Null;
     let injected = match fault {
         "overload" => {
             let started = Instant::now();
-            overload(ctx, phase, &mut notes).await?;
+            overload_figures = overload(ctx, phase, &mut notes).await?;
             Injected {
                 started,
                 notes: vec![],
@@ -1291,6 +1320,12 @@ async fn run_phase(ctx: &Arc<Ctx>, fault: &str, phase: usize) -> anyhow::Result<
     drop(jobs);
     drop(ledger);
     let restarts = ctx.fleet.autoscaler_log().matches("worker died").count() - restarts_before;
+    let scale_ins = ctx
+        .fleet
+        .autoscaler_log()
+        .matches("worker drained and exited")
+        .count()
+        - scale_ins_before;
     if restarts > 0 {
         notes.push(format!("{restarts} worker(s) died and were replaced"));
     }
@@ -1323,6 +1358,8 @@ async fn run_phase(ctx: &Arc<Ctx>, fault: &str, phase: usize) -> anyhow::Result<
         "recovery_s": recovery,
         "phase_s": began.elapsed().as_secs_f64(),
         "peak_rss_mb": peaks,
+        "overload": overload_figures,
+        "scale_ins": scale_ins,
         "notes": notes,
     });
     eprintln!("chaos: {fault}: {report}");
