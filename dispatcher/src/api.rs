@@ -118,7 +118,7 @@ async fn observe(State(state): Shared, request: Request, next: Next) -> Response
 
 /// 431 with a JSON error when the header fields are too many or too large. (hyper's own
 /// limits, 100 fields and about 400 KiB of head, sit above the configurable ones and answer a
-/// bare 431.)
+/// bare 431.) A 413 closes the connection.
 async fn limit_headers(State(state): Shared, request: Request, next: Next) -> Response {
     let limits = &state.limits;
     match limits::check_headers(
@@ -126,7 +126,18 @@ async fn limit_headers(State(state): Shared, request: Request, next: Next) -> Re
         limits.max_headers,
         limits.max_header_bytes,
     ) {
-        Ok(()) => next.run(request).await,
+        Ok(()) => {
+            let mut response = next.run(request).await;
+            // A body refused as too large is left unread on the connection: close it, and say
+            // so, or a client that pools connections sends its next request into the closing
+            // one.
+            if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            response
+        }
         Err(why) => reject(
             request.uri().path(),
             ApiError::new(

@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Dispatcher, InProcessWorker, Receiver, Reply, python};
@@ -221,8 +222,6 @@ async fn a_receiver_failing_twice_gets_the_result_on_the_third_attempt() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_receiver_that_never_answers_ends_in_the_callback_dead_letter_queue() {
     let _serial = common::serial().await;
-    use futures_util::StreamExt;
-    use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions};
     let model = common::unique_model("deadcb");
     let receiver = Receiver::start(vec![], Some(Reply::Hang)).await;
     let dispatcher = Dispatcher::start(
@@ -242,54 +241,13 @@ async fn a_receiver_that_never_answers_ends_in_the_callback_dead_letter_queue() 
     let body: Value = response.json().await.unwrap();
     let job_id = body["job_id"].as_str().unwrap().to_string();
 
-    let connection = lapin::Connection::connect(
-        "amqp://guest:guest@127.0.0.1:5672/%2f",
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .unwrap();
-    let channel = connection.create_channel().await.unwrap();
-    let mut consumer = channel
-        .basic_consume(
-            "ember.callbacks.dead".into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let dead = loop {
-        let delivery = tokio::time::timeout(common::PATIENCE, consumer.next())
-            .await
-            .expect("a dead-lettered callback in time")
-            .unwrap()
-            .unwrap();
-        let ours = delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|m| m.as_str())
-            == Some(&job_id);
-        if ours {
-            delivery.ack(BasicAckOptions::default()).await.unwrap();
-            break delivery;
-        }
-        // Another run's leftover: leave it for whoever owns it.
-        delivery
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            })
-            .await
-            .unwrap();
-    };
+    let dead = common::dead_lettered_callback(&job_id).await;
     let headers = dead.properties.headers().as_ref().unwrap();
     let error = ember_core::amqp::header_str(Some(headers), "ember-callback-error").unwrap();
     assert!(error.contains("after 2 attempts"), "{error}");
     assert_eq!(receiver.for_job(&job_id).len(), 2);
     let result: Value = serde_json::from_slice(&dead.data).unwrap();
     assert_eq!(result["job_id"], job_id.as_str());
-    let _ = connection.close(200, "done".into()).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -369,7 +327,13 @@ async fn bad_requests_get_their_status_and_code() {
         .await
         .unwrap();
     assert_eq!(big.status(), 413);
-    assert_eq!(code(&big.json().await.unwrap()), "body_too_large");
+    assert_eq!(big.headers()["connection"], "close");
+    let big: Value = big.json().await.unwrap();
+    assert_eq!(code(&big), "body_too_large");
+    assert_eq!(
+        big["error"]["message"],
+        "the body is larger than the limit of 1000000 bytes"
+    );
 
     let unknown = dispatcher.submit("no-such-model", "coffee.png", &[]).await;
     assert_eq!(unknown.status(), 404);
@@ -379,6 +343,14 @@ async fn bad_requests_get_their_status_and_code() {
         "http://10.1.2.3/hook",
         "http://169.254.169.254/latest/meta-data/",
         "http://[::1]:8080/hook",
+        "http://[::ffff:10.0.0.1]/hook",
+        "http://[::ffff:169.254.169.254]/",
+        "http://[64:ff9b::a9fe:a9fe]/",
+        "http://[fe80::1]/hook",
+        "http://[fc00::1]/hook",
+        "http://[fd00:ec2::254]/",
+        "http://100.64.0.1/hook",
+        "http://2130706434/hook",
     ] {
         let refused = dispatcher
             .submit(&model, "coffee.png", &[("x-callback-url", url)])
@@ -580,4 +552,264 @@ async fn a_cancelled_job_is_skipped_and_reported_cancelled() {
         .await
         .unwrap();
     assert_eq!(late.status(), 409);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_callback_host_that_rebinds_to_loopback_after_submit_is_never_connected_to() {
+    let _serial = common::serial().await;
+    let model = common::unique_model("rebind");
+    // The receiver the rebinding name points at: loopback, not allow-listed.
+    let inside = Receiver::start(vec![], None).await;
+    // A receiver that is allow-listed, reached through a name too: proves the names resolve
+    // through the injected resolver when the client connects.
+    let allowed = Receiver::start_on("127.0.0.2", vec![], None).await;
+    let names = Arc::new(
+        common::ScriptedNames::default()
+            .answer("rebind.test", &[&["203.0.113.7"], &["127.0.0.1"]])
+            .answer("allowed.test", &[&["127.0.0.2"]]),
+    );
+    let dispatcher = common::InProcessDispatcher::start(
+        &model,
+        &["--callback-allow-net", "127.0.0.2/32"],
+        names.clone(),
+    )
+    .await;
+    let _worker = InProcessWorker::start(&model);
+
+    let rebinding = format!("http://rebind.test:{}/hook", inside.addr.port());
+    let response = dispatcher
+        .submit(&model, "camera.png", &[("x-callback-url", &rebinding)])
+        .await;
+    assert_eq!(response.status(), 202, "public at submit time");
+    let body: Value = response.json().await.unwrap();
+    let rebound_job = body["job_id"].as_str().unwrap().to_string();
+    let good = format!("http://allowed.test:{}/hook", allowed.addr.port());
+    let body: Value = dispatcher
+        .submit(&model, "camera.png", &[("x-callback-url", &good)])
+        .await
+        .json()
+        .await
+        .unwrap();
+    let good_job = body["job_id"].as_str().unwrap().to_string();
+
+    allowed
+        .wait_until("the allow-listed callback", |d| {
+            d.iter().any(|d| d.body.contains(&good_job))
+        })
+        .await;
+    let dead = common::dead_lettered_callback(&rebound_job).await;
+    let headers = dead.properties.headers().as_ref().unwrap();
+    let error = ember_core::amqp::header_str(Some(headers), "ember-callback-error").unwrap();
+    assert!(
+        error.contains("refused") && error.contains("rebind.test") && error.contains("127.0.0.1"),
+        "{error}"
+    );
+    let attempts = headers.inner().get("ember-callback-attempts").cloned();
+    assert_eq!(
+        attempts,
+        Some(lapin::types::AMQPValue::LongInt(1)),
+        "given up at once"
+    );
+    assert!(
+        inside.deliveries().is_empty(),
+        "the loopback receiver got a request"
+    );
+    let lookups = names.lookups.lock().unwrap().clone();
+    assert!(
+        lookups.iter().filter(|n| *n == "rebind.test").count() >= 2,
+        "resolved at submit and at connect: {lookups:?}"
+    );
+    // Submitted now, the name's loopback answer is refused at the door.
+    let refused = dispatcher
+        .submit(&model, "camera.png", &[("x-callback-url", &rebinding)])
+        .await;
+    assert_eq!(refused.status(), 400);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "callback_url_forbidden");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn store_failures_answer_a_code_and_an_error_id_but_never_the_store_error() {
+    let _serial = common::serial().await;
+    let model = common::unique_model("leak");
+    let redis = common::FakeRedis::start().await;
+    let dispatcher = Dispatcher::start(&model, &["--redis-url", &redis.url]).await;
+    let marker = common::FakeRedis::MARKER;
+
+    let mut ids = Vec::new();
+    let submitted = dispatcher.submit(&model, "coffee.png", &[]).await;
+    let status = dispatcher
+        .get("/v1/jobs/00000000-0000-0000-0000-000000000000")
+        .await
+        .unwrap();
+    for (route, response) in [("submit", submitted), ("status", status)] {
+        assert_eq!(response.status(), 503, "{route}");
+        assert_eq!(response.headers()["retry-after"], "1", "{route}");
+        let text = response.text().await.unwrap();
+        assert!(
+            !text.contains("fake-redis") && !text.contains("10.11.12.13"),
+            "{route}: {text}"
+        );
+        let body: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(body["error"]["code"], "store_unavailable", "{text}");
+        ids.push(body["error"]["error_id"].as_str().unwrap().to_string());
+    }
+    let infer = dispatcher
+        .post(&format!("/v2/models/{model}/infer"))
+        .json(&serde_json::json!({
+            "inputs": [{"name": "image_tensor:0", "datatype": "UINT8", "shape": [1, 1, 1, 3], "data": [1, 2, 3]}]
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(infer.status(), 503);
+    let text = infer.text().await.unwrap();
+    assert!(
+        !text.contains("fake-redis") && !text.contains("10.11.12.13"),
+        "{text}"
+    );
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["code"], "store_unavailable");
+    let id = body["error_id"].as_str().unwrap().to_string();
+    assert!(body["error"].as_str().unwrap().contains(&id), "{text}");
+    ids.push(id);
+
+    // The operator finds each one in the log, with the detail.
+    let log = dispatcher.log_text();
+    for id in &ids {
+        let line = log
+            .lines()
+            .find(|l| l.contains(id.as_str()))
+            .unwrap_or_else(|| panic!("error id {id} not logged: {log}"));
+        assert!(line.contains(marker), "{line}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_headers_get_431_and_a_token_over_its_rate_gets_429() {
+    let _serial = common::serial().await;
+    let model = common::unique_model("limits");
+    let dispatcher = Dispatcher::start(
+        &model,
+        &[
+            "--auth-token",
+            "first,second",
+            "--rate-limit",
+            "3/h",
+            "--max-headers",
+            "16",
+            "--max-header-bytes",
+            "2048",
+        ],
+    )
+    .await;
+    let metadata = format!("{}/v2/models/{model}", dispatcher.url);
+    let get = |token: &str| dispatcher.http.get(&metadata).bearer_auth(token);
+
+    // Too many fields: the protocol's error format on /v2.
+    let mut many = get("first");
+    for i in 0..20 {
+        many = many.header(format!("x-extra-{i}"), "1");
+    }
+    let many = many.send().await.unwrap();
+    assert_eq!(many.status(), 431);
+    let body: Value = many.json().await.unwrap();
+    assert_eq!(body["code"], "headers_too_large");
+    assert!(
+        body["error"].as_str().unwrap().contains("at most 16"),
+        "{body}"
+    );
+    // Too many bytes: the jobs' error format on /v1.
+    let large = dispatcher
+        .post(&format!("/v1/models/{model}/jobs"))
+        .bearer_auth("first")
+        .header("x-large", "a".repeat(4000))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(large.status(), 431);
+    let body: Value = large.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "headers_too_large");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("at most 2048"),
+        "{body}"
+    );
+    // Past hyper's own limit (100 fields), still 431.
+    let mut hundreds = dispatcher.http.get(&metadata);
+    for i in 0..150 {
+        hundreds = hundreds.header(format!("x-extra-{i}"), "1");
+    }
+    assert_eq!(hundreds.send().await.unwrap().status(), 431);
+
+    // The rate limit: the three refused above did not count (refused before it); three
+    // requests pass, the fourth is refused with Retry-After. 3/h refills one per 20 minutes.
+    for i in 0..3 {
+        assert_eq!(
+            get("first").send().await.unwrap().status(),
+            200,
+            "request {i}"
+        );
+    }
+    let limited = get("first").send().await.unwrap();
+    assert_eq!(limited.status(), 429);
+    let retry_after: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=1200).contains(&retry_after), "{retry_after}");
+    let body: Value = limited.json().await.unwrap();
+    assert_eq!(body["code"], "rate_limited");
+    // Each token has its own bucket; health is exempt; a wrong token is refused before.
+    assert_eq!(get("second").send().await.unwrap().status(), 200);
+    for _ in 0..5 {
+        let live = dispatcher
+            .http
+            .get(format!("{}/v2/health/live", dispatcher.url))
+            .bearer_auth("first")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(live.status(), 200);
+    }
+    let wrong = get("firs").send().await.unwrap();
+    assert_eq!(wrong.status(), 401);
+    assert_eq!(wrong.headers()["www-authenticate"], "Bearer");
+    let metrics = dispatcher.metrics().await;
+    assert_eq!(
+        common::metric(
+            &metrics,
+            "ember_dispatcher_http_requests_total{method=\"GET\",route=\"/v2/models/{model}\",status=\"429\"}"
+        ),
+        1.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_auth_the_rate_limit_is_per_client_address() {
+    let _serial = common::serial().await;
+    let model = common::unique_model("ratelimit");
+    let dispatcher =
+        Dispatcher::start(&model, &["--rate-limit", "2/h", "--rate-limit-burst", "2"]).await;
+    let path = format!("/v2/models/{model}");
+    for _ in 0..2 {
+        assert_eq!(dispatcher.get(&path).await.unwrap().status(), 200);
+    }
+    let limited = dispatcher.get(&path).await.unwrap();
+    assert_eq!(limited.status(), 429);
+    assert!(limited.headers().contains_key("retry-after"));
+    // The job routes share the client's bucket, with their own error format.
+    let job = dispatcher.get("/v1/jobs/unknown").await.unwrap();
+    assert_eq!(job.status(), 429);
+    let body: Value = job.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "rate_limited");
+    assert_eq!(
+        dispatcher.get("/v2/health/ready").await.unwrap().status(),
+        200
+    );
 }

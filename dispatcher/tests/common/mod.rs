@@ -328,6 +328,11 @@ async fn receive(
 
 impl Receiver {
     pub async fn start(plan: Vec<Reply>, default: Option<Reply>) -> Self {
+        Self::start_on("127.0.0.1", plan, default).await
+    }
+
+    /// On another loopback address (all of 127/8 is loopback on Linux).
+    pub async fn start_on(ip: &str, plan: Vec<Reply>, default: Option<Reply>) -> Self {
         let state = Arc::new(Mutex::new(ReceiverState {
             plan,
             default,
@@ -336,7 +341,7 @@ impl Receiver {
         let app = axum::Router::new()
             .route("/hook", axum::routing::post(receive))
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
         Self { state, addr }
@@ -407,4 +412,271 @@ pub fn astronaut_300() -> Vec<u8> {
         .resize_exact(300, 300, image::imageops::FilterType::Triangle)
         .into_rgb8()
         .into_raw()
+}
+
+/// Waits for `job_id`'s callback in `ember.callbacks.dead` (on the machine's broker), acks it and
+/// returns it; other runs' leftovers are put back.
+pub async fn dead_lettered_callback(job_id: &str) -> lapin::message::Delivery {
+    use futures_util::StreamExt;
+    use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions};
+    let connection = lapin::Connection::connect(
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            "ember.callbacks.dead".into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let dead = loop {
+        let delivery = tokio::time::timeout(PATIENCE, consumer.next())
+            .await
+            .expect("a dead-lettered callback in time")
+            .unwrap()
+            .unwrap();
+        let ours = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|m| m.as_str())
+            == Some(job_id);
+        if ours {
+            delivery.ack(BasicAckOptions::default()).await.unwrap();
+            break delivery;
+        }
+        // Another run's leftover: leave it for whoever owns it.
+        delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await
+            .unwrap();
+    };
+    let _ = connection.close(200, "done".into()).await;
+    dead
+}
+
+/// The dispatcher in this process (through `ember_dispatcher::run_with_resolver`, what its
+/// binary's `run` calls with the system resolver), resolving callback hosts with `names`.
+pub struct InProcessDispatcher {
+    pub url: String,
+    pub http: reqwest::Client,
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl InProcessDispatcher {
+    pub async fn start(model: &str, extra: &[&str], names: Arc<dyn reqwest::dns::Resolve>) -> Self {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let model_dir = root().join("models/ssdlite-person");
+        let mut args = vec![
+            "ember-dispatcher",
+            "--listen",
+            &listen,
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--model-dir",
+            model_dir.to_str().unwrap(),
+            "--model-name",
+            model,
+            "--callback-initial-backoff",
+            "100ms",
+            "--callback-secret",
+            SECRET,
+        ];
+        args.extend_from_slice(extra);
+        let config = ember_dispatcher::Config::try_parse_from(args).unwrap();
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            if let Err(error) = ember_dispatcher::run_with_resolver(config, names, token).await {
+                panic!("dispatcher failed: {error}");
+            }
+        });
+        let dispatcher = Self {
+            url: format!("http://{listen}"),
+            http: reqwest::Client::new(),
+            stop,
+            task: Some(task),
+        };
+        let started = Instant::now();
+        loop {
+            if let Ok(r) = dispatcher
+                .http
+                .get(format!("{}/v2/health/ready", dispatcher.url))
+                .send()
+                .await
+                && r.status() == 200
+            {
+                return dispatcher;
+            }
+            assert!(started.elapsed() < PATIENCE, "dispatcher not ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Submits a sample photo as a job.
+    pub async fn submit(
+        &self,
+        model: &str,
+        sample: &str,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut request = self
+            .http
+            .post(format!("{}/v1/models/{model}/jobs", self.url))
+            .header("content-type", "image/png")
+            .body(std::fs::read(root().join("tests/samples").join(sample)).unwrap());
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.unwrap()
+    }
+}
+
+impl Drop for InProcessDispatcher {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A resolver playing DNS: each name answers its script in turn, the last answer from then on.
+#[derive(Default)]
+pub struct ScriptedNames {
+    answers: Mutex<std::collections::HashMap<String, Vec<Vec<std::net::IpAddr>>>>,
+    pub lookups: Mutex<Vec<String>>,
+}
+
+impl ScriptedNames {
+    pub fn answer(self, name: &str, script: &[&[&str]]) -> Self {
+        let script = script
+            .iter()
+            .map(|ips| ips.iter().map(|ip| ip.parse().unwrap()).collect())
+            .collect();
+        self.answers
+            .lock()
+            .unwrap()
+            .insert(name.to_string(), script);
+        self
+    }
+}
+
+impl reqwest::dns::Resolve for ScriptedNames {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        self.lookups.lock().unwrap().push(name.as_str().to_string());
+        let answer: Option<Vec<std::net::IpAddr>> = {
+            let mut answers = self.answers.lock().unwrap();
+            answers.get_mut(name.as_str()).map(|script| {
+                if script.len() > 1 {
+                    script.remove(0)
+                } else {
+                    script[0].clone()
+                }
+            })
+        };
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let ips = answer.ok_or_else(|| format!("no such name: {host}"))?;
+            let addrs: Vec<SocketAddr> = ips.into_iter().map(|ip| SocketAddr::new(ip, 0)).collect();
+            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// A "Redis" on 127.0.0.1 that answers PING and the connection set-up like Redis, and every
+/// other command with an error carrying `FakeRedis::MARKER`: internal text that must not reach
+/// API clients.
+pub struct FakeRedis {
+    pub url: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeRedis {
+    pub const MARKER: &str = "fake-redis-internal-detail 10.11.12.13:6379";
+
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("redis://{}/", listener.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(fake_redis_connection(stream));
+            }
+        });
+        Self { url, task }
+    }
+}
+
+impl Drop for FakeRedis {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn fake_redis_connection(mut stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+        }
+        let mut replies = Vec::new();
+        while let Some((command, used)) = parse_resp_command(&buffer) {
+            buffer.drain(..used);
+            let name = command
+                .first()
+                .map(|c| c.to_ascii_uppercase())
+                .unwrap_or_default();
+            match name.as_slice() {
+                b"PING" => replies.extend_from_slice(b"+PONG\r\n"),
+                b"CLIENT" | b"SELECT" => replies.extend_from_slice(b"+OK\r\n"),
+                _ => {
+                    replies.extend_from_slice(format!("-ERR {}\r\n", FakeRedis::MARKER).as_bytes())
+                }
+            }
+        }
+        if stream.write_all(&replies).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One RESP command (`*N` then N bulk strings) from the front of `buffer`, and its length.
+fn parse_resp_command(buffer: &[u8]) -> Option<(Vec<Vec<u8>>, usize)> {
+    fn line(buffer: &[u8], at: usize) -> Option<(&[u8], usize)> {
+        let end = buffer[at..].windows(2).position(|w| w == b"\r\n")? + at;
+        Some((&buffer[at..end], end + 2))
+    }
+    let (header, mut at) = line(buffer, 0)?;
+    let count: usize = std::str::from_utf8(header.strip_prefix(b"*")?)
+        .ok()?
+        .parse()
+        .ok()?;
+    let mut parts = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (length, next) = line(buffer, at)?;
+        let length: usize = std::str::from_utf8(length.strip_prefix(b"$")?)
+            .ok()?
+            .parse()
+            .ok()?;
+        if buffer.len() < next + length + 2 {
+            return None;
+        }
+        parts.push(buffer[next..next + length].to_vec());
+        at = next + length + 2;
+    }
+    Some((parts, at))
 }
