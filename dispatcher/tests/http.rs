@@ -813,3 +813,16 @@ async fn without_auth_the_rate_limit_is_per_client_address() {
         200
     );
 }
+
+#[test]
+fn an_empty_auth_token_is_a_startup_error() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_ember-dispatcher"))
+        .current_dir(common::root())
+        .args(["--listen", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
+        .args(["--auth-token", "s3cret,"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("empty --auth-token"), "{stderr}");
+}
