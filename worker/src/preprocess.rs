@@ -101,11 +101,22 @@ pub fn prepare(
             limits.max_bytes
         )));
     }
-    let image = match format_of(content_type, body)? {
-        Format::Png => decode(PngDecoder::new(Cursor::new(body)), limits)?,
-        Format::Jpeg => decode(JpegDecoder::new(Cursor::new(body)), limits)?,
-        Format::Tensor => return prepare_tensor(body, limits, target),
-    };
+    let format = format_of(content_type, body)?;
+    if format == Format::Tensor {
+        return prepare_tensor(body, limits, target);
+    }
+    // The decoders are third-party code fed hostile bytes: one that panics (zune-jpeg 0.5.15
+    // does on some malformed JPEGs, found by fuzzing, see docs/fuzzing.md) must fail this job,
+    // not the task that holds it (an unacked job and a stuck prefetch slot).
+    let decoded = std::panic::catch_unwind(|| match format {
+        Format::Png => decode(PngDecoder::new(Cursor::new(body)), limits),
+        _ => decode(JpegDecoder::new(Cursor::new(body)), limits),
+    });
+    let image = decoded.unwrap_or_else(|_| {
+        Err(Error::InvalidImage(
+            "the image decoder failed on this input".into(),
+        ))
+    })?;
     let (original_width, original_height) = (image.width(), image.height());
     let rgb = image.into_rgb8();
     let pixels = resize_rgb(

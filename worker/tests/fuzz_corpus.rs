@@ -42,7 +42,11 @@ fn inputs(target: &str) -> Vec<(String, Vec<u8>)> {
 
 /// The outcome a seed's name promises: `ok-WxH-...`, `toolarge-...`, `invalid_image-...`, ...
 fn check_named(name: &str, result: &Result<Prepared, Error>) {
-    let Some(seed) = name.strip_prefix("seeds/") else {
+    // Seeds and regressions are named for their outcome; the fuzzer's corpus is not.
+    let Some(seed) = name
+        .strip_prefix("seeds/")
+        .or_else(|| name.strip_prefix("regressions/"))
+    else {
         return;
     };
     let mut parts = seed.split('-');
