@@ -260,10 +260,7 @@ async fn a_burst_scales_from_zero_drains_and_returns_to_zero_losing_nothing() {
         .status();
     let status = autoscaler.0.wait().unwrap();
     assert!(status.success(), "{status:?}");
-    for queue in [
-        topology::jobs_queue(&model),
-        topology::dead_letter_queue(&model),
-    ] {
+    for queue in topology::model_queues(&model) {
         let _ = channel
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
             .await;

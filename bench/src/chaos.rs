@@ -1621,10 +1621,7 @@ pub async fn run(out: &Path, args: &ChaosArgs) -> anyhow::Result<()> {
     if let Ok(c) = Connection::connect(&fleet.node.url(), ConnectionProperties::default()).await
         && let Ok(ch) = c.create_channel().await
     {
-        for q in [
-            topology::jobs_queue(&model),
-            topology::dead_letter_queue(&model),
-        ] {
+        for q in topology::model_queues(&model) {
             let _ = ch
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await;

@@ -119,10 +119,7 @@ async fn delete_queues(model: &str) {
     if let Ok(c) = Connection::connect(client::URL, ConnectionProperties::default()).await
         && let Ok(ch) = c.create_channel().await
     {
-        for q in [
-            topology::jobs_queue(model),
-            topology::dead_letter_queue(model),
-        ] {
+        for q in topology::model_queues(model) {
             let _ = ch
                 .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                 .await;

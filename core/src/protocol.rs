@@ -18,6 +18,8 @@ pub mod header {
     pub const MODEL: &str = "ember-model";
     /// Set by RabbitMQ quorum queues on redelivery: how many times the job was delivered before.
     pub const DELIVERY_COUNT: &str = "x-delivery-count";
+    /// Deliveries a job had in its model's queue before it moved to the retry lane.
+    pub const PRIOR_DELIVERIES: &str = "ember-prior-deliveries";
 }
 
 /// Content types a job body may have.

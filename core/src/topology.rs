@@ -27,6 +27,30 @@ pub fn jobs_queue(model: &str) -> String {
 }
 
 /// Where the model's poison and expired jobs end up.
+pub fn retry_queue(model: &str) -> String {
+    format!("ember.retry.{model}")
+}
+
+/// Arguments of a model's retry lane: the job queue's, with dead letters routed by the model
+/// name (the lane is published to by queue name).
+pub fn retry_queue_arguments(model: &str, settings: QueueSettings) -> FieldTable {
+    let mut args = jobs_queue_arguments(settings);
+    args.insert(
+        ShortString::from("x-dead-letter-routing-key"),
+        long_string(model),
+    );
+    args
+}
+
+/// Every queue [`declare_model`] declares for a model: jobs, retry lane, dead letters.
+pub fn model_queues(model: &str) -> [String; 3] {
+    [
+        jobs_queue(model),
+        retry_queue(model),
+        dead_letter_queue(model),
+    ]
+}
+
 pub fn dead_letter_queue(model: &str) -> String {
     format!("ember.dead.{model}")
 }
@@ -174,7 +198,9 @@ pub async fn declare_shared(channel: &Channel) -> lapin::Result<()> {
 }
 
 /// Declares everything a model needs: the shared parts, its job queue bound to
-/// [`JOBS_EXCHANGE`], and its dead-letter queue bound to [`DEAD_LETTER_EXCHANGE`].
+/// [`JOBS_EXCHANGE`], its retry lane ([`retry_queue`]: jobs delivered again after a failure,
+/// taken one at a time per worker), and its dead-letter queue bound to
+/// [`DEAD_LETTER_EXCHANGE`].
 pub async fn declare_model(
     channel: &Channel,
     model: &str,
@@ -197,6 +223,14 @@ pub async fn declare_model(
             model.into(),
             QueueBindOptions::default(),
             FieldTable::default(),
+        )
+        .await?;
+    let retry = retry_queue(model);
+    channel
+        .queue_declare(
+            retry.as_str().into(),
+            durable_queue(),
+            retry_queue_arguments(model, settings),
         )
         .await?;
     declare_quorum_queue(channel, &dead).await?;

@@ -21,7 +21,8 @@ use lapin::options::{
     BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Connection, message::Delivery};
+
+use lapin::{BasicProperties, Channel, Confirmation, Connection, message::Delivery};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -178,11 +179,13 @@ pub struct Envelope {
 pub fn decode_envelope(properties: &BasicProperties, redelivered: bool) -> Envelope {
     let headers = properties.headers().as_ref();
     let delivery_count = header_u64(headers, header::DELIVERY_COUNT);
-    let attempt = match delivery_count {
-        Some(count) => u32::try_from(count.saturating_add(1)).unwrap_or(u32::MAX),
+    let prior = header_u64(headers, header::PRIOR_DELIVERIES).unwrap_or(0);
+    let deliveries = match delivery_count {
+        Some(count) => count.saturating_add(1),
         None if redelivered => 2,
         None => 1,
     };
+    let attempt = u32::try_from(deliveries.saturating_add(prior)).unwrap_or(u32::MAX);
     let long = |name: &str| header_str(headers, name).map(LongString::from);
     Envelope {
         job_id: properties
@@ -290,6 +293,21 @@ async fn serve(
             FieldTable::default(),
         )
         .await?;
+    // The retry lane: one job at a time per worker, so a job that kills its worker takes only
+    // itself (and that worker's first-time jobs, which then come here) down each time.
+    let retry_channel = connection.create_channel().await?;
+    retry_channel
+        .basic_qos(1, BasicQosOptions::default())
+        .await?;
+    let retry_queue = topology::retry_queue(&shared.model);
+    let mut retries = retry_channel
+        .basic_consume(
+            retry_queue.as_str().into(),
+            format!("{}-retry", shared.worker_id).as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
     tracing::info!(%queue, prefetch = shared.prefetch, max_batch = shared.max_batch, "consuming");
     shared.stats.set_state(WorkerState::Ready);
     shared.readiness.set(true);
@@ -324,11 +342,21 @@ async fn serve(
                 None => break Some("the broker cancelled the cancellation consumer".to_string()),
             },
             next = consumer.next() => match next {
+                Some(Ok(delivery)) if is_redelivery(&delivery) => {
+                    tracker.spawn(to_retry_lane(shared.clone(), publisher.clone(), delivery));
+                }
                 Some(Ok(delivery)) => {
                     accept(shared, &publisher, &tracker, &prepared_tx, delivery);
                 }
                 Some(Err(error)) => break Some(format!("consumer failed: {error}")),
                 None => break Some("the broker cancelled the consumer".to_string()),
+            },
+            next = retries.next() => match next {
+                Some(Ok(delivery)) => {
+                    accept(shared, &publisher, &tracker, &prepared_tx, delivery);
+                }
+                Some(Err(error)) => break Some(format!("retry consumer failed: {error}")),
+                None => break Some("the broker cancelled the retry consumer".to_string()),
             },
         }
     };
@@ -340,11 +368,16 @@ async fn serve(
             shared.stats.set_state(WorkerState::Draining);
             shared.readiness.set(false);
             tracing::info!("draining: consumer cancelled, finishing the jobs in hand");
-            if let Err(error) = consumer_channel
-                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-                .await
-            {
-                tracing::warn!(%error, "basic.cancel failed");
+            for (channel, tag) in [
+                (&consumer_channel, consumer.tag()),
+                (&retry_channel, retries.tag()),
+            ] {
+                if let Err(error) = channel
+                    .basic_cancel(tag, BasicCancelOptions::default())
+                    .await
+                {
+                    tracing::warn!(%error, "basic.cancel failed");
+                }
             }
             let timed_out = tokio::time::timeout(shared.drain_timeout, tracker.wait())
                 .await
@@ -371,11 +404,86 @@ async fn serve(
     session_done.cancel();
     let _ = heartbeats.await;
     if matches!(outcome, SessionEnd::Drained { .. }) {
-        for channel in [&consumer_channel, &publisher, &telemetry] {
+        for channel in [&consumer_channel, &retry_channel, &publisher, &telemetry] {
             let _ = channel.close(200, "worker shutting down".into()).await;
         }
     }
     Ok(outcome)
+}
+
+/// A job from the model's queue that was delivered before: its worker failed it, lost the
+/// broker, or died holding it — perhaps because of it, perhaps beside the job that did.
+fn is_redelivery(delivery: &Delivery) -> bool {
+    delivery.redelivered
+        || header_u64(
+            delivery.properties.headers().as_ref(),
+            header::DELIVERY_COUNT,
+        )
+        .is_some_and(|count| count > 0)
+}
+
+/// Moves a redelivered job to the model's retry lane (publish with confirm, then ack; if the
+/// publish is not confirmed, the job goes back to the queue). A worker holds one retry-lane job
+/// at a time, so a job that crashes workers is dead-lettered after the delivery limit without
+/// dragging the jobs that happened to be delivered beside it over the limit too.
+async fn to_retry_lane(shared: Arc<Shared>, publisher: Channel, delivery: Delivery) {
+    let Delivery {
+        acker,
+        properties,
+        data,
+        redelivered,
+        ..
+    } = delivery;
+    let mut headers = properties
+        .headers()
+        .as_ref()
+        .map(|h| h.inner().clone())
+        .unwrap_or_default();
+    let count = header_u64(properties.headers().as_ref(), header::DELIVERY_COUNT)
+        .unwrap_or(u64::from(redelivered));
+    let prior = header_u64(properties.headers().as_ref(), header::PRIOR_DELIVERIES).unwrap_or(0);
+    // The lane's own deliveries are counted afresh by the broker.
+    headers.remove(header::DELIVERY_COUNT);
+    headers.insert(
+        ShortString::from(header::PRIOR_DELIVERIES),
+        AMQPValue::LongLongInt(i64::try_from(count.saturating_add(prior)).unwrap_or(i64::MAX)),
+    );
+    let properties = properties.with_headers(FieldTable::from(headers));
+    let retry_queue = topology::retry_queue(&shared.model);
+    let published = publisher
+        .basic_publish(
+            "".into(),
+            retry_queue.as_str().into(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
+            &data,
+            properties,
+        )
+        .await;
+    let confirmed = match published {
+        Ok(confirm) => matches!(confirm.await, Ok(Confirmation::Ack(None))),
+        Err(_) => false,
+    };
+    let settled = if confirmed {
+        shared
+            .metrics
+            .requeued
+            .with_label_values(&["retry_lane"])
+            .inc();
+        acker.ack(BasicAckOptions::default()).await
+    } else {
+        acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await
+    };
+    if let Err(error) = settled {
+        tracing::debug!(%error, "cannot settle a job moved to the retry lane; the broker will redeliver it");
+    }
 }
 
 /// An exclusive queue of this worker's own, bound to the model's cancellations.

@@ -129,11 +129,7 @@ async fn the_worker_reconnects_after_a_broker_restart_and_every_confirmed_job_is
     assert!(metric(&worker.metrics(), "ember_worker_broker_reconnects_total") >= 1.0);
     assert!(worker.log_text().contains("reconnecting to the broker"));
     drop(worker);
-    for queue in [
-        results_queue,
-        topology::jobs_queue(&model),
-        topology::dead_letter_queue(&model),
-    ] {
+    for queue in std::iter::once(results_queue).chain(topology::model_queues(&model)) {
         let _ = channel
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
             .await;

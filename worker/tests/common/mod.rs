@@ -325,10 +325,7 @@ impl Client {
 
     /// Deletes the model's queues.
     pub async fn cleanup(self) {
-        for queue in [
-            topology::jobs_queue(&self.model),
-            topology::dead_letter_queue(&self.model),
-        ] {
+        for queue in topology::model_queues(&self.model) {
             let _ = self
                 .channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())

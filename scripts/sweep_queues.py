@@ -1,0 +1,25 @@
+#!/usr/bin/env python3
+"""Deletes the per-test model queues earlier test runs left on the local broker (a test that
+is killed cannot clean up after itself, and RabbitMQ slows down under hundreds of idle quorum
+queues). Only names the tests make: ember.{jobs,retry,dead}.{test,http,bench}-<model>-<id>."""
+
+import re
+import subprocess
+import sys
+
+import pika
+
+TEST_QUEUE = re.compile(r"^ember\.(jobs|retry|dead)\.(test|http|bench|chaos)-[A-Za-z0-9_-]+$")
+
+listed = subprocess.run(["rabbitmqctl", "list_queues", "name", "-q", "--no-table-headers"],
+                        capture_output=True, text=True, timeout=120)
+if listed.returncode != 0:
+    sys.exit(f"rabbitmqctl list_queues failed: {listed.stderr.strip()}")
+names = [n.strip() for n in listed.stdout.splitlines() if TEST_QUEUE.match(n.strip())]
+if names:
+    connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672))
+    channel = connection.channel()
+    for name in names:
+        channel.queue_delete(name)
+    connection.close()
+print(f"swept {len(names)} queues left by earlier test runs")
