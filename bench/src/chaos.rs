@@ -982,9 +982,9 @@ async fn inject(ctx: &Arc<Ctx>, fault: &str, phase: usize) -> anyhow::Result<Inj
             ));
         }
         "poison" => {
-            for _ in 0..2 {
-                let _ = send(ctx, phase, Kind::HttpAsync, true).await;
-            }
+            // One over HTTP with a callback, one by AMQP RPC: both clients must be told.
+            let _ = send(ctx, phase, Kind::HttpAsync, true).await;
+            let _ = send(ctx, phase, Kind::Amqp, true).await;
             notes.push("2 poison jobs (the worker aborts on them)".into());
         }
         _ => {}
@@ -1219,7 +1219,7 @@ async fn run_phase(ctx: &Arc<Ctx>, fault: &str, phase: usize) -> anyhow::Result<
         ctx.http.poll_visible(phase).await;
         let pending = lock(&ctx.ledger)
             .values()
-            .filter(|j| j.phase == phase && !j.poison && j.accepted.is_some() && !answered(j))
+            .filter(|j| j.phase == phase && j.accepted.is_some() && !answered(j))
             .count();
         if pending == 0 || settle_started.elapsed() > ctx.args.settle {
             break;
@@ -1258,14 +1258,27 @@ async fn run_phase(ctx: &Arc<Ctx>, fault: &str, phase: usize) -> anyhow::Result<
     for j in &accepted {
         let id = j.accepted.clone().unwrap_or_default();
         if j.poison {
+            // Dead-lettered, kept for operators, and its client told once with an error.
+            let told = answered(j)
+                && j.deliveries.len() == 1
+                && j.deliveries.iter().all(|a| a.status == "error");
             match dead_ids.get(&id) {
-                Some(reason) if j.deliveries.is_empty() => {
+                Some(reason) if told => {
                     dead_ok += 1;
                     notes.push(format!(
-                        "poison job dead-lettered, x-death reason `{reason}`"
+                        "poison job ({:?}) dead-lettered, x-death reason `{reason}`, its client answered `error`",
+                        j.kind
                     ));
                 }
-                _ => poison_lost += 1,
+                Some(reason) => {
+                    poison_lost += 1;
+                    notes.push(format!(
+                        "poison job ({:?}) dead-lettered (`{reason}`) but its client got {} answer(s)",
+                        j.kind,
+                        j.deliveries.len()
+                    ));
+                }
+                None => poison_lost += 1,
             }
             continue;
         }

@@ -66,6 +66,9 @@ pub enum ErrorCode {
     Cancelled,
     /// Anything else on the worker side.
     Internal,
+    /// Every worker that took the job failed or died with it, `x-delivery-limit` times: it was
+    /// dead-lettered (kept in `ember.dead.<model>`) and this error is its answer.
+    DeadLettered,
 }
 
 impl ErrorCode {
@@ -79,6 +82,7 @@ impl ErrorCode {
             ErrorCode::ModelError => "model_error",
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::Internal => "internal",
+            ErrorCode::DeadLettered => "dead_lettered",
         }
     }
 }

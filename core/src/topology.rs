@@ -42,13 +42,21 @@ pub fn retry_queue_arguments(model: &str, settings: QueueSettings) -> FieldTable
     args
 }
 
-/// Every queue [`declare_model`] declares for a model: jobs, retry lane, dead letters.
-pub fn model_queues(model: &str) -> [String; 3] {
+/// Every queue [`declare_model`] declares for a model: jobs, retry lane, dead letters, and
+/// the dead-letter notices the workers answer.
+pub fn model_queues(model: &str) -> [String; 4] {
     [
         jobs_queue(model),
         retry_queue(model),
         dead_letter_queue(model),
+        dead_notice_queue(model),
     ]
+}
+
+/// A copy of each of the model's dead letters, for the workers to answer its client with a
+/// `dead_lettered` error (the dead-letter queue itself keeps them for operators).
+pub fn dead_notice_queue(model: &str) -> String {
+    format!("ember.deadnotice.{model}")
 }
 
 pub fn dead_letter_queue(model: &str) -> String {
@@ -233,16 +241,18 @@ pub async fn declare_model(
             retry_queue_arguments(model, settings),
         )
         .await?;
-    declare_quorum_queue(channel, &dead).await?;
-    channel
-        .queue_bind(
-            dead.as_str().into(),
-            DEAD_LETTER_EXCHANGE.into(),
-            model.into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    for queue in [dead, dead_notice_queue(model)] {
+        declare_quorum_queue(channel, &queue).await?;
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                DEAD_LETTER_EXCHANGE.into(),
+                model.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
     Ok(())
 }
 

@@ -36,6 +36,8 @@ pub enum Error {
     Model(String),
     #[error("internal: {0}")]
     Internal(String),
+    #[error("{0}")]
+    DeadLettered(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -51,6 +53,7 @@ impl Error {
             Error::DeadlineExceeded(_) => ErrorCode::DeadlineExceeded,
             Error::Cancelled => ErrorCode::Cancelled,
             Error::Model(_) => ErrorCode::ModelError,
+            Error::DeadLettered(_) => ErrorCode::DeadLettered,
             Error::Config(_) | Error::Runtime(_) | Error::Amqp(_) | Error::Internal(_) => {
                 ErrorCode::Internal
             }
@@ -65,7 +68,8 @@ impl Error {
             | Error::UnsupportedContentType(_)
             | Error::InputTooLarge(_)
             | Error::DeadlineExceeded(_)
-            | Error::Cancelled => Disposition::AckWithError,
+            | Error::Cancelled
+            | Error::DeadLettered(_) => Disposition::AckWithError,
             Error::Model(_)
             | Error::Internal(_)
             | Error::Runtime(_)

@@ -43,6 +43,8 @@ pub struct Stats {
     completed: AtomicU64,
     busy_nanos: AtomicU64,
     state: AtomicU8,
+    /// Redelivered jobs being moved to the retry lane right now.
+    moving: AtomicU64,
 }
 
 impl Stats {
@@ -308,6 +310,20 @@ async fn serve(
             FieldTable::default(),
         )
         .await?;
+    // Copies of the model's dead letters: each is answered with a `dead_lettered` error, so its
+    // client learns what happened instead of waiting forever.
+    let notice_channel = connection.create_channel().await?;
+    notice_channel
+        .basic_qos(8, BasicQosOptions::default())
+        .await?;
+    let mut notices = notice_channel
+        .basic_consume(
+            topology::dead_notice_queue(&shared.model).as_str().into(),
+            format!("{}-deadnotice", shared.worker_id).as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
     tracing::info!(%queue, prefetch = shared.prefetch, max_batch = shared.max_batch, "consuming");
     shared.stats.set_state(WorkerState::Ready);
     shared.readiness.set(true);
@@ -343,6 +359,7 @@ async fn serve(
             },
             next = consumer.next() => match next {
                 Some(Ok(delivery)) if is_redelivery(&delivery) => {
+                    shared.stats.moving.fetch_add(1, Ordering::SeqCst);
                     tracker.spawn(to_retry_lane(shared.clone(), publisher.clone(), delivery));
                 }
                 Some(Ok(delivery)) => {
@@ -353,10 +370,21 @@ async fn serve(
             },
             next = retries.next() => match next {
                 Some(Ok(delivery)) => {
-                    accept(shared, &publisher, &tracker, &prepared_tx, delivery);
+                    let (shared, publisher, prepared_tx) =
+                        (shared.clone(), publisher.clone(), prepared_tx.clone());
+                    let inner = tracker.clone();
+                    tracker.spawn(async move {
+                        settle_moves(&shared).await;
+                        accept(&shared, &publisher, &inner, &prepared_tx, delivery);
+                    });
                 }
                 Some(Err(error)) => break Some(format!("retry consumer failed: {error}")),
                 None => break Some("the broker cancelled the retry consumer".to_string()),
+            },
+            next = notices.next() => match next {
+                Some(Ok(delivery)) => answer_dead_letter(shared, &publisher, &tracker, delivery),
+                Some(Err(error)) => break Some(format!("dead-letter notice consumer failed: {error}")),
+                None => break Some("the broker cancelled the dead-letter notice consumer".to_string()),
             },
         }
     };
@@ -371,6 +399,7 @@ async fn serve(
             for (channel, tag) in [
                 (&consumer_channel, consumer.tag()),
                 (&retry_channel, retries.tag()),
+                (&notice_channel, notices.tag()),
             ] {
                 if let Err(error) = channel
                     .basic_cancel(tag, BasicCancelOptions::default())
@@ -404,7 +433,13 @@ async fn serve(
     session_done.cancel();
     let _ = heartbeats.await;
     if matches!(outcome, SessionEnd::Drained { .. }) {
-        for channel in [&consumer_channel, &retry_channel, &publisher, &telemetry] {
+        for channel in [
+            &consumer_channel,
+            &retry_channel,
+            &notice_channel,
+            &publisher,
+            &telemetry,
+        ] {
             let _ = channel.close(200, "worker shutting down".into()).await;
         }
     }
@@ -420,6 +455,24 @@ fn is_redelivery(delivery: &Delivery) -> bool {
             header::DELIVERY_COUNT,
         )
         .is_some_and(|count| count > 0)
+}
+
+/// Waits (at most 5 s) until no redelivered job has been in this worker's hands for 100 ms. A
+/// retry-lane job may be the one that kills workers; the jobs a dead worker held come back
+/// redelivered, and the next worker must get them safely into the lane before it runs the
+/// killer again, or they would ride along to the delivery limit with it.
+async fn settle_moves(shared: &Shared) {
+    const QUIET: Duration = Duration::from_millis(100);
+    let started = Instant::now();
+    let mut quiet_since = Instant::now();
+    while started.elapsed() < Duration::from_secs(5) {
+        if shared.stats.moving.load(Ordering::SeqCst) > 0 {
+            quiet_since = Instant::now();
+        } else if quiet_since.elapsed() >= QUIET {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Moves a redelivered job to the model's retry lane (publish with confirm, then ack; if the
@@ -484,6 +537,39 @@ async fn to_retry_lane(shared: Arc<Shared>, publisher: Channel, delivery: Delive
     if let Err(error) = settled {
         tracing::debug!(%error, "cannot settle a job moved to the retry lane; the broker will redeliver it");
     }
+    shared.stats.moving.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// Answers a dead-lettered job (a copy from the model's dead-notice queue) with a
+/// `dead_lettered` error result, by the job's own reply routes (reply-to, results, callback).
+fn answer_dead_letter(
+    shared: &Arc<Shared>,
+    publisher: &Channel,
+    tracker: &TaskTracker,
+    delivery: Delivery,
+) {
+    shared.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+    shared.metrics.in_flight.inc();
+    let headers = delivery.properties.headers().as_ref();
+    let reason = header_str(headers, "x-first-death-reason")
+        .unwrap_or("unknown")
+        .to_string();
+    let queue = header_str(headers, "x-first-death-queue")
+        .unwrap_or("its queue")
+        .to_string();
+    let (job, _, _) = split(delivery);
+    tracing::warn!(job_id = %job.job_id, %reason, %queue, "answering a dead-lettered job");
+    let message = format!(
+        "the job was dead-lettered from {queue} ({reason}): every worker that took it failed or \
+         died with it, as many times as the queue's delivery limit allows; it is kept in {}",
+        topology::dead_letter_queue(&shared.model)
+    );
+    let done = Done {
+        job,
+        outcome: Err(Error::DeadLettered(message)),
+        timing: Timing::default(),
+    };
+    tracker.spawn(finish(shared.clone(), publisher.clone(), vec![done]));
 }
 
 /// An exclusive queue of this worker's own, bound to the model's cancellations.

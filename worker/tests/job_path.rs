@@ -435,12 +435,26 @@ async fn a_job_that_keeps_failing_is_dead_lettered_by_the_delivery_limit() {
     let dead = common::get_one(&channel, &topology::dead_letter_queue(&model)).await;
     assert_eq!(
         dead.properties.message_id().as_ref().map(|m| m.to_string()),
-        Some(id)
+        Some(id.clone())
     );
     let headers = dead.properties.headers().as_ref().unwrap();
     assert!(
         headers.inner().contains_key("x-death")
             || headers.inner().contains_key("x-first-death-reason")
+    );
+    // Its client is told: a worker answers the dead letter's copy with a `dead_lettered` error.
+    drop(consumer);
+    let _worker = Worker::start(&model, &[]);
+    let mut client = client;
+    client.collect(std::slice::from_ref(&id)).await;
+    let result = client.result(&id);
+    assert_eq!(result.status, Status::Error);
+    let error = result.error.as_ref().unwrap();
+    assert_eq!(error.code, ErrorCode::DeadLettered);
+    assert!(
+        error.message.contains("delivery_limit"),
+        "{}",
+        error.message
     );
     client.cleanup().await;
 }
