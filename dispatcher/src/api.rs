@@ -26,7 +26,7 @@ use crate::broker::{Broker, OutgoingJob, PublishError};
 use crate::error::{ApiError, OipError};
 use crate::limits::{self, Client, RateLimiter, Tokens};
 use crate::metrics::Metrics;
-use crate::store::{JobRecord, JobState, Store};
+use crate::store::{Claim, JobRecord, JobState, Store};
 use crate::{callbacks, oip_binary};
 
 /// A heartbeat older than this does not count a worker as alive.
@@ -313,7 +313,9 @@ fn job_error_status(code: ErrorCode) -> StatusCode {
         ErrorCode::InputTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         ErrorCode::Cancelled => StatusCode::CONFLICT,
-        ErrorCode::ModelError | ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorCode::ModelError | ErrorCode::Internal | ErrorCode::DeadLettered => {
+            StatusCode::INTERNAL_SERVER_ERROR
+        }
     }
 }
 
@@ -490,8 +492,10 @@ async fn submit(
     if let Some(url) = callback_url {
         state.callback_guard.check_url(url).await?;
     }
-    let job_id = uuid::Uuid::new_v4().to_string();
+    let mut job_id = uuid::Uuid::new_v4().to_string();
     let idempotency_key = header_value(&headers, "idempotency-key");
+    // Whether this request claimed the key afresh (and must release it if the publish fails).
+    let mut claimed = false;
     if let Some(key) = idempotency_key {
         if key.is_empty() || key.len() > 255 {
             return Err(ApiError::bad_request(
@@ -499,12 +503,16 @@ async fn submit(
                 "1 to 255 characters",
             ));
         }
-        if let Some(existing) = state
+        match state
             .store
             .claim_idempotency_key(&name, key, &job_id)
             .await?
         {
-            return Ok(accepted(&existing));
+            Claim::New => claimed = true,
+            Claim::Committed(existing) => return Ok(accepted(&existing)),
+            // The first request with this key has not seen its job published (it may have
+            // died between the claim and the confirm): publish the job again, same id.
+            Claim::Pending(existing) => job_id = existing,
         }
     }
     state
@@ -535,12 +543,22 @@ async fn submit(
     let receiver = match published {
         Ok(receiver) => receiver,
         Err(error) => {
-            if let Some(key) = idempotency_key {
+            if let (Some(key), true) = (idempotency_key, claimed) {
                 state.store.release_idempotency_key(&name, key).await;
             }
             return Err(publish_error(error, &name));
         }
     };
+    if let Some(key) = idempotency_key {
+        // The job is on the queue: later requests with this key get it without publishing.
+        if let Err(error) = state
+            .store
+            .commit_idempotency_key(&name, key, &job_id)
+            .await
+        {
+            tracing::warn!(%error, %job_id, "cannot commit the idempotency key; a retry would publish the job again (same id)");
+        }
+    }
     if let (Some(receiver), Some(wait)) = (receiver, wait)
         && let Some(result) = wait_for(&state, &job_id, receiver, wait).await
     {

@@ -27,6 +27,21 @@ pub enum JobState {
     Finished(Box<JobResult>),
 }
 
+/// Who holds an idempotency key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Nobody did: it is now this request's, pending.
+    New,
+    /// A request took it for this job and has not seen its publish confirmed — still in flight,
+    /// or its dispatcher died. The job must be published (again) under the same id: a duplicate
+    /// run is absorbed downstream (one stored result and one callback per job id).
+    Pending(String),
+    /// This job was published.
+    Committed(String),
+}
+
+const PENDING: &str = "pending:";
+
 /// Handle to the store; cheap to clone (one multiplexed, self-reconnecting connection).
 #[derive(Clone)]
 pub struct Store {
@@ -73,27 +88,49 @@ impl Store {
             .is_ok()
     }
 
-    /// Claims `key` for `job_id`; returns the job id that already holds it, if any.
+    /// Claims `key` for `job_id` as pending (until [`Store::commit_idempotency_key`]); says who
+    /// holds it otherwise.
     pub async fn claim_idempotency_key(
         &self,
         model: &str,
         key: &str,
         job_id: &str,
-    ) -> redis::RedisResult<Option<String>> {
+    ) -> redis::RedisResult<Claim> {
         let mut redis = self.redis.clone();
         let k = idempotency_key(model, key);
         let set: Option<String> = redis::cmd("SET")
             .arg(&k)
-            .arg(job_id)
+            .arg(format!("{PENDING}{job_id}"))
             .arg("NX")
             .arg("EX")
             .arg(self.ttl_seconds)
             .query_async(&mut redis)
             .await?;
         if set.is_some() {
-            return Ok(None);
+            return Ok(Claim::New);
         }
-        redis.get(&k).await
+        let held: Option<String> = redis.get(&k).await?;
+        Ok(match held {
+            Some(value) => match value.strip_prefix(PENDING) {
+                Some(job_id) => Claim::Pending(job_id.to_string()),
+                None => Claim::Committed(value),
+            },
+            // Expired between the two calls: nobody holds it now.
+            None => Claim::New,
+        })
+    }
+
+    /// Marks the key's job published (its publish was confirmed).
+    pub async fn commit_idempotency_key(
+        &self,
+        model: &str,
+        key: &str,
+        job_id: &str,
+    ) -> redis::RedisResult<()> {
+        let mut redis = self.redis.clone();
+        redis
+            .set_ex(idempotency_key(model, key), job_id, self.ttl_seconds)
+            .await
     }
 
     /// Releases a key claimed for a job that could not be published.

@@ -281,6 +281,51 @@ async fn one_idempotency_key_gives_one_job_one_result_one_callback() {
     receiver.wait_until("the callback", |d| !d.is_empty()).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(receiver.deliveries().len(), 1, "one callback");
+
+    // A key whose first request died between its claim and its publish confirm (a dispatcher
+    // killed mid-request) is left pending: the client's retry must not be told "accepted" for
+    // a job that never reached the queue. It publishes the job under the claimed id.
+    let ghost = uuid::Uuid::new_v4().to_string();
+    let key = uuid::Uuid::new_v4().to_string();
+    let mut redis = redis::Client::open("redis://127.0.0.1:6379/")
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    redis::cmd("SET")
+        .arg(format!("ember:idem:{model}:{key}"))
+        .arg(format!("pending:{ghost}"))
+        .arg("EX")
+        .arg(120)
+        .query_async::<()>(&mut redis)
+        .await
+        .unwrap();
+    let headers = [
+        ("idempotency-key", key.as_str()),
+        ("x-callback-url", url.as_str()),
+    ];
+    let retried: Value = dispatcher
+        .submit(&model, "astronaut.png", &headers)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(retried["job_id"], ghost.as_str());
+    assert_eq!(dispatcher.wait_done(&ghost).await["status"], "done");
+    // Now committed: a further retry gets the job without publishing it again.
+    let again: Value = dispatcher
+        .submit(&model, "astronaut.png", &headers)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["job_id"], ghost.as_str());
+    receiver
+        .wait_until("the retried job's callback", |d| d.len() >= 2)
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(receiver.for_job(&ghost).len(), 1, "one callback");
+    assert_eq!(receiver.deliveries().len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread")]
