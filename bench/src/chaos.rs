@@ -439,9 +439,7 @@ impl Http {
     async fn poll_visible(&self, phase: usize) {
         let wanted: Vec<(String, String)> = lock(&self.ledger)
             .iter()
-            .filter(|(_, j)| {
-                j.phase == phase && j.kind != Kind::Amqp && j.visible.is_none() && !j.poison
-            })
+            .filter(|(_, j)| j.phase == phase && j.kind != Kind::Amqp && j.visible.is_none())
             .filter_map(|(k, j)| Some((k.clone(), j.accepted.clone()?)))
             .collect();
         let tasks = futures_util::stream::iter(wanted.into_iter().map(|(key, id)| async move {
