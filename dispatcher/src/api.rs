@@ -543,8 +543,15 @@ async fn submit(
     let receiver = match published {
         Ok(receiver) => receiver,
         Err(error) => {
-            if let (Some(key), true) = (idempotency_key, claimed) {
-                state.store.release_idempotency_key(&name, key).await;
+            if let Some(key) = idempotency_key {
+                if claimed {
+                    state.store.release_idempotency_key(&name, key).await;
+                } else if let Ok(Claim::Committed(existing)) =
+                    state.store.claim_idempotency_key(&name, key, &job_id).await
+                {
+                    // The first request with this key got its job published meanwhile.
+                    return Ok(accepted(&existing));
+                }
             }
             return Err(publish_error(error, &name));
         }
