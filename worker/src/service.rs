@@ -282,48 +282,32 @@ async fn serve(
     topology::declare_model(&publisher, &shared.model, shared.queue).await?;
     let telemetry = connection.create_channel().await?;
     let mut cancellations = cancel_consumer(&telemetry, &shared.model).await?;
-    let consumer_channel = connection.create_channel().await?;
-    consumer_channel
-        .basic_qos(shared.prefetch, BasicQosOptions::default())
-        .await?;
     let queue = topology::jobs_queue(&shared.model);
-    let mut consumer = consumer_channel
-        .basic_consume(
-            queue.as_str().into(),
-            shared.worker_id.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let (consumer_channel, mut consumer) = consume(
+        connection,
+        &queue,
+        shared.worker_id.clone(),
+        shared.prefetch,
+    )
+    .await?;
     // The retry lane: one job at a time per worker, so a job that kills its worker takes only
     // itself (and that worker's first-time jobs, which then come here) down each time.
-    let retry_channel = connection.create_channel().await?;
-    retry_channel
-        .basic_qos(1, BasicQosOptions::default())
-        .await?;
-    let retry_queue = topology::retry_queue(&shared.model);
-    let mut retries = retry_channel
-        .basic_consume(
-            retry_queue.as_str().into(),
-            format!("{}-retry", shared.worker_id).as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let (retry_channel, mut retries) = consume(
+        connection,
+        &topology::retry_queue(&shared.model),
+        format!("{}-retry", shared.worker_id),
+        1,
+    )
+    .await?;
     // Copies of the model's dead letters: each is answered with a `dead_lettered` error, so its
     // client learns what happened instead of waiting forever.
-    let notice_channel = connection.create_channel().await?;
-    notice_channel
-        .basic_qos(8, BasicQosOptions::default())
-        .await?;
-    let mut notices = notice_channel
-        .basic_consume(
-            topology::dead_notice_queue(&shared.model).as_str().into(),
-            format!("{}-deadnotice", shared.worker_id).as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let (notice_channel, mut notices) = consume(
+        connection,
+        &topology::dead_notice_queue(&shared.model),
+        format!("{}-deadnotice", shared.worker_id),
+        8,
+    )
+    .await?;
     tracing::info!(%queue, prefetch = shared.prefetch, max_batch = shared.max_batch, "consuming");
     shared.stats.set_state(WorkerState::Ready);
     shared.readiness.set(true);
@@ -444,6 +428,28 @@ async fn serve(
         }
     }
     Ok(outcome)
+}
+
+/// A channel of its own with `prefetch`, consuming `queue` as `tag`.
+async fn consume(
+    connection: &Connection,
+    queue: &str,
+    tag: String,
+    prefetch: u16,
+) -> Result<(Channel, lapin::Consumer)> {
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((channel, consumer))
 }
 
 /// A job from the model's queue that was delivered before: its worker failed it, lost the

@@ -461,7 +461,6 @@ async fn a_job_that_keeps_failing_is_dead_lettered_by_the_delivery_limit() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn asking_for_cuda_without_a_gpu_is_a_startup_error_unless_fallback_is_asked_for() {
-    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
     let model = common::unique_model("cuda");
     let mut refused = Worker::spawn(&model, &["--device", "cuda:0"]);
     let status = refused.wait_exit();
@@ -477,29 +476,7 @@ async fn asking_for_cuda_without_a_gpu_is_a_startup_error_unless_fallback_is_ask
 
     // With the fallback it serves on CPU and says so in logs, metrics and heartbeats.
     let mut client = Client::new(&model).await;
-    let queue = client
-        .channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    client
-        .channel
-        .queue_bind(
-            queue.name().clone(),
-            topology::TELEMETRY_EXCHANGE.into(),
-            format!("{model}.*").as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = common::heartbeats(&client.channel, &model).await;
     let mut fallback = Worker::spawn(
         &model,
         &[
@@ -521,19 +498,6 @@ async fn asking_for_cuda_without_a_gpu_is_a_startup_error_unless_fallback_is_ask
         "{metrics}"
     );
     assert!(!metrics.contains("ember_worker_gpu_"), "{metrics}");
-    let mut consumer = client
-        .channel
-        .basic_consume(
-            queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
     let delivery = tokio::time::timeout(common::PATIENCE, consumer.next())
         .await
         .expect("a heartbeat comes")
@@ -570,32 +534,9 @@ fn a_missing_onnx_runtime_library_is_a_clear_startup_error() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_worker_publishes_a_heartbeat_every_interval() {
-    use lapin::options::{QueueBindOptions, QueueDeclareOptions};
     let model = common::unique_model("heartbeat");
     let client = Client::new(&model).await;
-    let queue = client
-        .channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    client
-        .channel
-        .queue_bind(
-            queue.name().clone(),
-            topology::TELEMETRY_EXCHANGE.into(),
-            format!("{model}.*").as_str().into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = common::heartbeats(&client.channel, &model).await;
     let worker = Worker::start(
         &model,
         &[
@@ -606,19 +547,6 @@ async fn the_worker_publishes_a_heartbeat_every_interval() {
         ],
     );
     let id = client.submit_png("coffee.png").await;
-    let mut consumer = client
-        .channel
-        .basic_consume(
-            queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
     // Read heartbeats until one shows the job completed.
     let deadline = std::time::Instant::now() + common::PATIENCE;
     let mut seen = 0;
