@@ -20,7 +20,7 @@ use ember_core::topology::{self, QueueSettings};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
-    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -719,35 +719,7 @@ fn watch_heartbeats(url: String, model: String) -> InFlight {
             let session = async {
                 let c = Connection::connect(&url, ConnectionProperties::default()).await?;
                 let ch = c.create_channel().await?;
-                let q = ch
-                    .queue_declare(
-                        "".into(),
-                        QueueDeclareOptions {
-                            exclusive: true,
-                            ..QueueDeclareOptions::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await?;
-                ch.queue_bind(
-                    q.name().clone(),
-                    topology::TELEMETRY_EXCHANGE.into(),
-                    format!("{model}.*").as_str().into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-                let mut consumer = ch
-                    .basic_consume(
-                        q.name().clone(),
-                        "".into(),
-                        BasicConsumeOptions {
-                            no_ack: true,
-                            ..BasicConsumeOptions::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await?;
+                let mut consumer = topology::heartbeat_consumer(&ch, &format!("{model}.*")).await?;
                 while let Some(Ok(d)) = consumer.next().await {
                     if let Ok(hb) = serde_json::from_slice::<Value>(&d.data)
                         && let (Some(w), Some(n)) =

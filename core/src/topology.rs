@@ -149,6 +149,15 @@ pub async fn declare_quorum_queue(channel: &Channel, name: &str) -> lapin::Resul
 /// Every heartbeat of every worker: an exclusive, auto-deleted queue of the caller's own bound to
 /// [`TELEMETRY_EXCHANGE`] with `#`, consumed without acks (heartbeats are transient).
 pub async fn telemetry_consumer(channel: &Channel) -> lapin::Result<lapin::Consumer> {
+    heartbeat_consumer(channel, "#").await
+}
+
+/// Like [`telemetry_consumer`], for the heartbeats whose routing key matches `pattern`
+/// (`<model>.*` for one model's workers).
+pub async fn heartbeat_consumer(
+    channel: &Channel,
+    pattern: &str,
+) -> lapin::Result<lapin::Consumer> {
     let queue = channel
         .queue_declare(
             "".into(),
@@ -164,7 +173,7 @@ pub async fn telemetry_consumer(channel: &Channel) -> lapin::Result<lapin::Consu
         .queue_bind(
             queue.name().clone(),
             TELEMETRY_EXCHANGE.into(),
-            "#".into(),
+            pattern.into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )

@@ -338,37 +338,7 @@ impl Client {
 /// Consumes one message from `queue` with a manual ack, bounded by PATIENCE.
 /// A consumer of `model`'s heartbeats (an exclusive queue bound to `ember.telemetry`).
 pub async fn heartbeats(channel: &Channel, model: &str) -> Consumer {
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            topology::TELEMETRY_EXCHANGE.into(),
-            format!("{model}.*").as_str().into(),
-            lapin::options::QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    channel
-        .basic_consume(
-            queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
+    topology::heartbeat_consumer(channel, &format!("{model}.*"))
         .await
         .unwrap()
 }
