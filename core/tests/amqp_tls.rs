@@ -235,8 +235,14 @@ async fn amqps_connects_only_with_the_right_ca() {
     let mut stray = trusted.clone();
     stray.cert_file = Some(stray_cert);
     stray.key_file = Some(stray_key);
+    // With TLS 1.3 the client finishes its side of the handshake before the server checks the
+    // certificate: the server's `unknown_ca` alert and its closing the connection race, so the
+    // client sees either (seen both ways on this machine).
     let text = refused(&stray).await;
-    assert!(text.contains("UnknownCA"), "{text}");
+    assert!(
+        text.contains("UnknownCA") || text.contains("Connection reset by peer"),
+        "{text}"
+    );
 
     // amqps to the plain AMQP port fails the handshake instead of hanging.
     let mut plain_port = config(format!("amqps://guest:guest@127.0.0.1:{AMQP_PORT}/%2f"));
