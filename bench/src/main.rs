@@ -177,21 +177,11 @@ async fn residency(args: &Args, jobs: usize) -> anyhow::Result<()> {
 }
 
 async fn bare(jobs: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
-    use ember_core::model::{InputSpec, ModelSpec};
+    use ember_core::model::ModelSpec;
     use ember_worker::engine::{self, Engine, ImageSize, Loaded, SessionOptions};
     let dir = fleet::root().join("models/ssdlite-person");
     let spec = Arc::new(ModelSpec::load(&dir).map_err(anyhow::Error::msg)?);
-    let InputSpec::Image {
-        width,
-        height,
-        ref tensor,
-        ..
-    } = spec.input;
-    let target = ember_worker::preprocess::Target {
-        tensor: tensor.clone(),
-        width,
-        height,
-    };
+    let target = ember_worker::preprocess::Target::of(&spec);
     let image = sample("astronaut.png")?;
     let limits = ember_worker::preprocess::InputLimits {
         max_bytes: 1 << 26,

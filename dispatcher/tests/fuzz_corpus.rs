@@ -4,6 +4,8 @@
 //! `cargo test -p ember-dispatcher --test fuzz_corpus -- --ignored write_seeds` rewrites the seeds.
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../fuzz/src/corpus.rs"]
+mod corpus;
 #[allow(dead_code)]
 #[path = "../../fuzz/src/image.rs"]
 mod image;
@@ -22,19 +24,7 @@ fn fuzz_dir() -> PathBuf {
 }
 
 fn inputs(target: &str) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    for kind in ["seeds", "corpus", "regressions"] {
-        let Ok(entries) = std::fs::read_dir(fuzz_dir().join(kind).join(target)) else {
-            continue;
-        };
-        for entry in entries {
-            let path = entry.unwrap().path();
-            let name = format!("{kind}/{}", path.file_name().unwrap().to_string_lossy());
-            out.push((name, std::fs::read(&path).unwrap()));
-        }
-    }
-    out.sort();
-    out
+    corpus::inputs(&fuzz_dir(), target)
 }
 
 #[test]

@@ -4,6 +4,7 @@
 //! `dispatcher/tests/fuzz_corpus.rs`) include these same files and replay the corpus through
 //! them without a fuzzer. See docs/fuzzing.md.
 
+pub mod corpus;
 pub mod image;
 pub mod job;
 pub mod oip;

@@ -7,6 +7,8 @@ use std::time::Duration;
 use ember_core::amqp::AmqpConfig;
 use ember_core::telemetry::LogConfig;
 
+use crate::preprocess::InputLimits;
+
 /// Where inference runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Device {
@@ -142,11 +144,11 @@ pub struct Config {
     pub prefetch: Option<u16>,
 
     /// Largest accepted job body, in bytes.
-    #[arg(long, env = "EMBER_WORKER_MAX_INPUT_BYTES", default_value_t = 16 * 1024 * 1024)]
+    #[arg(long, env = "EMBER_WORKER_MAX_INPUT_BYTES", default_value_t = InputLimits::DEFAULT.max_bytes)]
     pub max_input_bytes: usize,
 
     /// Largest accepted image, in pixels (width x height), checked before decoding.
-    #[arg(long, env = "EMBER_WORKER_MAX_PIXELS", default_value_t = 40_000_000)]
+    #[arg(long, env = "EMBER_WORKER_MAX_PIXELS", default_value_t = InputLimits::DEFAULT.max_pixels)]
     pub max_pixels: u64,
 
     /// Load the model for every job (the stateless-function baseline) instead of keeping it.

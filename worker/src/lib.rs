@@ -41,7 +41,7 @@ use crate::config::Device;
 use crate::engine::{Engine, Loaded, SessionOptions};
 use crate::preprocess::InputLimits;
 use crate::service::{SessionEnd, Shared, Stats};
-use ember_core::model::{InputSpec, ModelSpec};
+use ember_core::model::ModelSpec;
 
 fn default_worker_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -109,17 +109,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     .await
     .map_err(|e| Error::Config(format!("admin server on {}: {e}", config.admin_addr)))?;
 
-    let InputSpec::Image {
-        width,
-        height,
-        ref tensor,
-        ..
-    } = spec.input;
-    let target = preprocess::Target {
-        tensor: tensor.clone(),
-        width,
-        height,
-    };
+    let target = preprocess::Target::of(&spec);
     let dylib = engine::resolve_dylib(config.ort_dylib_path.as_deref())?;
     let options = SessionOptions {
         model_path: config.model_dir.join(&spec.file),

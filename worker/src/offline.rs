@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ember_core::model::{InputSpec, ModelSpec};
+use ember_core::model::ModelSpec;
 use ember_core::protocol::{Detection, GpuReading};
 use ember_core::telemetry::LogConfig;
 use serde::Serialize;
@@ -307,21 +307,8 @@ fn ms(duration: Duration) -> f64 {
 pub async fn run(config: OfflineConfig) -> Result<Report> {
     let spec = Arc::new(ModelSpec::load(&config.model_dir).map_err(Error::Config)?);
     let images = read_images(&config)?;
-    let InputSpec::Image {
-        width,
-        height,
-        ref tensor,
-        ..
-    } = spec.input;
-    let target = Target {
-        tensor: tensor.clone(),
-        width,
-        height,
-    };
-    let limits = InputLimits {
-        max_bytes: 16 * 1024 * 1024,
-        max_pixels: 40_000_000,
-    };
+    let target = Target::of(&spec);
+    let limits = InputLimits::DEFAULT;
     let dylib = engine::resolve_dylib(config.ort_dylib_path.as_deref())?;
     let options = SessionOptions {
         model_path: config.model_dir.join(&spec.file),

@@ -9,6 +9,7 @@ use image::codecs::jpeg::JpegDecoder;
 use image::codecs::png::PngDecoder;
 use image::{DynamicImage, ImageDecoder, Limits};
 
+use ember_core::model::{InputSpec, ModelSpec};
 use ember_core::protocol::oip::InferRequest;
 
 use crate::Error;
@@ -18,6 +19,14 @@ use crate::Error;
 pub struct InputLimits {
     pub max_bytes: usize,
     pub max_pixels: u64,
+}
+
+impl InputLimits {
+    /// The worker's defaults (`--max-input-bytes`, `--max-pixels`).
+    pub const DEFAULT: Self = Self {
+        max_bytes: 16 * 1024 * 1024,
+        max_pixels: 40_000_000,
+    };
 }
 
 /// An image ready for the model: `width x height x 3` RGB bytes at the model's input size, and
@@ -38,6 +47,23 @@ pub struct Target {
     pub tensor: String,
     pub width: u32,
     pub height: u32,
+}
+
+impl Target {
+    /// The input `spec` describes.
+    pub fn of(spec: &ModelSpec) -> Self {
+        let InputSpec::Image {
+            tensor,
+            width,
+            height,
+            ..
+        } = &spec.input;
+        Self {
+            tensor: tensor.clone(),
+            width: *width,
+            height: *height,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -374,28 +400,13 @@ mod tests {
         );
     }
 
-    fn crc32(bytes: &[u8]) -> u32 {
-        let mut crc = 0xffff_ffffu32;
-        for &byte in bytes {
-            crc ^= u32::from(byte);
-            for _ in 0..8 {
-                crc = if crc & 1 == 1 {
-                    (crc >> 1) ^ 0xedb8_8320
-                } else {
-                    crc >> 1
-                };
-            }
-        }
-        !crc
-    }
-
     #[test]
     fn a_header_claiming_a_huge_image_is_refused_before_decoding() {
         let mut bomb = png(1, 1, image::ExtendedColorType::Rgb8, &[0; 3]);
         // IHDR: type at 12..16, width and height at 16..24, CRC over 12..29 at 29..33.
         bomb[16..20].copy_from_slice(&100_000u32.to_be_bytes());
         bomb[20..24].copy_from_slice(&100_000u32.to_be_bytes());
-        let crc = crc32(&bomb[12..29]);
+        let crc = crc32fast::hash(&bomb[12..29]);
         bomb[29..33].copy_from_slice(&crc.to_be_bytes());
         let error = prepare(Some("image/png"), &bomb, LIMITS, &target(2, 2)).expect_err("refused");
         assert_eq!(error.code(), ErrorCode::InputTooLarge, "{error}");

@@ -4,6 +4,8 @@
 //! `cargo test -p ember-worker --test fuzz_corpus -- --ignored write_seeds` rewrites the seeds.
 #![allow(clippy::unwrap_used)]
 
+#[path = "../../fuzz/src/corpus.rs"]
+mod corpus;
 #[allow(dead_code)]
 #[path = "../../fuzz/src/image.rs"]
 mod image;
@@ -23,21 +25,8 @@ fn fuzz_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
 }
 
-/// Every file under `fuzz/{seeds,corpus,regressions}/<target>/`, with its name.
 fn inputs(target: &str) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    for kind in ["seeds", "corpus", "regressions"] {
-        let Ok(entries) = std::fs::read_dir(fuzz_dir().join(kind).join(target)) else {
-            continue;
-        };
-        for entry in entries {
-            let path = entry.unwrap().path();
-            let name = format!("{kind}/{}", path.file_name().unwrap().to_string_lossy());
-            out.push((name, std::fs::read(&path).unwrap()));
-        }
-    }
-    out.sort();
-    out
+    corpus::inputs(&fuzz_dir(), target)
 }
 
 /// The outcome a seed's name promises: `ok-WxH-...`, `toolarge-...`, `invalid_image-...`, ...
@@ -161,27 +150,12 @@ fn jpeg(width: u32, height: u32, color: ::image::ExtendedColorType, bytes: &[u8]
     out
 }
 
-fn crc32(bytes: &[u8]) -> u32 {
-    let mut crc = 0xffff_ffffu32;
-    for &byte in bytes {
-        crc ^= u32::from(byte);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0xedb8_8320
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
 /// A valid PNG whose IHDR claims `width x height` (CRC fixed): a decompression bomb's header.
 fn png_claiming(width: u32, height: u32) -> Vec<u8> {
     let mut bomb = png(1, 1, ::image::ExtendedColorType::Rgb8, &[0; 3]);
     bomb[16..20].copy_from_slice(&width.to_be_bytes());
     bomb[20..24].copy_from_slice(&height.to_be_bytes());
-    let crc = crc32(&bomb[12..29]);
+    let crc = crc32fast::hash(&bomb[12..29]);
     bomb[29..33].copy_from_slice(&crc.to_be_bytes());
     bomb
 }
