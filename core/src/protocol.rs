@@ -20,13 +20,22 @@ pub mod header {
     pub const DELIVERY_COUNT: &str = "x-delivery-count";
     /// Deliveries a job had in its model's queue before it moved to the retry lane.
     pub const PRIOR_DELIVERIES: &str = "ember-prior-deliveries";
+    /// Job with content type [`super::content_type::OIP_BINARY`]: the length of the JSON
+    /// inference header that starts the body (the binary tensors follow it). The same name and
+    /// meaning as the HTTP header of the Open Inference Protocol's binary tensor extension.
+    pub const INFERENCE_HEADER_LENGTH: &str = "inference-header-content-length";
 }
 
 /// Content types a job body may have.
 pub mod content_type {
     pub const JPEG: &str = "image/jpeg";
     pub const PNG: &str = "image/png";
+    /// An Open Inference Protocol v2 inference request in JSON (tensor job).
     pub const JSON: &str = "application/json";
+    /// An Open Inference Protocol v2 request in the binary tensor extension: a JSON header of
+    /// `inference-header-content-length` bytes (a message header), then each input whose
+    /// `parameters.binary_data_size` is set, raw little-endian, in order.
+    pub const OIP_BINARY: &str = "application/vnd.ember.oip-binary";
 }
 
 /// Whether a job succeeded.
@@ -104,12 +113,24 @@ pub struct Detection {
     pub bbox: [f32; 4],
 }
 
-/// What the model produced for one job: detections for an image job, raw output tensors for a
-/// tensor (Open Inference Protocol) job.
+/// One class of a classification: `score` after the model's (or the declared) softmax.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Class {
+    pub label: String,
+    pub class_id: u32,
+    pub score: f32,
+}
+
+/// What the model produced for one job: what its output processor made of the outputs
+/// (detections of a one-image job, the top classes of each row), and the raw output tensors
+/// for a tensor (Open Inference Protocol) job or a model without a processor.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Outputs {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detections: Option<Vec<Detection>>,
+    /// Per row of the job's input (an image job has one): the top-k classes, best first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<Vec<Vec<Class>>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tensors: Option<Vec<oip::OutputTensor>>,
 }
@@ -151,13 +172,53 @@ pub mod oip {
         pub parameters: Option<serde_json::Value>,
     }
 
-    /// An output tensor (FP32 here: what the bundled models produce).
+    /// An output tensor; `data` is flat, row-major, typed by `datatype`.
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
     pub struct OutputTensor {
         pub name: String,
         pub datatype: String,
         pub shape: Vec<usize>,
-        pub data: Vec<f32>,
+        pub data: TensorData,
+    }
+
+    /// Flat tensor contents. FP16 travels as `F32`; INT8..INT64 as `I64`; UINT8..UINT64 as
+    /// `U64`; BYTES as `Str` (UTF-8). On the wire it is a plain JSON array; reading one back,
+    /// whole numbers become `I64` (or `U64`), others `F64`: `datatype` says the type.
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[serde(untagged)]
+    pub enum TensorData {
+        Bool(Vec<bool>),
+        I64(Vec<i64>),
+        U64(Vec<u64>),
+        F64(Vec<f64>),
+        F32(Vec<f32>),
+        Str(Vec<String>),
+    }
+
+    impl TensorData {
+        /// The number of elements.
+        pub fn len(&self) -> usize {
+            match self {
+                TensorData::Bool(v) => v.len(),
+                TensorData::I64(v) => v.len(),
+                TensorData::U64(v) => v.len(),
+                TensorData::F32(v) => v.len(),
+                TensorData::F64(v) => v.len(),
+                TensorData::Str(v) => v.len(),
+            }
+        }
+
+        pub fn is_empty(&self) -> bool {
+            self.len() == 0
+        }
+    }
+
+    /// A graph input or output as the model metadata gives it (`-1`: a dynamic dimension).
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct TensorMeta {
+        pub name: String,
+        pub datatype: String,
+        pub shape: Vec<i64>,
     }
 
     /// `POST /v2/models/{model}/infer` response.
@@ -218,6 +279,22 @@ pub struct GpuReading {
     pub memory_total_bytes: u64,
 }
 
+/// What a worker serves, read from the graph at load: published in its heartbeats so the
+/// dispatcher's model metadata is the graph's, not a copy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    pub version: String,
+    /// The graph's inputs and outputs.
+    pub inputs: Vec<oip::TensorMeta>,
+    pub outputs: Vec<oip::TensorMeta>,
+    /// Rows per `session.run` at most (1: the graph cannot batch).
+    pub max_batch: u32,
+    /// `tensor` or `image`: what a job's body may be besides raw tensors.
+    pub input: String,
+    /// The output processor: `tensor`, `ssd`, `classification` or `detection`.
+    pub decoder: String,
+}
+
 /// Published every second to `ember.telemetry` with routing key `<model>.<worker-id>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Heartbeat {
@@ -240,6 +317,9 @@ pub struct Heartbeat {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub device_fallback: bool,
     pub gpu: Option<GpuReading>,
+    /// The model as the graph declares it (absent from workers before this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_info: Option<ModelInfo>,
 }
 
 #[cfg(test)]
@@ -259,7 +339,7 @@ mod tests {
                     score: 0.5,
                     bbox: [1.0, 2.0, 3.0, 4.0],
                 }]),
-                tensors: None,
+                ..Outputs::default()
             }),
             error: None,
             timing: Timing::default(),
@@ -273,6 +353,24 @@ mod tests {
         assert!(value["outputs"].get("tensors").is_none());
         let back: JobResult = serde_json::from_value(value).expect("round-trips");
         assert_eq!(back, result);
+    }
+
+    #[test]
+    fn tensor_data_is_a_plain_array_and_reads_back_by_kind() {
+        use oip::TensorData;
+        let cases = [
+            (TensorData::F32(vec![0.5, 1.0]), "[0.5,1.0]"),
+            (TensorData::I64(vec![-3, 4]), "[-3,4]"),
+            (TensorData::Bool(vec![true, false]), "[true,false]"),
+            (TensorData::Str(vec!["a".into()]), "[\"a\"]"),
+        ];
+        for (data, json) in cases {
+            assert_eq!(serde_json::to_string(&data).expect("serialises"), json);
+        }
+        let back: TensorData = serde_json::from_str("[0.5,1.0]").expect("reads");
+        assert_eq!(back, TensorData::F64(vec![0.5, 1.0]));
+        let back: TensorData = serde_json::from_str("[1,2]").expect("reads");
+        assert_eq!(back, TensorData::I64(vec![1, 2]));
     }
 
     #[test]
