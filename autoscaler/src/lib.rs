@@ -40,7 +40,7 @@ pub use config::Config;
 
 use crate::local::{LocalPool, WorkerCommand};
 use crate::policy::{Decision, PolicyState, Signals};
-use crate::signals::{ArrivalMeter, Fleet, ModelView};
+use crate::signals::{ArrivalMeter, Heartbeats, ModelView};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -129,7 +129,7 @@ async fn run_local(config: Config, shutdown: CancellationToken) -> Result<(), Er
         delivery_limit: config.delivery_limit,
         max_length: config.queue_max_length,
     };
-    let fleet = Arc::new(Mutex::new(Fleet::default()));
+    let heartbeats = Arc::new(Mutex::new(Heartbeats::default()));
     let started = Instant::now();
 
     while !shutdown.is_cancelled() {
@@ -144,7 +144,7 @@ async fn run_local(config: Config, shutdown: CancellationToken) -> Result<(), Er
             &settings,
             queue,
             &mut scalers,
-            &fleet,
+            &heartbeats,
             &metrics,
             &readiness,
             started,
@@ -172,7 +172,7 @@ async fn serve(
     settings: &policy::Settings,
     queue: QueueSettings,
     scalers: &mut [ModelScaler],
-    fleet: &Arc<Mutex<Fleet>>,
+    heartbeats: &Arc<Mutex<Heartbeats>>,
     metrics: &metrics::Metrics,
     readiness: &Readiness,
     started: Instant,
@@ -182,17 +182,17 @@ async fn serve(
     for scaler in scalers.iter() {
         topology::declare_model(&channel, &scaler.name, queue).await?;
     }
-    let mut heartbeats = topology::telemetry_consumer(&channel).await?;
+    let mut beats = topology::telemetry_consumer(&channel).await?;
     readiness.set(true);
     let mut ticker = tokio::time::interval(config.tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            beat = heartbeats.next() => match beat {
+            beat = beats.next() => match beat {
                 Some(Ok(delivery)) => {
                     if let Ok(beat) = serde_json::from_slice::<Heartbeat>(&delivery.data) {
-                        fleet.lock().unwrap_or_else(|e| e.into_inner()).record(beat, Instant::now());
+                        heartbeats.lock().unwrap_or_else(|e| e.into_inner()).record(beat, Instant::now());
                     }
                 }
                 Some(Err(error)) => return Err(error),
@@ -200,7 +200,7 @@ async fn serve(
             },
             _ = ticker.tick() => {
                 for scaler in scalers.iter_mut() {
-                    tick(&channel, config, settings, scaler, fleet, metrics, started).await?;
+                    tick(&channel, config, settings, scaler, heartbeats, metrics, started).await?;
                 }
             }
         }
@@ -226,15 +226,15 @@ async fn tick(
     config: &Config,
     settings: &policy::Settings,
     scaler: &mut ModelScaler,
-    fleet: &Arc<Mutex<Fleet>>,
+    heartbeats: &Arc<Mutex<Heartbeats>>,
     metrics: &metrics::Metrics,
     started: Instant,
 ) -> lapin::Result<()> {
     let now = Instant::now();
     let ready = ready_messages(channel, &scaler.name).await?;
     let view = {
-        let mut fleet = fleet.lock().unwrap_or_else(|e| e.into_inner());
-        ModelView::from_workers(&fleet.workers(&scaler.name, now, config.heartbeat_timeout))
+        let mut heartbeats = heartbeats.lock().unwrap_or_else(|e| e.into_inner());
+        ModelView::from_workers(&heartbeats.workers(&scaler.name, now, config.heartbeat_timeout))
     };
     let mut died = Vec::new();
     let counts = scaler.pool.counts(&view, &mut died);
@@ -374,7 +374,7 @@ async fn run_kubernetes(config: Config, shutdown: CancellationToken) -> Result<(
         identity,
         duration: config.lease_duration,
     };
-    let fleet = Arc::new(Mutex::new(Fleet::default()));
+    let heartbeats = Arc::new(Mutex::new(Heartbeats::default()));
     let mut pools: std::collections::HashMap<String, PoolScaler> = std::collections::HashMap::new();
     let started = Instant::now();
     while !shutdown.is_cancelled() {
@@ -389,7 +389,7 @@ async fn run_kubernetes(config: Config, shutdown: CancellationToken) -> Result<(
             &client,
             &lease,
             &mut pools,
-            &fleet,
+            &heartbeats,
             &metrics,
             &readiness,
             started,
@@ -413,7 +413,7 @@ async fn serve_kubernetes(
     client: &kube::Client,
     lease: &kubernetes::LeaderLease,
     pools: &mut std::collections::HashMap<String, PoolScaler>,
-    fleet: &Arc<Mutex<Fleet>>,
+    heartbeats: &Arc<Mutex<Heartbeats>>,
     metrics: &metrics::Metrics,
     readiness: &Readiness,
     started: Instant,
@@ -421,7 +421,7 @@ async fn serve_kubernetes(
 ) -> lapin::Result<()> {
     let channel = connection.create_channel().await?;
     topology::declare_shared(&channel).await?;
-    let mut heartbeats = topology::telemetry_consumer(&channel).await?;
+    let mut beats = topology::telemetry_consumer(&channel).await?;
     let queue = QueueSettings {
         delivery_limit: config.delivery_limit,
         max_length: config.queue_max_length,
@@ -434,10 +434,10 @@ async fn serve_kubernetes(
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
-            beat = heartbeats.next() => match beat {
+            beat = beats.next() => match beat {
                 Some(Ok(delivery)) => {
                     if let Ok(beat) = serde_json::from_slice::<Heartbeat>(&delivery.data) {
-                        fleet.lock().unwrap_or_else(|e| e.into_inner()).record(beat, Instant::now());
+                        heartbeats.lock().unwrap_or_else(|e| e.into_inner()).record(beat, Instant::now());
                     }
                 }
                 Some(Err(error)) => return Err(error),
@@ -475,8 +475,8 @@ async fn serve_kubernetes(
                     let now = Instant::now();
                     let ready = ready_messages(&channel, &model).await?;
                     let view = {
-                        let mut fleet = fleet.lock().unwrap_or_else(|e| e.into_inner());
-                        ModelView::from_workers(&fleet.workers(&model, now, config.heartbeat_timeout))
+                        let mut heartbeats = heartbeats.lock().unwrap_or_else(|e| e.into_inner());
+                        ModelView::from_workers(&heartbeats.workers(&model, now, config.heartbeat_timeout))
                     };
                     let name = kube::ResourceExt::name_any(&pool);
                     let scaler = pools.entry(name.clone()).or_insert_with(|| PoolScaler {

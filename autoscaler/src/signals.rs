@@ -19,7 +19,7 @@ pub struct WorkerView {
 
 /// Heartbeats of every worker, per model.
 #[derive(Debug, Default)]
-pub struct Fleet {
+pub struct Heartbeats {
     models: HashMap<String, HashMap<String, WorkerView>>,
 }
 
@@ -30,7 +30,7 @@ fn smooth(old: Option<f64>, new: f64) -> f64 {
     }
 }
 
-impl Fleet {
+impl Heartbeats {
     /// Takes a heartbeat, deriving rates from the worker's previous one.
     pub fn record(&mut self, beat: Heartbeat, now: Instant) {
         let workers = self.models.entry(beat.model.clone()).or_default();
@@ -191,35 +191,36 @@ mod tests {
             device: Some("cpu".into()),
             device_fallback: false,
             gpu: None,
+            model_info: None,
         }
     }
 
     #[test]
     fn service_rate_and_busy_ratio_come_from_consecutive_heartbeats() {
-        let mut fleet = Fleet::default();
+        let mut heartbeats = Heartbeats::default();
         let t0 = Instant::now();
-        fleet.record(beat("a", WorkerState::Ready, 4, 100, 10.0), t0);
+        heartbeats.record(beat("a", WorkerState::Ready, 4, 100, 10.0), t0);
         // One second later: 20 more jobs in 0.5 s of inference.
-        fleet.record(
+        heartbeats.record(
             beat("a", WorkerState::Ready, 4, 120, 10.5),
             t0 + Duration::from_secs(1),
         );
-        fleet.record(
+        heartbeats.record(
             beat("b", WorkerState::Ready, 0, 0, 0.0),
             t0 + Duration::from_secs(1),
         );
-        fleet.record(
+        heartbeats.record(
             beat("c", WorkerState::Starting, 0, 0, 0.0),
             t0 + Duration::from_secs(1),
         );
-        let workers = fleet.workers("m", t0 + Duration::from_secs(1), Duration::from_secs(5));
+        let workers = heartbeats.workers("m", t0 + Duration::from_secs(1), Duration::from_secs(5));
         let view = ModelView::from_workers(&workers);
         assert_eq!((view.ready, view.starting, view.in_flight), (2, 1, 4));
         assert_eq!(view.service_rate, Some(40.0));
         assert_eq!(view.busy_ratio, Some(0.5));
         assert_eq!(view.idle_workers, vec!["b".to_string()]);
         // Silence ages a worker out.
-        let later = fleet.workers("m", t0 + Duration::from_secs(10), Duration::from_secs(5));
+        let later = heartbeats.workers("m", t0 + Duration::from_secs(10), Duration::from_secs(5));
         assert!(later.is_empty());
     }
 
