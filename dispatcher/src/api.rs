@@ -15,9 +15,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ember_core::amqp::unix_ms;
-use ember_core::model::{InputSpec, ModelSpec, OutputSpec};
+use ember_core::model::ModelSpec;
 use ember_core::protocol::oip::InferResponse;
-use ember_core::protocol::{ErrorCode, JobResult, Status, content_type};
+use ember_core::protocol::{ErrorCode, JobResult, Status};
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::oneshot;
@@ -235,25 +235,12 @@ async fn model_metadata(
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, OipError> {
     let spec = model(&state, &name)?;
-    let InputSpec::Image { tensor, .. } = &spec.input;
-    let OutputSpec::Ssd {
-        num_detections,
-        boxes,
-        scores,
-        classes,
-        ..
-    } = &spec.output;
     Ok(Json(json!({
         "name": name,
-        "versions": ["1"],
+        "versions": [spec.version],
         "platform": "onnxruntime_onnx",
-        "inputs": [{"name": tensor, "datatype": "UINT8", "shape": [1, -1, -1, 3]}],
-        "outputs": [
-            {"name": num_detections, "datatype": "FP32", "shape": [-1]},
-            {"name": boxes, "datatype": "FP32", "shape": [-1, -1, 4]},
-            {"name": scores, "datatype": "FP32", "shape": [-1, -1]},
-            {"name": classes, "datatype": "FP32", "shape": [-1, -1]},
-        ],
+        "inputs": [],
+        "outputs": [],
         "parameters": {"max_batch_size": spec.max_batch, "labels": spec.labels},
     })))
 }
@@ -366,10 +353,10 @@ async fn infer(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OipError> {
-    model(&state, &name)?;
+    let spec = model(&state, &name)?;
     let body = body_or_error(body, state.limits.max_body_bytes)?;
-    let (request, body) =
-        oip_binary::parse_infer(body, header_value(&headers, oip_binary::HEADER_LENGTH))?;
+    let parsed = oip_binary::parse_infer(body, header_value(&headers, oip_binary::HEADER_LENGTH))?;
+    let request = &parsed.request;
     let job_id = uuid::Uuid::new_v4().to_string();
     let respond_async =
         header_value(&headers, "prefer").is_some_and(|p| p.contains("respond-async"));
@@ -388,8 +375,9 @@ async fn infer(
             OutgoingJob {
                 job_id: &job_id,
                 model: &name,
-                body: &body,
-                content_type: content_type::JSON,
+                body: &parsed.body,
+                content_type: parsed.content_type,
+                inference_header_length: parsed.header_length,
                 callback_url: None,
                 deadline_ms: None,
                 traceparent: header_value(&headers, "traceparent"),
@@ -433,12 +421,12 @@ async fn infer(
     }
     let response = InferResponse {
         model_name: name,
-        model_version: Some("1".into()),
+        model_version: Some(spec.version.clone()),
         id: request.id.clone(),
         outputs,
     };
-    if oip_binary::wants_binary_output(&request) {
-        return Ok(oip_binary::encode_response(&response, &request));
+    if oip_binary::wants_binary_output(request) {
+        return Ok(oip_binary::encode_response(&response, request)?);
     }
     Ok(Json(response).into_response())
 }
@@ -532,6 +520,7 @@ async fn submit(
                 model: &name,
                 body: &body,
                 content_type: &essence,
+                inference_header_length: None,
                 callback_url,
                 deadline_ms: None,
                 traceparent: header_value(&headers, "traceparent"),

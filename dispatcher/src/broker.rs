@@ -46,8 +46,11 @@ pub enum PublishError {
 pub struct OutgoingJob<'a> {
     pub job_id: &'a str,
     pub model: &'a str,
+    /// Published as it is (the HTTP body, not a copy of it).
     pub body: &'a [u8],
     pub content_type: &'a str,
+    /// A binary-tensor job's JSON header length (`inference-header-content-length`).
+    pub inference_header_length: Option<u64>,
     pub callback_url: Option<&'a str>,
     pub deadline_ms: Option<u64>,
     pub traceparent: Option<&'a str>,
@@ -136,29 +139,7 @@ impl Broker {
             .await
             .clone()
             .ok_or_else(|| PublishError::Unavailable("not connected to the broker".into()))?;
-        let mut headers = FieldTable::default();
-        headers.insert(
-            ShortString::from(header::SUBMITTED_AT),
-            AMQPValue::LongLongInt(unix_ms() as i64),
-        );
-        let mut put = |name: &str, value: &str| {
-            headers.insert(
-                ShortString::from(name),
-                AMQPValue::LongString(LongString::from(value)),
-            );
-        };
-        if let Some(url) = job.callback_url {
-            put(header::CALLBACK_URL, url);
-        }
-        if let Some(traceparent) = job.traceparent {
-            put(header::TRACEPARENT, traceparent);
-        }
-        if let Some(deadline) = job.deadline_ms {
-            headers.insert(
-                ShortString::from(header::DEADLINE),
-                AMQPValue::LongLongInt(deadline as i64),
-            );
-        }
+        let headers = job_headers(&job, unix_ms());
         let mut properties = BasicProperties::default()
             .with_message_id(job.job_id.into())
             .with_correlation_id(job.job_id.into())
@@ -381,6 +362,38 @@ impl Broker {
     }
 }
 
+/// A job's AMQP headers: when it was submitted (`now_ms`), and whichever of the callback URL,
+/// trace context, deadline and binary header length it has.
+fn job_headers(job: &OutgoingJob<'_>, now_ms: u64) -> FieldTable {
+    let mut headers = FieldTable::default();
+    let mut int = |name: &str, value: u64| {
+        headers.insert(
+            ShortString::from(name),
+            AMQPValue::LongLongInt(i64::try_from(value).unwrap_or(i64::MAX)),
+        );
+    };
+    int(header::SUBMITTED_AT, now_ms);
+    if let Some(deadline) = job.deadline_ms {
+        int(header::DEADLINE, deadline);
+    }
+    if let Some(length) = job.inference_header_length {
+        int(header::INFERENCE_HEADER_LENGTH, length);
+    }
+    let mut text = |name: &str, value: &str| {
+        headers.insert(
+            ShortString::from(name),
+            AMQPValue::LongString(LongString::from(value)),
+        );
+    };
+    if let Some(url) = job.callback_url {
+        text(header::CALLBACK_URL, url);
+    }
+    if let Some(traceparent) = job.traceparent {
+        text(header::TRACEPARENT, traceparent);
+    }
+    headers
+}
+
 async fn declare_results_store(channel: &Channel) -> lapin::Result<()> {
     topology::declare_quorum_queue(channel, RESULTS_STORE_QUEUE).await?;
     channel
@@ -462,5 +475,46 @@ async fn store_results(channel: Channel, store: Store, metrics: Metrics, done: C
                     .await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ember_core::amqp::{header_str, header_u64};
+
+    use super::*;
+
+    #[test]
+    fn a_binary_job_carries_its_header_length_and_a_json_one_does_not() {
+        let mut job = OutgoingJob {
+            job_id: "j",
+            model: "m",
+            body: b"{}",
+            content_type: ember_core::protocol::content_type::OIP_BINARY,
+            inference_header_length: Some(123),
+            callback_url: None,
+            deadline_ms: Some(99),
+            traceparent: Some("00-abc-def-01"),
+            reply: false,
+        };
+        let headers = job_headers(&job, 42);
+        let headers = Some(&headers);
+        assert_eq!(
+            header_u64(headers, header::INFERENCE_HEADER_LENGTH),
+            Some(123)
+        );
+        assert_eq!(header_u64(headers, header::SUBMITTED_AT), Some(42));
+        assert_eq!(header_u64(headers, header::DEADLINE), Some(99));
+        assert_eq!(
+            header_str(headers, header::TRACEPARENT),
+            Some("00-abc-def-01")
+        );
+        assert_eq!(header_str(headers, header::CALLBACK_URL), None);
+        job.inference_header_length = None;
+        let headers = job_headers(&job, 42);
+        assert_eq!(
+            header_u64(Some(&headers), header::INFERENCE_HEADER_LENGTH),
+            None
+        );
     }
 }
