@@ -13,7 +13,9 @@
 //! - [`sim`]: a deterministic simulator comparing the policy with a KEDA-like one.
 //! - [`config`], [`metrics`].
 
+pub mod backend;
 pub mod config;
+pub mod control;
 pub mod kubernetes;
 pub mod local;
 pub mod metrics;
@@ -21,25 +23,22 @@ pub mod policy;
 pub mod signals;
 pub mod sim;
 
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use ember_core::model::ModelSpec;
 use ember_core::protocol::Heartbeat;
 use ember_core::telemetry::{Readiness, serve_admin};
 use ember_core::topology::{self, QueueSettings};
 use futures_util::StreamExt;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
-use lapin::{Channel, Connection};
+use lapin::Connection;
 use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
 
 pub use config::Config;
 
-use crate::local::{LocalPool, WorkerCommand};
-use crate::policy::{Decision, PolicyState, Signals};
+use crate::backend::Scaled;
+use crate::control::{ready_messages, record};
+use crate::policy::{PolicyState, Signals};
 use crate::signals::{ArrivalMeter, Heartbeats, ModelView};
 
 #[derive(Debug, thiserror::Error)]
@@ -52,291 +51,15 @@ pub enum Error {
     Io(#[from] std::io::Error),
 }
 
-struct ModelScaler {
-    name: String,
-    pool: LocalPool,
-    policy: PolicyState,
-    arrivals: ArrivalMeter,
-    last: Option<u32>,
-}
-
-fn worker_program(configured: Option<&PathBuf>) -> Result<PathBuf, Error> {
-    if let Some(path) = configured {
-        return Ok(path.clone());
-    }
-    let me = std::env::current_exe()?;
-    let sibling = me.with_file_name("ember-worker");
-    if sibling.is_file() {
-        Ok(sibling)
-    } else {
-        Err(Error::Config(format!(
-            "no ember-worker beside {}; pass --worker-bin",
-            me.display()
-        )))
-    }
-}
-
 /// Runs the autoscaler until `shutdown`; with the local backend it then stops every worker
 /// (each drains) before returning.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
     match config.backend {
-        config::Backend::Local => run_local(config, shutdown).await,
+        config::Backend::Local => {
+            let backend = local::LocalBackend::new(&config)?;
+            control::run(config, backend, shutdown).await
+        }
         config::Backend::Kubernetes => run_kubernetes(config, shutdown).await,
-    }
-}
-
-async fn run_local(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    let program = worker_program(config.worker_bin.as_ref())?;
-    if config.model_name.is_some() && config.model_dirs.len() != 1 {
-        return Err(Error::Config(
-            "--model-name needs exactly one --model-dir".into(),
-        ));
-    }
-    let mut scalers = Vec::new();
-    for dir in &config.model_dirs {
-        let spec = ModelSpec::load(dir).map_err(Error::Config)?;
-        let name = config.model_name.clone().unwrap_or(spec.name);
-        let dir = std::fs::canonicalize(dir)?;
-        scalers.push(ModelScaler {
-            pool: LocalPool::new(
-                &name,
-                WorkerCommand {
-                    program: program.clone(),
-                    model_dir: dir,
-                    args: config.worker_args.clone(),
-                },
-            ),
-            name,
-            policy: PolicyState::default(),
-            arrivals: ArrivalMeter::default(),
-            last: None,
-        });
-    }
-    let registry = Registry::new();
-    let metrics = metrics::Metrics::register(&registry)
-        .map_err(|e| Error::Config(format!("metrics: {e}")))?;
-    let readiness = Readiness::default();
-    let admin_stop = CancellationToken::new();
-    serve_admin(
-        config.admin_addr,
-        registry,
-        readiness.clone(),
-        admin_stop.clone(),
-    )
-    .await?;
-    let settings = config.settings();
-    let queue = QueueSettings {
-        delivery_limit: config.delivery_limit,
-        max_length: config.queue_max_length,
-    };
-    let heartbeats = Arc::new(Mutex::new(Heartbeats::default()));
-    let started = Instant::now();
-
-    while !shutdown.is_cancelled() {
-        let Some(connection) =
-            ember_core::amqp::connect(&config.amqp, "ember-autoscaler", &shutdown).await
-        else {
-            break;
-        };
-        let served = serve(
-            &connection,
-            &config,
-            &settings,
-            queue,
-            &mut scalers,
-            &heartbeats,
-            &metrics,
-            &readiness,
-            started,
-            &shutdown,
-        )
-        .await;
-        readiness.set(false);
-        if let Err(error) = served {
-            tracing::warn!(%error, "lost the broker; reconnecting (workers keep running)");
-        }
-        let _ = connection.close(200, "autoscaler".into()).await;
-    }
-    tracing::info!("stopping the local workers");
-    for scaler in &mut scalers {
-        scaler.pool.shutdown().await;
-    }
-    admin_stop.cancel();
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn serve(
-    connection: &Connection,
-    config: &Config,
-    settings: &policy::Settings,
-    queue: QueueSettings,
-    scalers: &mut [ModelScaler],
-    heartbeats: &Arc<Mutex<Heartbeats>>,
-    metrics: &metrics::Metrics,
-    readiness: &Readiness,
-    started: Instant,
-    shutdown: &CancellationToken,
-) -> lapin::Result<()> {
-    let channel = connection.create_channel().await?;
-    for scaler in scalers.iter() {
-        topology::declare_model(&channel, &scaler.name, queue).await?;
-    }
-    let mut beats = topology::telemetry_consumer(&channel).await?;
-    readiness.set(true);
-    let mut ticker = tokio::time::interval(config.tick);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return Ok(()),
-            beat = beats.next() => match beat {
-                Some(Ok(delivery)) => {
-                    if let Ok(beat) = serde_json::from_slice::<Heartbeat>(&delivery.data) {
-                        heartbeats.lock().unwrap_or_else(|e| e.into_inner()).record(beat, Instant::now());
-                    }
-                }
-                Some(Err(error)) => return Err(error),
-                None => return Ok(()),
-            },
-            _ = ticker.tick() => {
-                for scaler in scalers.iter_mut() {
-                    tick(&channel, config, settings, scaler, heartbeats, metrics, started).await?;
-                }
-            }
-        }
-    }
-}
-
-async fn ready_messages(channel: &Channel, model: &str) -> lapin::Result<u64> {
-    let queue = channel
-        .queue_declare(
-            topology::jobs_queue(model).as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    Ok(u64::from(queue.message_count()))
-}
-
-async fn tick(
-    channel: &Channel,
-    config: &Config,
-    settings: &policy::Settings,
-    scaler: &mut ModelScaler,
-    heartbeats: &Arc<Mutex<Heartbeats>>,
-    metrics: &metrics::Metrics,
-    started: Instant,
-) -> lapin::Result<()> {
-    let now = Instant::now();
-    let ready = ready_messages(channel, &scaler.name).await?;
-    let view = {
-        let mut heartbeats = heartbeats.lock().unwrap_or_else(|e| e.into_inner());
-        ModelView::from_workers(&heartbeats.workers(&scaler.name, now, config.heartbeat_timeout))
-    };
-    let mut died = Vec::new();
-    let counts = scaler.pool.counts(&view, &mut died);
-    let (arrival_rate, backlog_growing) =
-        scaler
-            .arrivals
-            .observe(now, ready, view.in_flight, view.completed);
-    let signals = Signals {
-        ready,
-        in_flight: view.in_flight,
-        arrival_rate,
-        service_rate_per_replica: view.service_rate,
-        replicas_ready: counts.ready,
-        replicas_starting: counts.starting,
-        gpu_utilisation: view.gpu_utilisation,
-        backlog_growing,
-    };
-    let decision = policy::decide(settings, &mut scaler.policy, &signals, started.elapsed());
-    let applied = scaler.pool.apply(decision.replicas, &view).await;
-    record(metrics, &scaler.name, &signals, &view, &decision);
-    let changed = scaler.last != Some(decision.replicas)
-        || !applied.started.is_empty()
-        || !applied.stopped.is_empty();
-    if changed {
-        tracing::info!(
-            model = %scaler.name,
-            replicas = decision.replicas,
-            recommended = decision.recommended,
-            reasons = ?decision.reasons.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
-            ready_jobs = ready,
-            in_flight = view.in_flight,
-            arrival_rate = format!("{arrival_rate:.1}"),
-            service_rate = ?view.service_rate.map(|r| format!("{r:.1}")),
-            replicas_ready = counts.ready,
-            replicas_starting = counts.starting,
-            started = ?applied.started,
-            stopped = ?applied.stopped,
-            "scaling decision"
-        );
-        let direction = match scaler.last {
-            Some(last) if decision.replicas > last => "up",
-            Some(last) if decision.replicas < last => "down",
-            None if decision.replicas > 0 => "up",
-            _ => "hold",
-        };
-        let reason = decision
-            .reasons
-            .first()
-            .map(|r| r.as_str())
-            .unwrap_or("steady");
-        metrics
-            .decisions
-            .with_label_values(&[&scaler.name, direction, reason])
-            .inc();
-    }
-    scaler.last = Some(decision.replicas);
-    Ok(())
-}
-
-fn record(
-    metrics: &metrics::Metrics,
-    model: &str,
-    signals: &Signals,
-    view: &ModelView,
-    decision: &Decision,
-) {
-    let m = [model];
-    metrics
-        .desired
-        .with_label_values(&m)
-        .set(i64::from(decision.replicas));
-    metrics
-        .ready
-        .with_label_values(&m)
-        .set(i64::from(signals.replicas_ready));
-    metrics
-        .starting
-        .with_label_values(&m)
-        .set(i64::from(signals.replicas_starting));
-    metrics
-        .backlog
-        .with_label_values(&m)
-        .set(signals.backlog() as i64);
-    metrics
-        .queue_ready
-        .with_label_values(&m)
-        .set(signals.ready as i64);
-    metrics
-        .arrival_rate
-        .with_label_values(&m)
-        .set(signals.arrival_rate);
-    if let Some(rate) = view.service_rate {
-        metrics.service_rate.with_label_values(&m).set(rate);
-    }
-    if let Some(ratio) = view.busy_ratio {
-        metrics.busy_ratio.with_label_values(&m).set(ratio);
-    }
-    if let Some(gpu) = view.gpu_utilisation {
-        metrics.gpu_utilisation.with_label_values(&m).set(gpu);
-    }
-    if let Some(load) = view.model_load_seconds {
-        metrics.model_load_seconds.with_label_values(&m).set(load);
     }
 }
 
@@ -498,7 +221,7 @@ async fn serve_kubernetes(
                                 arrival_rate,
                                 ..Signals::default()
                             };
-                            record(metrics, &model, &signals, &view, &decision);
+                            record(metrics, &model, &view, &Scaled { signals, decision });
                         }
                         Err(error) => tracing::warn!(pool = %name, %error, "reconcile failed"),
                     }

@@ -3,13 +3,175 @@
 //! from heartbeats) and lets them drain; a worker that dies is replaced at the next tick.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Instant;
 
+use ember_core::model::ModelSpec;
 use tokio::process::{Child, Command};
 
+use crate::backend::{Backend, Context, Observed, Scaled, Target};
+use crate::policy::{self, PolicyState, Settings, Signals};
 use crate::signals::ModelView;
+use crate::{Config, Error};
+
+/// The `local` backend: a [`LocalPool`] per `--model-dir`, all deciding with the flags' policy
+/// settings.
+#[derive(Debug)]
+pub struct LocalBackend {
+    settings: Settings,
+    models: Vec<LocalModel>,
+}
+
+#[derive(Debug)]
+struct LocalModel {
+    name: String,
+    pool: LocalPool,
+    /// The replicas decided at the last tick, to log changes only.
+    last: Option<u32>,
+}
+
+impl LocalBackend {
+    /// A pool per model directory, its workers started from `--worker-bin` (default: the
+    /// `ember-worker` beside this binary).
+    pub fn new(config: &Config) -> Result<Self, Error> {
+        let program = worker_program(config.worker_bin.as_ref())?;
+        if config.model_name.is_some() && config.model_dirs.len() != 1 {
+            return Err(Error::Config(
+                "--model-name needs exactly one --model-dir".into(),
+            ));
+        }
+        let mut models = Vec::new();
+        for dir in &config.model_dirs {
+            let spec = ModelSpec::load(dir).map_err(Error::Config)?;
+            let name = config.model_name.clone().unwrap_or(spec.name);
+            let command = WorkerCommand {
+                program: program.clone(),
+                model_dir: std::fs::canonicalize(dir)?,
+                args: config.worker_args.clone(),
+            };
+            models.push(LocalModel {
+                pool: LocalPool::new(&name, command),
+                name,
+                last: None,
+            });
+        }
+        Ok(Self {
+            settings: config.settings(),
+            models,
+        })
+    }
+}
+
+fn worker_program(configured: Option<&PathBuf>) -> Result<PathBuf, Error> {
+    if let Some(path) = configured {
+        return Ok(path.clone());
+    }
+    let me = std::env::current_exe()?;
+    let sibling = me.with_file_name("ember-worker");
+    if sibling.is_file() {
+        Ok(sibling)
+    } else {
+        Err(Error::Config(format!(
+            "no ember-worker beside {}; pass --worker-bin",
+            me.display()
+        )))
+    }
+}
+
+impl Backend for LocalBackend {
+    /// The model's index in `models`.
+    type Spec = usize;
+    type Error = Infallible;
+
+    async fn observe(&mut self, _ctx: &Context) -> Vec<Target<usize>> {
+        let targets = self.models.iter().enumerate();
+        targets
+            .map(|(index, model)| Target {
+                key: model.name.clone(),
+                model: model.name.clone(),
+                spec: index,
+            })
+            .collect()
+    }
+
+    async fn scale(
+        &mut self,
+        ctx: &Context,
+        target: &Target<usize>,
+        observed: &Observed,
+        policy: &mut PolicyState,
+    ) -> Result<Scaled, Infallible> {
+        let model = &mut self.models[target.spec];
+        let view = &observed.view;
+        let mut died = Vec::new();
+        let counts = model.pool.counts(view, &mut died);
+        let signals = Signals {
+            ready: observed.ready,
+            in_flight: view.in_flight,
+            arrival_rate: observed.arrival_rate,
+            service_rate_per_replica: view.service_rate,
+            replicas_ready: counts.ready,
+            replicas_starting: counts.starting,
+            gpu_utilisation: view.gpu_utilisation,
+            backlog_growing: observed.backlog_growing,
+        };
+        let decision = policy::decide(&self.settings, policy, &signals, ctx.started.elapsed());
+        let applied = model.pool.apply(decision.replicas, view).await;
+        let scaled = Scaled { signals, decision };
+        let changed = model.last != Some(scaled.decision.replicas)
+            || !applied.started.is_empty()
+            || !applied.stopped.is_empty();
+        if changed {
+            report(ctx, model, &scaled, view, &applied);
+        }
+        model.last = Some(scaled.decision.replicas);
+        Ok(scaled)
+    }
+
+    async fn stop(&mut self) {
+        tracing::info!("stopping the local workers");
+        for model in &mut self.models {
+            model.pool.shutdown().await;
+        }
+    }
+}
+
+/// Logs a decision that changed something and counts it by direction and first reason.
+fn report(ctx: &Context, model: &LocalModel, scaled: &Scaled, view: &ModelView, applied: &Applied) {
+    let Scaled { signals, decision } = scaled;
+    tracing::info!(
+        model = %model.name,
+        replicas = decision.replicas,
+        recommended = decision.recommended,
+        reasons = ?decision.reasons.iter().map(|r| r.as_str()).collect::<Vec<_>>(),
+        ready_jobs = signals.ready,
+        in_flight = view.in_flight,
+        arrival_rate = format!("{:.1}", signals.arrival_rate),
+        service_rate = ?view.service_rate.map(|r| format!("{r:.1}")),
+        replicas_ready = signals.replicas_ready,
+        replicas_starting = signals.replicas_starting,
+        started = ?applied.started,
+        stopped = ?applied.stopped,
+        "scaling decision"
+    );
+    let direction = match model.last {
+        Some(last) if decision.replicas > last => "up",
+        Some(last) if decision.replicas < last => "down",
+        None if decision.replicas > 0 => "up",
+        _ => "hold",
+    };
+    let reason = decision
+        .reasons
+        .first()
+        .map(|r| r.as_str())
+        .unwrap_or("steady");
+    ctx.metrics
+        .decisions
+        .with_label_values(&[&model.name, direction, reason])
+        .inc();
+}
 
 /// How to start a worker.
 #[derive(Debug, Clone)]

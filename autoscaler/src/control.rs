@@ -1,0 +1,233 @@
+//! The control loop, one for every backend: serves /metrics and /readyz, connects to the broker
+//! (reconnecting), records heartbeats, and each tick measures every target's queue and workers
+//! and hands them to the [`Backend`].
+
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use ember_core::protocol::Heartbeat;
+use ember_core::telemetry::{Readiness, serve_admin};
+use ember_core::topology::{self, QueueSettings};
+use futures_util::StreamExt;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use prometheus::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{Backend, Context, Observed, Scaled};
+use crate::metrics::Metrics;
+use crate::policy::PolicyState;
+use crate::signals::{ArrivalMeter, Heartbeats, ModelView};
+use crate::{Config, Error};
+
+/// What the loop remembers of one target across ticks and reconnections.
+#[derive(Debug, Default)]
+struct Memory {
+    policy: PolicyState,
+    arrivals: ArrivalMeter,
+}
+
+/// What the loop keeps across reconnections: replicas keep running while the broker is away.
+#[derive(Debug, Default)]
+struct State {
+    heartbeats: Heartbeats,
+    memory: HashMap<String, Memory>,
+}
+
+/// Runs `backend` until `shutdown`, then stops it.
+pub async fn run<B: Backend>(
+    config: Config,
+    mut backend: B,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let registry = Registry::new();
+    let metrics =
+        Metrics::register(&registry).map_err(|e| Error::Config(format!("metrics: {e}")))?;
+    let readiness = Readiness::default();
+    let admin_stop = CancellationToken::new();
+    serve_admin(
+        config.admin_addr,
+        registry,
+        readiness.clone(),
+        admin_stop.clone(),
+    )
+    .await?;
+    let ctx = Context {
+        config,
+        metrics,
+        readiness,
+        started: Instant::now(),
+        shutdown,
+    };
+    let mut state = State::default();
+    while !ctx.shutdown.is_cancelled() {
+        let Some(connection) =
+            ember_core::amqp::connect(&ctx.config.amqp, "ember-autoscaler", &ctx.shutdown).await
+        else {
+            break;
+        };
+        let served = serve(&ctx, &mut backend, &mut state, &connection).await;
+        ctx.readiness.set(false);
+        if let Err(error) = served {
+            tracing::warn!(%error, "lost the broker; reconnecting (replicas keep running)");
+        }
+        let _ = connection.close(200, "autoscaler".into()).await;
+    }
+    backend.stop().await;
+    admin_stop.cancel();
+    Ok(())
+}
+
+/// One broker connection: heartbeats as they come, a tick every `--tick`.
+async fn serve<B: Backend>(
+    ctx: &Context,
+    backend: &mut B,
+    state: &mut State,
+    connection: &Connection,
+) -> lapin::Result<()> {
+    let channel = connection.create_channel().await?;
+    topology::declare_shared(&channel).await?;
+    let mut beats = topology::telemetry_consumer(&channel).await?;
+    // Model queues are declared once per connection, when a target first names them.
+    let mut declared = HashSet::new();
+    ctx.readiness.set(true);
+    let mut ticker = tokio::time::interval(ctx.config.tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = ctx.shutdown.cancelled() => return Ok(()),
+            beat = beats.next() => match beat {
+                Some(Ok(delivery)) => {
+                    if let Ok(beat) = serde_json::from_slice::<Heartbeat>(&delivery.data) {
+                        state.heartbeats.record(beat, Instant::now());
+                    }
+                }
+                Some(Err(error)) => return Err(error),
+                None => return Ok(()),
+            },
+            _ = ticker.tick() => tick(ctx, backend, state, &channel, &mut declared).await?,
+        }
+    }
+}
+
+/// One tick: every target the backend names, measured and handed back to it to scale.
+async fn tick<B: Backend>(
+    ctx: &Context,
+    backend: &mut B,
+    state: &mut State,
+    channel: &Channel,
+    declared: &mut HashSet<String>,
+) -> lapin::Result<()> {
+    for target in backend.observe(ctx).await {
+        if declared.insert(target.model.clone()) {
+            topology::declare_model(channel, &target.model, queue_settings(&ctx.config)).await?;
+        }
+        let memory = state.memory.entry(target.key.clone()).or_default();
+        let observed = measure(
+            ctx,
+            &mut state.heartbeats,
+            &mut memory.arrivals,
+            channel,
+            &target.model,
+        )
+        .await?;
+        match backend
+            .scale(ctx, &target, &observed, &mut memory.policy)
+            .await
+        {
+            Ok(scaled) => record(&ctx.metrics, &target.model, &observed.view, &scaled),
+            Err(error) => tracing::warn!(
+                key = %target.key,
+                model = %target.model,
+                %error,
+                "scaling failed"
+            ),
+        }
+    }
+    Ok(())
+}
+
+fn queue_settings(config: &Config) -> QueueSettings {
+    QueueSettings {
+        delivery_limit: config.delivery_limit,
+        max_length: config.queue_max_length,
+    }
+}
+
+/// A model now: ready jobs, its workers, and the arrival rate since the last tick.
+async fn measure(
+    ctx: &Context,
+    heartbeats: &mut Heartbeats,
+    arrivals: &mut ArrivalMeter,
+    channel: &Channel,
+    model: &str,
+) -> lapin::Result<Observed> {
+    let now = Instant::now();
+    let ready = ready_messages(channel, model).await?;
+    let workers = heartbeats.workers(model, now, ctx.config.heartbeat_timeout);
+    let view = ModelView::from_workers(&workers);
+    let (arrival_rate, backlog_growing) =
+        arrivals.observe(now, ready, view.in_flight, view.completed);
+    Ok(Observed {
+        ready,
+        arrival_rate,
+        backlog_growing,
+        view,
+    })
+}
+
+pub(crate) async fn ready_messages(channel: &Channel, model: &str) -> lapin::Result<u64> {
+    let queue = channel
+        .queue_declare(
+            topology::jobs_queue(model).as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(u64::from(queue.message_count()))
+}
+
+pub(crate) fn record(metrics: &Metrics, model: &str, view: &ModelView, scaled: &Scaled) {
+    let Scaled { signals, decision } = scaled;
+    let m = [model];
+    metrics
+        .desired
+        .with_label_values(&m)
+        .set(i64::from(decision.replicas));
+    metrics
+        .ready
+        .with_label_values(&m)
+        .set(i64::from(signals.replicas_ready));
+    metrics
+        .starting
+        .with_label_values(&m)
+        .set(i64::from(signals.replicas_starting));
+    metrics
+        .backlog
+        .with_label_values(&m)
+        .set(signals.backlog() as i64);
+    metrics
+        .queue_ready
+        .with_label_values(&m)
+        .set(signals.ready as i64);
+    metrics
+        .arrival_rate
+        .with_label_values(&m)
+        .set(signals.arrival_rate);
+    if let Some(rate) = view.service_rate {
+        metrics.service_rate.with_label_values(&m).set(rate);
+    }
+    if let Some(ratio) = view.busy_ratio {
+        metrics.busy_ratio.with_label_values(&m).set(ratio);
+    }
+    if let Some(gpu) = view.gpu_utilisation {
+        metrics.gpu_utilisation.with_label_values(&m).set(gpu);
+    }
+    if let Some(load) = view.model_load_seconds {
+        metrics.model_load_seconds.with_label_values(&m).set(load);
+    }
+}
