@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::oneshot;
 
-use crate::broker::{Broker, OutgoingJob, PublishError};
+use crate::broker::{Broker, ModelReport, OutgoingJob, PublishError};
 use crate::error::{ApiError, OipError};
 use crate::limits::{self, Client, RateLimiter, Tokens};
 use crate::metrics::Metrics;
@@ -68,6 +68,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v2/health/ready", get(server_ready))
         .route("/v2/models/{model}", get(model_metadata))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            get(model_version_metadata),
+        )
         .route("/v2/models/{model}/ready", get(model_ready))
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v1/models/{model}/jobs", post(submit))
@@ -230,20 +234,75 @@ fn model<'a>(state: &'a AppState, name: &str) -> Result<&'a ModelSpec, ApiError>
         .ok_or_else(|| ApiError::unknown_model(name))
 }
 
+/// `GET /v2/models/{model}`: the graph's inputs and outputs as the freshest worker heartbeat
+/// reports them (remembered after the workers are gone); before any worker has reported, the
+/// model directory's name and version, and no tensors yet.
 async fn model_metadata(
     State(state): Shared,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, OipError> {
     let spec = model(&state, &name)?;
-    Ok(Json(json!({
-        "name": name,
-        "versions": [spec.version],
-        "platform": "onnxruntime_onnx",
-        "inputs": [],
-        "outputs": [],
-        "parameters": {"max_batch_size": spec.max_batch, "labels": spec.labels},
-    })))
+    let report = state
+        .broker
+        .fleet
+        .model_report(&name, None, WORKER_FRESHNESS);
+    Ok(Json(metadata(&name, spec, report.as_ref())))
 }
+
+/// `GET /v2/models/{model}/versions/{version}`: the same, from a worker of that version; 404
+/// for a version no worker reported (nor the model directory, before any worker has).
+async fn model_version_metadata(
+    State(state): Shared,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, OipError> {
+    let spec = model(&state, &name)?;
+    let fleet = &state.broker.fleet;
+    let report = fleet.model_report(&name, Some(&version), WORKER_FRESHNESS);
+    let unreported = fleet.model_report(&name, None, WORKER_FRESHNESS).is_none();
+    if report.is_none() && !(unreported && version == spec.version) {
+        return Err(OipError(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("no version `{version}` of model `{name}` is served here"),
+        )));
+    }
+    Ok(Json(metadata(&name, spec, report.as_ref())))
+}
+
+/// The model metadata body: from the workers' report when there is one, else from the spec.
+fn metadata(name: &str, spec: &ModelSpec, report: Option<&ModelReport>) -> serde_json::Value {
+    match report {
+        Some(report) => json!({
+            "name": name,
+            "versions": report.versions,
+            "platform": "onnxruntime_onnx",
+            "inputs": report.info.inputs,
+            "outputs": report.info.outputs,
+            "parameters": {
+                "max_batch_size": report.info.max_batch,
+                "labels": spec.labels,
+                "input": report.info.input,
+                "decoder": report.info.decoder,
+            },
+        }),
+        None => json!({
+            "name": name,
+            "versions": [spec.version],
+            "platform": "onnxruntime_onnx",
+            "inputs": [],
+            "outputs": [],
+            "parameters": {
+                "max_batch_size": spec.max_batch,
+                "labels": spec.labels,
+                "note": NO_WORKER_YET,
+            },
+        }),
+    }
+}
+
+/// The metadata's note while no worker of the model has reported.
+const NO_WORKER_YET: &str = "no worker of this model has started yet: the graph's inputs and \
+     outputs appear here once one has";
 
 async fn model_ready(
     State(state): Shared,
@@ -419,9 +478,10 @@ async fn infer(
     if let Some(requested) = &request.outputs {
         outputs.retain(|t| requested.iter().any(|r| r.name == t.name));
     }
+    let version = model_version(&state, &name, spec, &result.worker);
     let response = InferResponse {
         model_name: name,
-        model_version: Some(spec.version.clone()),
+        model_version: Some(version),
         id: request.id.clone(),
         outputs,
     };
@@ -429,6 +489,20 @@ async fn infer(
         return Ok(oip_binary::encode_response(&response, request)?);
     }
     Ok(Json(response).into_response())
+}
+
+/// The version a result came from: what its worker reports, else what the model's workers
+/// reported last, else the model directory's.
+fn model_version(state: &AppState, name: &str, spec: &ModelSpec, worker: &str) -> String {
+    let fleet = &state.broker.fleet;
+    fleet
+        .worker_version(name, worker)
+        .or_else(|| {
+            fleet
+                .model_report(name, None, WORKER_FRESHNESS)
+                .map(|report| report.info.version.clone())
+        })
+        .unwrap_or_else(|| spec.version.clone())
 }
 
 #[derive(Debug, Deserialize)]
@@ -647,5 +721,68 @@ async fn cancel(State(state): Shared, Path(id): Path<String>) -> Result<Response
             )
                 .into_response())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use ember_core::protocol::ModelInfo;
+    use ember_core::protocol::oip::TensorMeta;
+
+    use super::*;
+
+    fn spec() -> ModelSpec {
+        let mut spec = ModelSpec::parse("version = \"3\"\nmax_batch = 4\n[labels]\n0 = \"cat\"")
+            .expect("spec");
+        spec.name = "m".into();
+        spec
+    }
+
+    #[test]
+    fn metadata_is_the_graphs_once_a_worker_reported_it() {
+        let report = ModelReport {
+            info: Arc::new(ModelInfo {
+                version: "5".into(),
+                inputs: vec![TensorMeta {
+                    name: "input".into(),
+                    datatype: "FP32".into(),
+                    shape: vec![-1, 4],
+                }],
+                outputs: vec![TensorMeta {
+                    name: "label".into(),
+                    datatype: "INT64".into(),
+                    shape: vec![-1],
+                }],
+                max_batch: 2,
+                input: "tensor".into(),
+                decoder: "classification".into(),
+            }),
+            versions: vec!["4".into(), "5".into()],
+        };
+        let body = metadata("m", &spec(), Some(&report));
+        assert_eq!(body["versions"], json!(["4", "5"]));
+        assert_eq!(
+            body["inputs"],
+            json!([{"name": "input", "datatype": "FP32", "shape": [-1, 4]}])
+        );
+        assert_eq!(body["outputs"][0]["datatype"], "INT64");
+        assert_eq!(body["parameters"]["max_batch_size"], 2);
+        assert_eq!(body["parameters"]["labels"]["0"], "cat");
+        assert_eq!(body["parameters"]["decoder"], "classification");
+        assert!(body["parameters"].get("note").is_none());
+    }
+
+    #[test]
+    fn before_any_worker_metadata_is_the_model_directorys_with_a_note() {
+        let body = metadata("m", &spec(), None);
+        assert_eq!(body["name"], "m");
+        assert_eq!(body["versions"], json!(["3"]));
+        assert_eq!(body["inputs"], json!([]));
+        assert_eq!(body["outputs"], json!([]));
+        assert_eq!(body["parameters"]["max_batch_size"], 4);
+        assert_eq!(body["parameters"]["labels"]["0"], "cat");
+        assert_eq!(body["parameters"]["note"], NO_WORKER_YET);
     }
 }

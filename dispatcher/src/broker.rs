@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ember_core::amqp::{AmqpConfig, unix_ms};
-use ember_core::protocol::{Heartbeat, WorkerState, header};
+use ember_core::protocol::{Heartbeat, ModelInfo, WorkerState, header};
 use ember_core::topology::{self, QueueSettings};
 use futures_util::StreamExt;
 use lapin::options::{
@@ -63,30 +63,127 @@ struct Link {
     pending: Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>,
 }
 
-/// Last heartbeat of each worker, per model.
+/// Heartbeats older than this are forgotten (but not the model info they carried).
+const FORGET_AFTER: Duration = Duration::from_secs(60);
+
+/// The last heartbeat of each worker, per model, and the model info the workers publish.
 #[derive(Debug, Default)]
 pub struct Fleet {
-    workers: Mutex<HashMap<(String, String), (WorkerState, Instant)>>,
+    inner: Mutex<FleetInner>,
+}
+
+#[derive(Debug, Default)]
+struct FleetInner {
+    /// `(model, worker)` -> its last heartbeat.
+    workers: HashMap<(String, String), WorkerBeat>,
+    /// Per model, the model info of the latest heartbeat that had one; kept when the model's
+    /// workers are gone, so that metadata stays right after a scale to zero.
+    last_info: HashMap<String, Arc<ModelInfo>>,
+}
+
+#[derive(Debug)]
+struct WorkerBeat {
+    state: WorkerState,
+    /// Tokio's clock, so that tests can move it.
+    at: tokio::time::Instant,
+    info: Option<Arc<ModelInfo>>,
+}
+
+/// What the workers of one model say about it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelReport {
+    /// The model info of the freshest heartbeat that carried one (for the version asked, if
+    /// one was).
+    pub info: Arc<ModelInfo>,
+    /// The distinct versions of the workers heard from lately, and the last reported one.
+    pub versions: Vec<String>,
 }
 
 impl Fleet {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FleetInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Workers of `model` that said `ready` in the last `within`.
     pub fn ready_workers(&self, model: &str, within: Duration) -> usize {
-        let workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
-        workers
+        self.lock()
+            .workers
             .iter()
-            .filter(|((m, _), (state, at))| {
-                m == model && *state == WorkerState::Ready && at.elapsed() <= within
+            .filter(|((m, _), beat)| {
+                m == model && beat.state == WorkerState::Ready && beat.at.elapsed() <= within
             })
             .count()
     }
 
+    /// What the workers of `model` reported about it: the info of the freshest heartbeat (of
+    /// `version`, when given), and the versions of the workers heard from in the last `within`
+    /// plus the last one reported. `None` until a worker has reported (that version).
+    pub fn model_report(
+        &self,
+        model: &str,
+        version: Option<&str>,
+        within: Duration,
+    ) -> Option<ModelReport> {
+        let inner = self.lock();
+        let last = inner.last_info.get(model)?;
+        let mut versions = std::collections::BTreeSet::from([last.version.clone()]);
+        let mut freshest: Option<(&Arc<ModelInfo>, tokio::time::Instant)> = None;
+        for ((m, _), beat) in &inner.workers {
+            let Some(info) = beat.info.as_ref().filter(|_| m == model) else {
+                continue;
+            };
+            if beat.at.elapsed() <= within {
+                versions.insert(info.version.clone());
+            }
+            if version.is_none_or(|v| v == info.version)
+                && freshest.is_none_or(|(_, at)| beat.at > at)
+            {
+                freshest = Some((info, beat.at));
+            }
+        }
+        let info = match version {
+            // The last reported info is the freshest of all.
+            None => last.clone(),
+            Some(v) if last.version == v => last.clone(),
+            Some(_) => freshest?.0.clone(),
+        };
+        Some(ModelReport {
+            info,
+            versions: versions.into_iter().collect(),
+        })
+    }
+
+    /// The model version `worker` of `model` last reported, if it did.
+    pub fn worker_version(&self, model: &str, worker: &str) -> Option<String> {
+        let inner = self.lock();
+        let beat = inner
+            .workers
+            .get(&(model.to_string(), worker.to_string()))?;
+        Some(beat.info.as_ref()?.version.clone())
+    }
+
     fn record(&self, beat: &Heartbeat) {
-        let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
-        workers.retain(|_, (_, at)| at.elapsed() < Duration::from_secs(60));
-        workers.insert(
+        let mut inner = self.lock();
+        inner
+            .workers
+            .retain(|_, known| known.at.elapsed() < FORGET_AFTER);
+        let info = beat.model_info.as_ref().map(|info| {
+            // The same info every second: keep the one in hand rather than another copy.
+            match inner.last_info.get(&beat.model) {
+                Some(last) if **last == *info => last.clone(),
+                _ => Arc::new(info.clone()),
+            }
+        });
+        if let Some(info) = &info {
+            inner.last_info.insert(beat.model.clone(), info.clone());
+        }
+        inner.workers.insert(
             (beat.model.clone(), beat.worker.clone()),
-            (beat.state, Instant::now()),
+            WorkerBeat {
+                state: beat.state,
+                at: tokio::time::Instant::now(),
+                info,
+            },
         );
     }
 }
@@ -516,5 +613,83 @@ mod tests {
             header_u64(Some(&headers), header::INFERENCE_HEADER_LENGTH),
             None
         );
+    }
+
+    fn info(version: &str, input: &str) -> ModelInfo {
+        ModelInfo {
+            version: version.into(),
+            inputs: vec![ember_core::protocol::oip::TensorMeta {
+                name: input.into(),
+                datatype: "FP32".into(),
+                shape: vec![-1, 4],
+            }],
+            outputs: vec![],
+            max_batch: 8,
+            input: "tensor".into(),
+            decoder: "tensor".into(),
+        }
+    }
+
+    fn beat(model: &str, worker: &str, info: Option<ModelInfo>) -> Heartbeat {
+        Heartbeat {
+            worker: worker.into(),
+            model: model.into(),
+            state: WorkerState::Ready,
+            in_flight: 0,
+            completed: 0,
+            busy_seconds: 0.0,
+            model_load_seconds: 0.0,
+            at_ms: 0,
+            device: None,
+            device_fallback: false,
+            gpu: None,
+            model_info: info,
+        }
+    }
+
+    #[test]
+    fn the_freshest_model_info_answers_and_versions_are_the_workers() {
+        let fleet = Fleet::default();
+        let within = Duration::from_secs(5);
+        assert_eq!(fleet.model_report("m", None, within), None);
+        // A worker from before model_info counts as ready but says nothing about the model.
+        fleet.record(&beat("m", "old", None));
+        assert_eq!(fleet.ready_workers("m", within), 1);
+        assert_eq!(fleet.model_report("m", None, within), None);
+
+        fleet.record(&beat("m", "a", Some(info("1", "x"))));
+        fleet.record(&beat("m", "b", Some(info("2", "y"))));
+        fleet.record(&beat("other", "c", Some(info("9", "z"))));
+        let report = fleet.model_report("m", None, within).expect("reported");
+        assert_eq!(report.info.inputs[0].name, "y");
+        assert_eq!(report.versions, ["1", "2"]);
+        let one = fleet.model_report("m", Some("1"), within).expect("v1");
+        assert_eq!(one.info.inputs[0].name, "x");
+        assert_eq!(fleet.model_report("m", Some("3"), within), None);
+        assert_eq!(fleet.worker_version("m", "a").as_deref(), Some("1"));
+        assert_eq!(fleet.worker_version("m", "old"), None);
+        assert_eq!(fleet.worker_version("m", "nobody"), None);
+        // The same info again is not another copy.
+        fleet.record(&beat("m", "b", Some(info("2", "y"))));
+        let again = fleet.model_report("m", None, within).expect("reported");
+        assert!(Arc::ptr_eq(&report.info, &again.info));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn model_info_outlives_the_workers_that_sent_it() {
+        let fleet = Fleet::default();
+        let within = Duration::from_secs(5);
+        fleet.record(&beat("m", "a", Some(info("1", "x"))));
+        fleet.record(&beat("m", "b", Some(info("2", "y"))));
+        tokio::time::advance(FORGET_AFTER + Duration::from_secs(1)).await;
+        // Another model's heartbeat sweeps the gone workers out.
+        fleet.record(&beat("other", "c", None));
+        assert_eq!(fleet.ready_workers("m", within), 0);
+        let report = fleet.model_report("m", None, within).expect("remembered");
+        assert_eq!(report.info.inputs[0].name, "y");
+        assert_eq!(report.versions, ["2"]);
+        let two = fleet.model_report("m", Some("2"), within).expect("v2");
+        assert_eq!(two.versions, ["2"]);
+        assert_eq!(fleet.model_report("m", Some("1"), within), None);
     }
 }
