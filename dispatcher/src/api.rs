@@ -1,16 +1,15 @@
 //! The HTTP API: Open Inference Protocol v2 (`/v2/...`) and asynchronous jobs (`/v1/...`).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{ConnectInfo, MatchedPath, Path, Query, Request, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -24,10 +23,10 @@ use tokio::sync::oneshot;
 
 use crate::broker::{Broker, ModelReport, OutgoingJob, PublishError};
 use crate::error::{ApiError, OipError};
-use crate::limits::{self, Client, RateLimiter, Tokens};
+use crate::limits::{RateLimiter, Tokens};
 use crate::metrics::Metrics;
 use crate::store::{Claim, JobRecord, JobState, Store};
-use crate::{callbacks, oip_binary};
+use crate::{middleware, oip_binary, ssrf};
 
 /// A heartbeat older than this does not count a worker as alive.
 const WORKER_FRESHNESS: Duration = Duration::from_secs(5);
@@ -42,7 +41,7 @@ pub struct AppState {
     pub infer_timeout: Duration,
     pub max_wait: Duration,
     pub tokens: Tokens,
-    pub callback_guard: callbacks::CallbackGuard,
+    pub callback_guard: ssrf::CallbackGuard,
     pub limits: Limits,
 }
 
@@ -55,8 +54,6 @@ pub struct Limits {
     /// Per token, or per client address without auth; none: no rate limit.
     pub rate: Option<RateLimiter>,
 }
-
-type Shared = State<Arc<AppState>>;
 
 /// The API router.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -76,142 +73,16 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v2/models/{model}/infer", post(infer))
         .route("/v1/models/{model}/jobs", post(submit))
         .route("/v1/jobs/{id}", get(job_status).delete(cancel))
-        .layer(middleware::from_fn_with_state(state.clone(), authorize))
-        .layer(middleware::from_fn_with_state(state.clone(), limit_headers))
-        .layer(middleware::from_fn_with_state(state.clone(), observe))
+        .layer(from_fn_with_state(state.clone(), middleware::authorize))
+        .layer(from_fn_with_state(state.clone(), middleware::limit_headers))
+        .layer(from_fn_with_state(state.clone(), middleware::observe))
         .layer(axum::extract::DefaultBodyLimit::max(max_body))
         .with_state(state)
 }
 
-/// An error answered by a middleware, in the format of the route it stopped: the protocol's on
-/// `/v2/`, the jobs' elsewhere.
-fn reject(path: &str, error: ApiError) -> Response {
-    if path.starts_with("/v2/") {
-        OipError(error).into_response()
-    } else {
-        error.into_response()
-    }
-}
-
-/// Routes that neither auth nor the rate limit applies to.
-fn exempt(path: &str) -> bool {
-    path.starts_with("/v2/health/")
-}
-
-async fn observe(State(state): Shared, request: Request, next: Next) -> Response {
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".into());
-    let method = request.method().as_str().to_string();
-    let started = Instant::now();
-    let response = next.run(request).await;
-    state
-        .metrics
-        .request_duration
-        .with_label_values(&[&route])
-        .observe(started.elapsed().as_secs_f64());
-    state
-        .metrics
-        .requests
-        .with_label_values(&[&route, &method, response.status().as_str()])
-        .inc();
-    response
-}
-
-/// 431 with a JSON error when the header fields are too many or too large. (hyper's own
-/// limits, 100 fields and about 400 KiB of head, sit above the configurable ones and answer a
-/// bare 431.) A 413 closes the connection.
-async fn limit_headers(State(state): Shared, request: Request, next: Next) -> Response {
-    let limits = &state.limits;
-    match limits::check_headers(
-        request.headers(),
-        limits.max_headers,
-        limits.max_header_bytes,
-    ) {
-        Ok(()) => {
-            let mut response = next.run(request).await;
-            // A body refused as too large is left unread on the connection: close it, and say
-            // so, or a client that pools connections sends its next request into the closing
-            // one.
-            if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                response
-                    .headers_mut()
-                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            }
-            response
-        }
-        Err(why) => reject(
-            request.uri().path(),
-            ApiError::new(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "headers_too_large",
-                why,
-            ),
-        ),
-    }
-}
-
-/// Bearer auth (when tokens are configured), then the rate limit: per token, or per client
-/// address without auth. Health routes are exempt from both.
-async fn authorize(State(state): Shared, request: Request, next: Next) -> Response {
-    let path = request.uri().path();
-    if exempt(path) {
-        return next.run(request).await;
-    }
-    let client = if state.tokens.required() {
-        let presented = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        match state.tokens.find(presented) {
-            Some(index) => Client::Token(index),
-            None => {
-                let mut response = reject(
-                    path,
-                    ApiError::new(
-                        StatusCode::UNAUTHORIZED,
-                        "unauthorized",
-                        "a valid bearer token is required",
-                    ),
-                );
-                response
-                    .headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                return response;
-            }
-        }
-    } else {
-        let ip = request
-            .extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip())
-            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-        Client::address(ip)
-    };
-    if let Some(limiter) = &state.limits.rate
-        && let Err(wait) = limiter.check(client, Instant::now())
-    {
-        let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
-        return reject(
-            path,
-            ApiError {
-                retry_after: Some(seconds),
-                ..ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
-                    format!("over the request rate limit; retry in {seconds} s"),
-                )
-            },
-        );
-    }
-    next.run(request).await
-}
-
-async fn server_ready(State(state): Shared) -> Result<Json<serde_json::Value>, OipError> {
+async fn server_ready(
+    State(state): State<Arc<AppState>>,
+) -> Result<Json<serde_json::Value>, OipError> {
     if !state.broker.connected().await {
         return Err(OipError(ApiError::unavailable(
             "broker_unavailable",
@@ -238,13 +109,13 @@ fn model<'a>(state: &'a AppState, name: &str) -> Result<&'a ModelSpec, ApiError>
 /// reports them (remembered after the workers are gone); before any worker has reported, the
 /// model directory's name and version, and no tensors yet.
 async fn model_metadata(
-    State(state): Shared,
+    State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, OipError> {
     let spec = model(&state, &name)?;
     let report = state
         .broker
-        .fleet
+        .heartbeats
         .model_report(&name, None, WORKER_FRESHNESS);
     Ok(Json(metadata(&name, spec, report.as_ref())))
 }
@@ -252,13 +123,15 @@ async fn model_metadata(
 /// `GET /v2/models/{model}/versions/{version}`: the same, from a worker of that version; 404
 /// for a version no worker reported (nor the model directory, before any worker has).
 async fn model_version_metadata(
-    State(state): Shared,
+    State(state): State<Arc<AppState>>,
     Path((name, version)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>, OipError> {
     let spec = model(&state, &name)?;
-    let fleet = &state.broker.fleet;
-    let report = fleet.model_report(&name, Some(&version), WORKER_FRESHNESS);
-    let unreported = fleet.model_report(&name, None, WORKER_FRESHNESS).is_none();
+    let heartbeats = &state.broker.heartbeats;
+    let report = heartbeats.model_report(&name, Some(&version), WORKER_FRESHNESS);
+    let unreported = heartbeats
+        .model_report(&name, None, WORKER_FRESHNESS)
+        .is_none();
     if report.is_none() && !(unreported && version == spec.version) {
         return Err(OipError(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -305,11 +178,14 @@ const NO_WORKER_YET: &str = "no worker of this model has started yet: the graph'
      outputs appear here once one has";
 
 async fn model_ready(
-    State(state): Shared,
+    State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, OipError> {
     model(&state, &name)?;
-    let workers = state.broker.fleet.ready_workers(&name, WORKER_FRESHNESS);
+    let workers = state
+        .broker
+        .heartbeats
+        .ready_workers(&name, WORKER_FRESHNESS);
     if workers == 0 {
         return Err(OipError(ApiError::unavailable(
             "model_not_ready",
@@ -407,7 +283,7 @@ fn header_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 }
 
 async fn infer(
-    State(state): Shared,
+    State(state): State<Arc<AppState>>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -419,33 +295,18 @@ async fn infer(
     let job_id = uuid::Uuid::new_v4().to_string();
     let respond_async =
         header_value(&headers, "prefer").is_some_and(|p| p.contains("respond-async"));
-    state
-        .store
-        .put_job(&JobRecord {
-            job_id: job_id.clone(),
-            model: name.clone(),
-            submitted_at_ms: unix_ms(),
-            cancelled: false,
-        })
-        .await?;
-    let receiver = state
-        .broker
-        .publish(
-            OutgoingJob {
-                job_id: &job_id,
-                model: &name,
-                body: &parsed.body,
-                content_type: parsed.content_type,
-                inference_header_length: parsed.header_length,
-                callback_url: None,
-                deadline_ms: None,
-                traceparent: header_value(&headers, "traceparent"),
-                reply: !respond_async,
-            },
-            &state.metrics,
-        )
-        .await
-        .map_err(|e| publish_error(e, &name))?;
+    let job = OutgoingJob {
+        job_id: &job_id,
+        model: &name,
+        body: &parsed.body,
+        content_type: parsed.content_type,
+        inference_header_length: parsed.header_length,
+        callback_url: None,
+        deadline_ms: None,
+        traceparent: header_value(&headers, "traceparent"),
+        reply: !respond_async,
+    };
+    let receiver = enqueue(&state, job).await.map_err(|e| e.into_api(&name))?;
     let Some(receiver) = receiver else {
         return Ok(accepted(&job_id));
     };
@@ -494,15 +355,57 @@ async fn infer(
 /// The version a result came from: what its worker reports, else what the model's workers
 /// reported last, else the model directory's.
 fn model_version(state: &AppState, name: &str, spec: &ModelSpec, worker: &str) -> String {
-    let fleet = &state.broker.fleet;
-    fleet
+    let heartbeats = &state.broker.heartbeats;
+    heartbeats
         .worker_version(name, worker)
         .or_else(|| {
-            fleet
+            heartbeats
                 .model_report(name, None, WORKER_FRESHNESS)
                 .map(|report| report.info.version.clone())
         })
         .unwrap_or_else(|| spec.version.clone())
+}
+
+/// Why a job could not be enqueued.
+#[derive(Debug)]
+enum EnqueueError {
+    /// Its record could not be written.
+    Store(redis::RedisError),
+    /// The broker did not take it.
+    Publish(PublishError),
+}
+
+impl EnqueueError {
+    fn into_api(self, model: &str) -> ApiError {
+        match self {
+            EnqueueError::Store(error) => error.into(),
+            EnqueueError::Publish(error) => publish_error(error, model),
+        }
+    }
+}
+
+/// The one way in for a job, from either API: its record in the store (so that its status is
+/// `queued` from now on), then the publish with confirms. With `job.reply`, the receiver of its
+/// result.
+async fn enqueue(
+    state: &AppState,
+    job: OutgoingJob<'_>,
+) -> Result<Option<oneshot::Receiver<Vec<u8>>>, EnqueueError> {
+    state
+        .store
+        .put_job(&JobRecord {
+            job_id: job.job_id.to_string(),
+            model: job.model.to_string(),
+            submitted_at_ms: unix_ms(),
+            cancelled: false,
+        })
+        .await
+        .map_err(EnqueueError::Store)?;
+    state
+        .broker
+        .publish(job, &state.metrics)
+        .await
+        .map_err(EnqueueError::Publish)
 }
 
 #[derive(Debug, Deserialize)]
@@ -510,20 +413,9 @@ struct SubmitQuery {
     wait: Option<String>,
 }
 
-async fn submit(
-    State(state): Shared,
-    Path(name): Path<String>,
-    query: Result<Query<SubmitQuery>, QueryRejection>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
-    model(&state, &name)?;
-    let body = body_or_error(body, state.limits.max_body_bytes)?;
-    if body.is_empty() {
-        return Err(ApiError::bad_request("invalid_input", "the body is empty"));
-    }
-    let ct = header_value(&headers, "content-type").unwrap_or("application/octet-stream");
+/// A job body's content type (its essence, lower-case), if it is one a job may have.
+fn job_content_type(headers: &HeaderMap) -> Result<String, ApiError> {
+    let ct = header_value(headers, "content-type").unwrap_or("application/octet-stream");
     let essence = ct
         .split(';')
         .next()
@@ -542,82 +434,130 @@ async fn submit(
             ),
         ));
     }
-    let wait = match &query.wait {
-        Some(w) => Some(
-            humantime::parse_duration(w)
-                .map_err(|e| ApiError::bad_request("invalid_wait", format!("wait=`{w}`: {e}")))?
-                .min(state.max_wait),
-        ),
-        None => None,
+    Ok(essence)
+}
+
+/// `?wait=`, at most `max`.
+fn wait_duration(wait: Option<&str>, max: Duration) -> Result<Option<Duration>, ApiError> {
+    wait.map(|w| {
+        humantime::parse_duration(w)
+            .map(|wait| wait.min(max))
+            .map_err(|e| ApiError::bad_request("invalid_wait", format!("wait=`{w}`: {e}")))
+    })
+    .transpose()
+}
+
+/// What an idempotency key says about a submit.
+enum Keyed {
+    /// Publish the job with this id; `claimed`: this request claimed the key afresh (and must
+    /// release it if the publish fails).
+    Publish { job_id: String, claimed: bool },
+    /// The key's job is on the queue already.
+    Committed(String),
+}
+
+/// Claims the submit's idempotency key, if it has one, for a fresh job id.
+async fn claim_key(state: &AppState, model: &str, key: Option<&str>) -> Result<Keyed, ApiError> {
+    let job_id = uuid::Uuid::new_v4().to_string();
+    let Some(key) = key else {
+        return Ok(Keyed::Publish {
+            job_id,
+            claimed: false,
+        });
     };
+    if key.is_empty() || key.len() > 255 {
+        return Err(ApiError::bad_request(
+            "invalid_idempotency_key",
+            "1 to 255 characters",
+        ));
+    }
+    Ok(
+        match state
+            .store
+            .claim_idempotency_key(model, key, &job_id)
+            .await?
+        {
+            Claim::New => Keyed::Publish {
+                job_id,
+                claimed: true,
+            },
+            Claim::Committed(existing) => Keyed::Committed(existing),
+            // The first request with this key has not seen its job published (it may have
+            // died between the claim and the confirm): publish the job again, same id.
+            Claim::Pending(existing) => Keyed::Publish {
+                job_id: existing,
+                claimed: false,
+            },
+        },
+    )
+}
+
+/// After a failed publish: releases a key this request claimed; for one claimed before, the id
+/// of its job if that got published meanwhile.
+async fn unclaim_key(
+    state: &AppState,
+    model: &str,
+    key: &str,
+    job_id: &str,
+    claimed: bool,
+) -> Option<String> {
+    if claimed {
+        state.store.release_idempotency_key(model, key).await;
+    } else if let Ok(Claim::Committed(existing)) =
+        state.store.claim_idempotency_key(model, key, job_id).await
+    {
+        return Some(existing);
+    }
+    None
+}
+
+async fn submit(
+    State(state): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    query: Result<Query<SubmitQuery>, QueryRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    model(&state, &name)?;
+    let body = body_or_error(body, state.limits.max_body_bytes)?;
+    if body.is_empty() {
+        return Err(ApiError::bad_request("invalid_input", "the body is empty"));
+    }
+    let essence = job_content_type(&headers)?;
+    let wait = wait_duration(query.wait.as_deref(), state.max_wait)?;
     let callback_url = header_value(&headers, "x-callback-url");
     if let Some(url) = callback_url {
         state.callback_guard.check_url(url).await?;
     }
-    let mut job_id = uuid::Uuid::new_v4().to_string();
     let idempotency_key = header_value(&headers, "idempotency-key");
-    // Whether this request claimed the key afresh (and must release it if the publish fails).
-    let mut claimed = false;
-    if let Some(key) = idempotency_key {
-        if key.is_empty() || key.len() > 255 {
-            return Err(ApiError::bad_request(
-                "invalid_idempotency_key",
-                "1 to 255 characters",
-            ));
-        }
-        match state
-            .store
-            .claim_idempotency_key(&name, key, &job_id)
-            .await?
-        {
-            Claim::New => claimed = true,
-            Claim::Committed(existing) => return Ok(accepted(&existing)),
-            // The first request with this key has not seen its job published (it may have
-            // died between the claim and the confirm): publish the job again, same id.
-            Claim::Pending(existing) => job_id = existing,
-        }
-    }
-    state
-        .store
-        .put_job(&JobRecord {
-            job_id: job_id.clone(),
-            model: name.clone(),
-            submitted_at_ms: unix_ms(),
-            cancelled: false,
-        })
-        .await?;
-    let published = state
-        .broker
-        .publish(
-            OutgoingJob {
-                job_id: &job_id,
-                model: &name,
-                body: &body,
-                content_type: &essence,
-                inference_header_length: None,
-                callback_url,
-                deadline_ms: None,
-                traceparent: header_value(&headers, "traceparent"),
-                reply: wait.is_some(),
-            },
-            &state.metrics,
-        )
-        .await;
-    let receiver = match published {
+    let (job_id, claimed) = match claim_key(&state, &name, idempotency_key).await? {
+        Keyed::Publish { job_id, claimed } => (job_id, claimed),
+        Keyed::Committed(existing) => return Ok(accepted(&existing)),
+    };
+    let job = OutgoingJob {
+        job_id: &job_id,
+        model: &name,
+        body: &body,
+        content_type: &essence,
+        inference_header_length: None,
+        callback_url,
+        deadline_ms: None,
+        traceparent: header_value(&headers, "traceparent"),
+        reply: wait.is_some(),
+    };
+    let receiver = match enqueue(&state, job).await {
         Ok(receiver) => receiver,
-        Err(error) => {
-            if let Some(key) = idempotency_key {
-                if claimed {
-                    state.store.release_idempotency_key(&name, key).await;
-                } else if let Ok(Claim::Committed(existing)) =
-                    state.store.claim_idempotency_key(&name, key, &job_id).await
-                {
-                    // The first request with this key got its job published meanwhile.
-                    return Ok(accepted(&existing));
-                }
+        Err(EnqueueError::Publish(error)) => {
+            if let Some(key) = idempotency_key
+                && let Some(existing) = unclaim_key(&state, &name, key, &job_id, claimed).await
+            {
+                // The first request with this key got its job published meanwhile.
+                return Ok(accepted(&existing));
             }
             return Err(publish_error(error, &name));
         }
+        Err(error) => return Err(error.into_api(&name)),
     };
     if let Some(key) = idempotency_key {
         // The job is on the queue: later requests with this key get it without publishing.
@@ -676,7 +616,7 @@ fn job_view(job_id: &str, state: &JobState) -> serde_json::Value {
 }
 
 async fn job_status(
-    State(state): Shared,
+    State(state): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let job = state
@@ -687,7 +627,10 @@ async fn job_status(
     Ok(Json(job_view(&id, &job)))
 }
 
-async fn cancel(State(state): Shared, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn cancel(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     match state
         .store
         .job(&id)

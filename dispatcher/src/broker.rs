@@ -68,12 +68,12 @@ const FORGET_AFTER: Duration = Duration::from_secs(60);
 
 /// The last heartbeat of each worker, per model, and the model info the workers publish.
 #[derive(Debug, Default)]
-pub struct Fleet {
-    inner: Mutex<FleetInner>,
+pub struct Heartbeats {
+    inner: Mutex<HeartbeatsInner>,
 }
 
 #[derive(Debug, Default)]
-struct FleetInner {
+struct HeartbeatsInner {
     /// `(model, worker)` -> its last heartbeat.
     workers: HashMap<(String, String), WorkerBeat>,
     /// Per model, the model info of the latest heartbeat that had one; kept when the model's
@@ -99,8 +99,8 @@ pub struct ModelReport {
     pub versions: Vec<String>,
 }
 
-impl Fleet {
-    fn lock(&self) -> std::sync::MutexGuard<'_, FleetInner> {
+impl Heartbeats {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HeartbeatsInner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -191,7 +191,7 @@ impl Fleet {
 /// The broker side, shared by all requests.
 pub struct Broker {
     link: RwLock<Option<Arc<Link>>>,
-    pub fleet: Fleet,
+    pub heartbeats: Heartbeats,
 }
 
 impl std::fmt::Debug for Broker {
@@ -216,7 +216,7 @@ impl Broker {
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
             link: RwLock::new(None),
-            fleet: Fleet::default(),
+            heartbeats: Heartbeats::default(),
         })
     }
 
@@ -438,7 +438,7 @@ impl Broker {
                 beat = heartbeats.next() => match beat {
                     Some(Ok(delivery)) => {
                         if let Ok(beat) = serde_json::from_slice::<Heartbeat>(&delivery.data) {
-                            self.fleet.record(&beat);
+                            self.heartbeats.record(&beat);
                         }
                     }
                     Some(Err(error)) => break Err(error),
@@ -649,47 +649,53 @@ mod tests {
 
     #[test]
     fn the_freshest_model_info_answers_and_versions_are_the_workers() {
-        let fleet = Fleet::default();
+        let heartbeats = Heartbeats::default();
         let within = Duration::from_secs(5);
-        assert_eq!(fleet.model_report("m", None, within), None);
+        assert_eq!(heartbeats.model_report("m", None, within), None);
         // A worker from before model_info counts as ready but says nothing about the model.
-        fleet.record(&beat("m", "old", None));
-        assert_eq!(fleet.ready_workers("m", within), 1);
-        assert_eq!(fleet.model_report("m", None, within), None);
+        heartbeats.record(&beat("m", "old", None));
+        assert_eq!(heartbeats.ready_workers("m", within), 1);
+        assert_eq!(heartbeats.model_report("m", None, within), None);
 
-        fleet.record(&beat("m", "a", Some(info("1", "x"))));
-        fleet.record(&beat("m", "b", Some(info("2", "y"))));
-        fleet.record(&beat("other", "c", Some(info("9", "z"))));
-        let report = fleet.model_report("m", None, within).expect("reported");
+        heartbeats.record(&beat("m", "a", Some(info("1", "x"))));
+        heartbeats.record(&beat("m", "b", Some(info("2", "y"))));
+        heartbeats.record(&beat("other", "c", Some(info("9", "z"))));
+        let report = heartbeats
+            .model_report("m", None, within)
+            .expect("reported");
         assert_eq!(report.info.inputs[0].name, "y");
         assert_eq!(report.versions, ["1", "2"]);
-        let one = fleet.model_report("m", Some("1"), within).expect("v1");
+        let one = heartbeats.model_report("m", Some("1"), within).expect("v1");
         assert_eq!(one.info.inputs[0].name, "x");
-        assert_eq!(fleet.model_report("m", Some("3"), within), None);
-        assert_eq!(fleet.worker_version("m", "a").as_deref(), Some("1"));
-        assert_eq!(fleet.worker_version("m", "old"), None);
-        assert_eq!(fleet.worker_version("m", "nobody"), None);
+        assert_eq!(heartbeats.model_report("m", Some("3"), within), None);
+        assert_eq!(heartbeats.worker_version("m", "a").as_deref(), Some("1"));
+        assert_eq!(heartbeats.worker_version("m", "old"), None);
+        assert_eq!(heartbeats.worker_version("m", "nobody"), None);
         // The same info again is not another copy.
-        fleet.record(&beat("m", "b", Some(info("2", "y"))));
-        let again = fleet.model_report("m", None, within).expect("reported");
+        heartbeats.record(&beat("m", "b", Some(info("2", "y"))));
+        let again = heartbeats
+            .model_report("m", None, within)
+            .expect("reported");
         assert!(Arc::ptr_eq(&report.info, &again.info));
     }
 
     #[tokio::test(start_paused = true)]
     async fn model_info_outlives_the_workers_that_sent_it() {
-        let fleet = Fleet::default();
+        let heartbeats = Heartbeats::default();
         let within = Duration::from_secs(5);
-        fleet.record(&beat("m", "a", Some(info("1", "x"))));
-        fleet.record(&beat("m", "b", Some(info("2", "y"))));
+        heartbeats.record(&beat("m", "a", Some(info("1", "x"))));
+        heartbeats.record(&beat("m", "b", Some(info("2", "y"))));
         tokio::time::advance(FORGET_AFTER + Duration::from_secs(1)).await;
         // Another model's heartbeat sweeps the gone workers out.
-        fleet.record(&beat("other", "c", None));
-        assert_eq!(fleet.ready_workers("m", within), 0);
-        let report = fleet.model_report("m", None, within).expect("remembered");
+        heartbeats.record(&beat("other", "c", None));
+        assert_eq!(heartbeats.ready_workers("m", within), 0);
+        let report = heartbeats
+            .model_report("m", None, within)
+            .expect("remembered");
         assert_eq!(report.info.inputs[0].name, "y");
         assert_eq!(report.versions, ["2"]);
-        let two = fleet.model_report("m", Some("2"), within).expect("v2");
+        let two = heartbeats.model_report("m", Some("2"), within).expect("v2");
         assert_eq!(two.versions, ["2"]);
-        assert_eq!(fleet.model_report("m", Some("1"), within), None);
+        assert_eq!(heartbeats.model_report("m", Some("1"), within), None);
     }
 }

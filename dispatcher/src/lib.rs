@@ -1,19 +1,24 @@
 //! # ember-dispatcher
 //!
-//! The HTTP front of an Ember fleet: the KServe/Triton Open Inference Protocol v2 (JSON tensors,
-//! answered synchronously through the queue by Direct Reply-to) and asynchronous jobs (202 +
-//! polling, `?wait=`, idempotency keys, cancellation, signed callbacks). Results live in a
-//! shared Redis store, so any replica answers for any job.
+//! The HTTP front of an Ember fleet: the KServe/Triton Open Inference Protocol v2 (JSON and
+//! binary tensors, answered synchronously through the queue by Direct Reply-to) and asynchronous
+//! jobs (202 + polling, `?wait=`, idempotency keys, cancellation, signed callbacks). Results live
+//! in a shared Redis store, so any replica answers for any job.
 //!
 //! # Layout
 //!
 //! - [`config`]: flags and `EMBER_DISPATCHER_*` variables.
-//! - [`api`]: the routes.
-//! - [`broker`]: the RabbitMQ link (publish with confirms, Direct Reply-to, result storing,
-//!   heartbeats), reconnecting by itself.
+//! - [`api`]: the routes, and the one path by which a job is enqueued (record, then publish).
+//! - [`middleware`]: request metrics, header limits, bearer auth and the rate limit, in front of
+//!   every route; [`limits`]: what they enforce (header limits, tokens, token buckets).
+//! - [`oip_binary`]: the binary tensor extension: requests checked by their JSON header and
+//!   passed on as they came, responses in each datatype's binary form.
+//! - [`broker`]: the RabbitMQ link (publish with confirms, Direct Reply-to, result storing), and
+//!   [`broker::Heartbeats`], what the workers report (readiness, the graph's model info),
+//!   reconnecting by itself.
 //! - [`store`]: job records, results, idempotency keys in Redis.
-//! - [`callbacks`]: Standard Webhooks signing, retries, dead-lettering, the SSRF guard.
-//! - [`limits`]: header limits, bearer tokens, the per-client rate limit.
+//! - [`callbacks`]: Standard Webhooks signing, retries, dead-lettering; [`ssrf`]: where a
+//!   callback may go (the SSRF guard, at submit and at connect time).
 //! - [`metrics`], [`error`].
 
 pub mod api;
@@ -23,7 +28,9 @@ pub mod config;
 pub mod error;
 pub mod limits;
 pub mod metrics;
+pub mod middleware;
 pub mod oip_binary;
+pub mod ssrf;
 pub mod store;
 
 use std::collections::HashMap;
@@ -70,11 +77,11 @@ fn load_models(config: &Config) -> Result<HashMap<String, ModelSpec>, Error> {
 /// Runs the dispatcher until `shutdown`; then stops taking requests, lets the ones in flight
 /// finish, and hands the callbacks in hand back to the queue.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
-    run_with_resolver(config, Arc::new(callbacks::SystemResolver), shutdown).await
+    run_with_resolver(config, Arc::new(ssrf::SystemResolver), shutdown).await
 }
 
 /// [`run`], resolving callback host names with `names` (at submit time and, through the
-/// [`callbacks::CallbackGuard`], at connect time) instead of the system resolver: tests use it
+/// [`ssrf::CallbackGuard`], at connect time) instead of the system resolver: tests use it
 /// to play DNS rebinding.
 pub async fn run_with_resolver(
     config: Config,
@@ -101,7 +108,7 @@ pub async fn run_with_resolver(
     .await?;
 
     let store = store::Store::connect(&config.redis_url, config.result_ttl).await?;
-    let callback_guard = callbacks::CallbackGuard::new(config.callback_allow_nets.clone(), names);
+    let callback_guard = ssrf::CallbackGuard::new(config.callback_allow_nets.clone(), names);
     let client = callback_guard
         .http_client(config.callback_timeout)
         .map_err(|e| Error::Config(format!("http client: {e}")))?;
