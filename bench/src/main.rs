@@ -177,58 +177,36 @@ async fn residency(args: &Args, jobs: usize) -> anyhow::Result<()> {
 }
 
 async fn bare(jobs: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
-    use ember_core::model::ModelSpec;
-    use ember_worker::engine::{self, Engine, ImageSize, Loaded, SessionOptions};
+    use ember_worker::engine::{Engine, EngineOptions};
     let dir = fleet::root().join("models/ssdlite-person");
-    let spec = Arc::new(ModelSpec::load(&dir).map_err(anyhow::Error::msg)?);
-    let target = ember_worker::preprocess::Target::of(&spec);
-    let image = sample("astronaut.png")?;
-    let limits = ember_worker::preprocess::InputLimits {
-        max_bytes: 1 << 26,
-        max_pixels: 1 << 26,
+    let options = EngineOptions {
+        limits: ember_worker::process::InputLimits {
+            max_bytes: 1 << 26,
+            max_pixels: 1 << 26,
+        },
+        // Same setting as the worker (EMBER_WORKER_ORT_SPIN), so "bare" means the same engine.
+        spin: std::env::var_os("EMBER_WORKER_ORT_SPIN").is_some(),
+        ..EngineOptions::default()
     };
+    let engine = tokio::task::spawn_blocking(move || Engine::load(&dir, options)).await??;
+    let image = sample("astronaut.png")?;
     let mut decode = Vec::with_capacity(jobs);
     let mut prepared = None;
     for _ in 0..jobs {
         let started = Instant::now();
-        let p = ember_worker::preprocess::prepare(Some("image/png"), &image, limits, &target)?;
+        let p = engine.pipeline.prepare(Some("image/png"), None, &image)?;
         decode.push(started.elapsed().as_secs_f64());
         prepared = Some(p);
     }
     let prepared = prepared.ok_or_else(|| anyhow::anyhow!("no jobs"))?;
-    let dylib = engine::resolve_dylib(
-        std::env::var_os("ORT_DYLIB_PATH")
-            .map(PathBuf::from)
-            .as_deref(),
-    )?;
-    let options = SessionOptions {
-        model_path: dir.join(&spec.file),
-        ort_dylib: dylib.clone(),
-        device: ember_worker::config::Device::Cpu,
-        allow_cpu_fallback: false,
-        cuda: ember_worker::config::CudaOptions::default(),
-        intra_threads: 0,
-        // Same setting as the worker (EMBER_WORKER_ORT_SPIN), so "bare" means the same engine.
-        spin: std::env::var_os("EMBER_WORKER_ORT_SPIN").is_some(),
-    };
-    let engine_spec = spec.clone();
-    let engine = tokio::task::spawn_blocking(move || -> anyhow::Result<Engine> {
-        let env = engine::init_runtime(&dylib)?;
-        Ok(Engine::start(
-            Loaded::new(env, options, false)?,
-            engine_spec,
-        )?)
-    })
-    .await??;
-    let size = ImageSize {
-        width: prepared.original_width,
-        height: prepared.original_height,
-    };
     let mut run = Vec::with_capacity(jobs);
     for _ in 0..jobs {
-        let output = engine
-            .infer(vec![prepared.pixels.clone()], vec![size], vec![false])
-            .await?;
+        let mut job = ember_worker::process::Prepared {
+            inputs: prepared.inputs.clone(),
+            rows: prepared.rows,
+            shape: prepared.shape.clone(),
+        };
+        let output = engine.infer(vec![&mut job]).await?;
         run.push(output.inference.as_secs_f64());
     }
     Ok((run, decode))

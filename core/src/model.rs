@@ -321,7 +321,8 @@ mod tests {
 
     #[test]
     fn the_bundled_model_toml_parses() {
-        let spec = ModelSpec::load(&bundled("ssdlite-person")).expect("bundled model.toml is valid");
+        let spec =
+            ModelSpec::load(&bundled("ssdlite-person")).expect("bundled model.toml is valid");
         assert_eq!(spec.name, "ssdlite-person");
         assert_eq!(spec.version, "1");
         assert_eq!(spec.label(1), "person");
@@ -335,8 +336,8 @@ mod tests {
 
     #[test]
     fn a_zero_batch_or_unknown_key_is_refused() {
-        let good = std::fs::read_to_string(bundled("ssdlite-person").join("model.toml"))
-            .expect("reads");
+        let good =
+            std::fs::read_to_string(bundled("ssdlite-person").join("model.toml")).expect("reads");
         assert!(ModelSpec::parse(&good.replace("max_batch = 8", "max_batch = 0")).is_err());
         assert!(ModelSpec::parse(&format!("bogus = 1\n{good}")).is_err());
         assert!(

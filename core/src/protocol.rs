@@ -211,6 +211,18 @@ pub mod oip {
         pub fn is_empty(&self) -> bool {
             self.len() == 0
         }
+
+        /// The elements as f64 (strings: NaN), for readers that do not care about the type.
+        pub fn to_f64(&self) -> Vec<f64> {
+            match self {
+                TensorData::Bool(v) => v.iter().map(|&b| f64::from(u8::from(b))).collect(),
+                TensorData::I64(v) => v.iter().map(|&x| x as f64).collect(),
+                TensorData::U64(v) => v.iter().map(|&x| x as f64).collect(),
+                TensorData::F32(v) => v.iter().map(|&x| f64::from(x)).collect(),
+                TensorData::F64(v) => v.clone(),
+                TensorData::Str(v) => vec![f64::NAN; v.len()],
+            }
+        }
     }
 
     /// A graph input or output as the model metadata gives it (`-1`: a dynamic dimension).

@@ -5,26 +5,23 @@
 //! lapin uses on the wire; what follows the properties is the body.
 
 use ember_worker::Error;
-use ember_worker::preprocess::Prepared;
+use ember_worker::process::Prepared;
 use ember_worker::service::{Envelope, decode_job};
 use lapin::BasicProperties;
 use lapin::protocol::basic::{gen_properties, parse_properties};
 
-use crate::image::{LIMITS, SIZE, target};
+use crate::image::{LIMITS, dims, pipeline};
 
 /// Decodes one input; `None` when the properties do not parse (lapin drops such a frame).
 pub fn run(data: &[u8]) -> Option<(Envelope, Result<Prepared, Error>)> {
     let (&flags, rest) = data.split_first()?;
     let (body, properties) = parse_properties(rest).ok()?;
-    let (envelope, prepared) = decode_job(&properties, flags & 1 == 1, body, LIMITS, &target());
+    let (envelope, prepared) = decode_job(&properties, flags & 1 == 1, body, pipeline(0));
     assert!(envelope.attempt >= 1);
     assert!(!envelope.job_id.is_empty() || properties.message_id().is_some());
     if let Ok(prepared) = &prepared {
-        assert_eq!(prepared.pixels.len(), (SIZE * SIZE * 3) as usize);
-        assert!(
-            u64::from(prepared.original_width) * u64::from(prepared.original_height)
-                <= LIMITS.max_pixels
-        );
+        let (w, h) = dims(prepared);
+        assert!(u64::from(w) * u64::from(h) <= LIMITS.max_pixels);
     }
     Some((envelope, prepared))
 }

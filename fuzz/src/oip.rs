@@ -43,6 +43,6 @@ pub fn run(data: &[u8]) -> Result<Outcome, ApiError> {
         "the job body differs from the parsed request"
     );
     let _ = wants_binary_output(&request);
-    let prepared = check(Some("application/json"), &job_body);
+    let prepared = check(Some("application/json"), None, &job_body, 0);
     Ok(Outcome { request, prepared })
 }

@@ -41,8 +41,8 @@ IRIS_ROWS = [
     (118, [7.7, 2.6, 6.9, 2.3], "virginica"),
 ]
 TEXT_IMAGES = [
-    ("tests/samples/text_upright.png", "0"),
-    ("tests/samples/text_rotated180.png", "180"),
+    ("tests/samples/text/text_upright.png", "0"),
+    ("tests/samples/text/text_rotated180.png", "180"),
 ]
 PERSON_IMAGES = [
     ("tests/samples/astronaut.png", 1),

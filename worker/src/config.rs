@@ -7,7 +7,7 @@ use std::time::Duration;
 use ember_core::amqp::AmqpConfig;
 use ember_core::telemetry::LogConfig;
 
-use crate::preprocess::InputLimits;
+use crate::process::InputLimits;
 
 /// Where inference runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,6 +178,11 @@ pub struct Config {
         default_value = "127.0.0.1:9100"
     )]
     pub admin_addr: SocketAddr,
+
+    /// Load the model directory, check model.toml against the graph, run one warm-up, print a
+    /// verdict (JSON) and exit: 0 when the model can be served.
+    #[arg(long)]
+    pub check: bool,
 
     #[command(flatten)]
     pub amqp: AmqpConfig,

@@ -170,6 +170,13 @@ impl Gpu {
     }
 }
 
+/// A running sampler: its latest reading; dropping it stops the thread.
+#[derive(Debug)]
+pub struct Sampling {
+    pub latest: Latest,
+    pub _stop: tokio_util::sync::DropGuard,
+}
+
 /// The newest GPU reading, shared with the sampling thread.
 #[derive(Debug, Clone, Default)]
 pub struct Latest(Arc<Mutex<Option<GpuReading>>>);

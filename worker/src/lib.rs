@@ -1,17 +1,20 @@
 //! # ember-worker
 //!
-//! Keeps one model resident (the study's "callable object": loaded once, warmed up, never per
-//! job) and answers the jobs of its queue: consume with prefetch, decode and resize off the async
-//! runtime, gather dynamic batches, one `session.run` per batch on a dedicated thread, publish
-//! results with confirms, then ack.
+//! Keeps one model resident (loaded once, warmed up, never per job) and answers the jobs of its
+//! queue: consume with prefetch, decode off the async runtime, gather dynamic batches of equal
+//! shapes, one `session.run` per batch on a dedicated thread, publish results with confirms, then
+//! ack. Any ONNX model: the graph says the tensors, `model.toml` (optional) the processing.
 //!
 //! # Layout
 //!
 //! - [`config`]: flags and `EMBER_WORKER_*` variables.
-//! - [`preprocess`]: job body -> model input, with limits.
-//! - [`engine`]: ONNX Runtime session on its own thread; SSD decoding.
-//! - [`batcher`]: dynamic batching.
-//! - [`service`]: the AMQP loop for one connection: consume, batch, publish, ack, heartbeats.
+//! - [`runtime`]: the ONNX Runtime library, sessions, CUDA and what is missing for it.
+//! - [`signature`]: the graph's inputs and outputs; `model.toml` and each job checked against them.
+//! - [`tensor`]: typed tensors: OIP JSON and binary decoding, stacking and splitting rows.
+//! - [`process`]: the declared processing: image input; ssd, classification, detection outputs.
+//! - [`engine`]: [`engine::Engine::load`], the one bootstrap, and the inference thread.
+//! - [`batcher`]: gathering dynamic batches.
+//! - [`service`]: the AMQP job path: intake -> batch -> reply, recovery, heartbeats.
 //! - [`metrics`], [`gpu`]: Prometheus metrics and NVML readings (sampled on their own thread).
 //! - [`offline`]: the same model path fed from files, no broker (`ember-offline`).
 //! - [`error`]: the error type and what each error does to a job.
@@ -23,11 +26,13 @@ pub mod error;
 pub mod gpu;
 pub mod metrics;
 pub mod offline;
-pub mod preprocess;
+pub mod process;
+pub mod runtime;
 pub mod service;
+pub mod signature;
+pub mod tensor;
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use ember_core::telemetry::{Readiness, serve_admin};
 use ember_core::topology::QueueSettings;
@@ -38,10 +43,9 @@ pub use config::Config;
 pub use error::{Error, Result};
 
 use crate::config::Device;
-use crate::engine::{Engine, Loaded, SessionOptions};
-use crate::preprocess::InputLimits;
-use crate::service::{SessionEnd, Shared, Stats};
-use ember_core::model::ModelSpec;
+use crate::engine::{Engine, EngineOptions};
+use crate::process::InputLimits;
+use crate::service::{Context, SessionEnd, Stats};
 
 fn default_worker_id() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -58,37 +62,72 @@ fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
-/// Runs the worker until `shutdown` is cancelled and the jobs in hand are answered.
-pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
-    let spec = Arc::new(ModelSpec::load(&config.model_dir).map_err(Error::Config)?);
-    let model = config
-        .model_name
-        .clone()
-        .unwrap_or_else(|| spec.name.clone());
-    if !valid_name(&model) {
-        return Err(Error::Config(format!(
-            "model name `{model}`: use letters, digits, '-' and '_'"
-        )));
+impl Config {
+    /// How to load the model, from the flags.
+    pub fn engine_options(&self) -> EngineOptions {
+        EngineOptions {
+            ort_dylib: self.ort_dylib_path.clone(),
+            device: self.device,
+            allow_cpu_fallback: self.allow_cpu_fallback,
+            cuda: self.cuda.clone(),
+            intra_threads: self.intra_threads,
+            spin: self.ort_spin,
+            reload_per_job: self.reload_per_job,
+            limits: InputLimits {
+                max_bytes: self.max_input_bytes,
+                max_pixels: self.max_pixels,
+            },
+            max_batch: self.max_batch,
+        }
     }
+}
+
+/// Loads the model off the async runtime.
+pub async fn load_engine(config: &Config) -> Result<Engine> {
+    let (dir, options) = (config.model_dir.clone(), config.engine_options());
+    tokio::task::spawn_blocking(move || Engine::load(&dir, options))
+        .await
+        .map_err(|e| Error::Internal(format!("model loading panicked: {e}")))?
+}
+
+/// `--check`: loads the model directory, validates it against the graph, runs one warm-up,
+/// and says what it found (the verdict, as JSON on stdout).
+pub async fn check(config: &Config) -> Result<serde_json::Value> {
+    let engine = load_engine(config).await?;
+    let info = engine.info();
+    Ok(serde_json::json!({
+        "verdict": "ok",
+        "model": config.model_name.clone().unwrap_or_else(|| engine.spec.name.clone()),
+        "version": info.version,
+        "inputs": info.inputs,
+        "outputs": info.outputs,
+        "input": info.input,
+        "decoder": info.decoder,
+        "accepts": engine.pipeline.describe(),
+        "batching": engine.pipeline.signature.batching,
+        "max_batch": info.max_batch,
+        "device": engine.device.to_string(),
+        "load_seconds": engine.load_seconds,
+    }))
+}
+
+/// Names checked, the model loaded, metrics and the admin server up, GPU sampling started.
+async fn start(
+    config: &Config,
+) -> Result<(Context, CancellationToken, Option<crate::gpu::Sampling>)> {
     let worker_id = config.worker_id.clone().unwrap_or_else(default_worker_id);
     if !valid_name(&worker_id) {
         return Err(Error::Config(format!(
             "worker id `{worker_id}`: use letters, digits, '-' and '_'"
         )));
     }
-    let max_batch = if config.reload_per_job {
-        1
-    } else {
-        config
-            .max_batch
-            .unwrap_or(spec.max_batch)
-            .clamp(1, spec.max_batch)
-    };
-    let prefetch = config
-        .prefetch
-        .unwrap_or_else(|| u16::try_from(max_batch * 2).unwrap_or(u16::MAX))
-        .max(1);
-
+    if let Some(name) = &config.model_name
+        && !valid_name(name)
+    {
+        return Err(Error::Config(format!(
+            "model name `{name}`: use letters, digits, '-' and '_'"
+        )));
+    }
     // NVML is opened for a GPU that was asked for, even after a CPU fallback: its readings
     // (idle) then say plainly that the GPU is not in use.
     let gpu = match config.device {
@@ -102,90 +141,52 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     let admin_stop = CancellationToken::new();
     serve_admin(
         config.admin_addr,
-        registry.clone(),
+        registry,
         readiness.clone(),
         admin_stop.clone(),
     )
     .await
     .map_err(|e| Error::Config(format!("admin server on {}: {e}", config.admin_addr)))?;
-
-    let target = preprocess::Target::of(&spec);
-    let dylib = engine::resolve_dylib(config.ort_dylib_path.as_deref())?;
-    let options = SessionOptions {
-        model_path: config.model_dir.join(&spec.file),
-        ort_dylib: dylib.clone(),
-        device: config.device,
-        allow_cpu_fallback: config.allow_cpu_fallback,
-        cuda: config.cuda.clone(),
-        intra_threads: config.intra_threads,
-        spin: config.ort_spin,
-    };
-    tracing::info!(model = %model, path = %options.model_path.display(), device = %config.device, ort = %dylib.display(), "loading the model");
-    let load_started = Instant::now();
-    let reload = config.reload_per_job;
-    let engine_spec = spec.clone();
-    let (engine, device) = tokio::task::spawn_blocking(move || -> Result<(Engine, Device)> {
-        let env = engine::init_runtime(&dylib)?;
-        let loaded = Loaded::new(env, options, reload)?;
-        let device = loaded.device();
-        let engine = Engine::start(loaded, engine_spec)?;
-        if matches!(device, Device::Cuda(_)) {
-            for n in 2..=max_batch {
-                engine.warm_up(n)?;
-            }
-        }
-        Ok((engine, device))
-    })
-    .await
-    .map_err(|e| Error::Internal(format!("model loading panicked: {e}")))??;
-    let device_fallback = device != config.device;
+    let engine = load_engine(config).await?;
+    let model = config
+        .model_name
+        .clone()
+        .unwrap_or_else(|| engine.spec.name.clone());
+    let device = engine.device;
     metrics
         .device
         .with_label_values(&[device.to_string(), config.device.to_string()])
         .set(1);
-    let gpu_stop = CancellationToken::new();
-    let _stop_sampling = gpu_stop.clone().drop_guard();
-    let gpu = match gpu {
-        Some(gpu) => {
-            let gauges = metrics.gpu.clone();
-            let sampled = gpu.sample(config.heartbeat_interval, gpu_stop, move |reading| {
-                if let Some(gauges) = &gauges {
-                    gauges.utilization.set(reading.utilization);
-                    gauges.memory_used.set(reading.memory_used_bytes as f64);
-                    gauges.memory_total.set(reading.memory_total_bytes as f64);
-                }
-            });
-            Some(sampled.map_err(|e| Error::Internal(format!("cannot start NVML sampling: {e}")))?)
-        }
+    let sampling = match gpu {
+        Some(gpu) => Some(sample_gpu(gpu, &metrics, config)?),
         None => None,
     };
-    let model_load_seconds = load_started.elapsed().as_secs_f64();
-    metrics.model_load.set(model_load_seconds);
+    metrics.model_load.set(engine.load_seconds);
+    let prefetch = config
+        .prefetch
+        .unwrap_or_else(|| u16::try_from(engine.max_batch * 2).unwrap_or(u16::MAX))
+        .max(1);
     tracing::info!(
-        model_load_seconds,
+        model_load_seconds = engine.load_seconds,
         %device,
-        max_batch,
+        max_batch = engine.max_batch,
         prefetch,
-        reload_per_job = reload,
+        accepts = %engine.pipeline.describe(),
+        reload_per_job = config.reload_per_job,
         "model loaded and warmed up"
     );
-
-    let shared = Arc::new(Shared {
+    let context = Context {
         model,
-        worker_id: worker_id.clone(),
+        worker_id,
+        model_info: engine.info(),
+        model_load_seconds: engine.load_seconds,
+        device: device.to_string(),
+        device_fallback: device != config.device,
         engine,
         metrics,
         stats: Stats::default(),
         readiness,
-        gpu,
-        device: device.to_string(),
-        device_fallback,
-        limits: InputLimits {
-            max_bytes: config.max_input_bytes,
-            max_pixels: config.max_pixels,
-        },
-        target,
-        max_batch,
+        gpu: sampling.as_ref().map(|s| s.latest.clone()),
         max_batch_delay: config.max_batch_delay,
         prefetch,
         queue: QueueSettings {
@@ -194,34 +195,66 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         },
         heartbeat_interval: config.heartbeat_interval,
         drain_timeout: config.drain_timeout,
-        model_load_seconds,
         cancelled: std::sync::Mutex::new(std::collections::HashMap::new()),
-    });
+    };
+    Ok((context, admin_stop, sampling))
+}
 
-    let mut result = Ok(());
+fn sample_gpu(gpu: gpu::Gpu, metrics: &metrics::Metrics, config: &Config) -> Result<gpu::Sampling> {
+    let gauges = metrics.gpu.clone();
+    let stop = CancellationToken::new();
+    let latest = gpu
+        .sample(config.heartbeat_interval, stop.clone(), move |reading| {
+            if let Some(gauges) = &gauges {
+                gauges.utilization.set(reading.utilization);
+                gauges.memory_used.set(reading.memory_used_bytes as f64);
+                gauges.memory_total.set(reading.memory_total_bytes as f64);
+            }
+        })
+        .map_err(|e| Error::Internal(format!("cannot start NVML sampling: {e}")))?;
+    Ok(gpu::Sampling {
+        latest,
+        _stop: stop.drop_guard(),
+    })
+}
+
+/// Runs the worker until `shutdown` is cancelled and the jobs in hand are answered.
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    let (context, admin_stop, _sampling) = start(&config).await?;
+    let context = Arc::new(context);
+    let result = serve(&config, &context, &shutdown).await;
+    admin_stop.cancel();
+    tracing::info!("worker stopped");
+    result
+}
+
+/// Connects, serves, and reconnects after a lost connection, until shutdown drains the worker.
+async fn serve(
+    config: &Config,
+    context: &Arc<Context>,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    let client_name = format!("ember-worker {}", context.worker_id);
     while !shutdown.is_cancelled() {
-        let client_name = format!("ember-worker {worker_id}");
         let Some(connection) =
-            ember_core::amqp::connect(&config.amqp, &client_name, &shutdown).await
+            ember_core::amqp::connect(&config.amqp, &client_name, shutdown).await
         else {
             break;
         };
-        match service::serve_connection(&shared, &connection, &shutdown).await {
+        match service::serve_connection(context, &connection, shutdown).await {
             SessionEnd::Drained { timed_out } => {
                 let _ = connection.close(200, "worker shutting down".into()).await;
                 if timed_out {
-                    result = Err(Error::Internal("drain timed out".into()));
+                    return Err(Error::Internal("drain timed out".into()));
                 }
                 break;
             }
             SessionEnd::Lost(reason) => {
-                shared.metrics.reconnects.inc();
+                context.metrics.reconnects.inc();
                 tracing::warn!(%reason, "reconnecting to the broker");
                 let _ = connection.close(200, "reconnecting".into()).await;
             }
         }
     }
-    admin_stop.cancel();
-    tracing::info!("worker stopped");
-    result
+    Ok(())
 }

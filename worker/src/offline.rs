@@ -21,8 +21,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::batcher::next_batch;
 use crate::config::{CudaOptions, Device};
-use crate::engine::{self, Engine, ImageSize, Loaded, SessionOptions};
-use crate::preprocess::{InputLimits, Prepared, Target, prepare};
+use crate::engine::{Engine, EngineOptions};
+use crate::process::{InputLimits, Prepared};
 use crate::{Error, Result, gpu};
 
 /// Runs the worker's model path on files, without a broker, and reports figures as JSON.
@@ -234,16 +234,14 @@ fn synthetic_png(seed: usize) -> Result<Vec<u8>> {
     Ok(png)
 }
 
-/// The pipeline around one engine: decode on the blocking pool, gather with the worker's
-/// batcher, one `session.run` per batch.
-struct Pipeline {
+/// The worker's path around one engine: decode on the blocking pool, gather with the worker's
+/// batcher, one `session.run` per batch, the output processor.
+struct Feeder {
     engine: Engine,
-    limits: InputLimits,
-    target: Target,
     max_batch_delay: Duration,
 }
 
-impl Pipeline {
+impl Feeder {
     /// Sends `jobs` through as one batch (of at most `jobs.len()`); returns each job's detections
     /// and the time inside `session.run`.
     async fn round(&self, jobs: &[Arc<Vec<u8>>]) -> Result<(Vec<Vec<Detection>>, Duration)> {
@@ -251,11 +249,10 @@ impl Pipeline {
         let preparing = Arc::new(AtomicUsize::new(jobs.len()));
         for body in jobs {
             let (tx, body, preparing) = (tx.clone(), body.clone(), preparing.clone());
-            let (limits, target) = (self.limits, self.target.clone());
+            let pipeline = self.engine.pipeline.clone();
             tokio::spawn(async move {
                 let prepared =
-                    tokio::task::spawn_blocking(move || prepare(None, &body, limits, &target))
-                        .await;
+                    tokio::task::spawn_blocking(move || pipeline.prepare(None, None, &body)).await;
                 if let Ok(Ok(prepared)) = prepared {
                     let _ = tx.send(prepared).await;
                 }
@@ -266,7 +263,7 @@ impl Pipeline {
         let more_coming = || preparing.load(Ordering::SeqCst) > 0;
         let mut detections = Vec::with_capacity(jobs.len());
         let mut inference = Duration::ZERO;
-        while let Some(batch) = next_batch(
+        while let Some(mut batch) = next_batch(
             &mut rx,
             jobs.len().max(1),
             self.max_batch_delay,
@@ -274,19 +271,15 @@ impl Pipeline {
         )
         .await
         {
-            let n = batch.len();
-            let mut pixels = Vec::with_capacity(n);
-            let mut sizes = Vec::with_capacity(n);
-            for prepared in batch {
-                sizes.push(ImageSize {
-                    width: prepared.original_width,
-                    height: prepared.original_height,
-                });
-                pixels.push(prepared.pixels);
-            }
-            let output = self.engine.infer(pixels, sizes, vec![false; n]).await?;
+            let output = self.engine.infer(batch.iter_mut().collect()).await?;
             inference += output.inference;
-            detections.extend(output.detections);
+            for (prepared, outputs) in batch.iter().zip(output.outputs) {
+                let result =
+                    self.engine
+                        .pipeline
+                        .finish(&prepared.shape, prepared.rows, outputs)?;
+                detections.push(result.detections.unwrap_or_default());
+            }
         }
         if detections.len() != jobs.len() {
             return Err(Error::InvalidInput(format!(
@@ -305,19 +298,19 @@ fn ms(duration: Duration) -> f64 {
 
 /// Runs the whole measurement.
 pub async fn run(config: OfflineConfig) -> Result<Report> {
-    let spec = Arc::new(ModelSpec::load(&config.model_dir).map_err(Error::Config)?);
+    let spec = ModelSpec::load(&config.model_dir).map_err(Error::Config)?;
     let images = read_images(&config)?;
-    let target = Target::of(&spec);
-    let limits = InputLimits::DEFAULT;
-    let dylib = engine::resolve_dylib(config.ort_dylib_path.as_deref())?;
-    let options = SessionOptions {
-        model_path: config.model_dir.join(&spec.file),
-        ort_dylib: dylib.clone(),
+    let options = EngineOptions {
+        ort_dylib: config.ort_dylib_path.clone(),
         device: config.device,
         allow_cpu_fallback: config.allow_cpu_fallback,
         cuda: config.cuda.clone(),
         intra_threads: config.intra_threads,
         spin: true,
+        limits: InputLimits::DEFAULT,
+        // This measures the graph: batches may exceed model.toml's serving ceiling.
+        max_batch: None,
+        ..EngineOptions::default()
     };
 
     let started = Instant::now();
@@ -352,37 +345,33 @@ pub async fn run(config: OfflineConfig) -> Result<Report> {
     };
 
     let load = |reload: bool| {
-        let (dylib, options, spec) = (dylib.clone(), options.clone(), spec.clone());
+        let (dir, options) = (config.model_dir.clone(), options.clone());
         let warm = config.batches.clone();
-        tokio::task::spawn_blocking(move || -> Result<(Engine, Device, f64, f64)> {
-            let env = engine::init_runtime(&dylib)?;
+        tokio::task::spawn_blocking(move || -> Result<(Engine, f64)> {
+            let engine = Engine::load(
+                &dir,
+                EngineOptions {
+                    reload_per_job: reload,
+                    ..options
+                },
+            )?;
             let started = Instant::now();
-            let loaded = Loaded::new(env, options, reload)?;
-            let load_seconds = started.elapsed().as_secs_f64();
-            let device = loaded.device();
-            let started = Instant::now();
-            let engine = Engine::start(loaded, spec)?;
-            if matches!(device, Device::Cuda(_)) && !reload {
+            if matches!(engine.device, Device::Cuda(_)) && !reload {
                 for &n in &warm {
                     engine.warm_up(n)?;
                 }
             }
-            Ok((
-                engine,
-                device,
-                load_seconds,
-                started.elapsed().as_secs_f64(),
-            ))
+            Ok((engine, started.elapsed().as_secs_f64()))
         })
     };
-    let (engine, device, model_load_seconds, warmup_seconds) = load(false)
+    let (engine, warmup_seconds) = load(false)
         .await
         .map_err(|e| Error::Internal(format!("model loading panicked: {e}")))??;
+    let (device, model_load_seconds, dylib) =
+        (engine.device, engine.load_seconds, engine.ort_dylib.clone());
     tracing::info!(%device, model_load_seconds, warmup_seconds, "model loaded and warmed up");
-    let pipeline = Pipeline {
+    let pipeline = Feeder {
         engine,
-        limits,
-        target: target.clone(),
         max_batch_delay: config.max_batch_delay,
     };
 
@@ -432,13 +421,11 @@ pub async fn run(config: OfflineConfig) -> Result<Report> {
     drop(pipeline);
 
     let reload_per_job = if config.reload_jobs > 0 {
-        let (engine, _, _, _) = load(true)
+        let (engine, _) = load(true)
             .await
             .map_err(|e| Error::Internal(format!("model loading panicked: {e}")))??;
-        let pipeline = Pipeline {
+        let pipeline = Feeder {
             engine,
-            limits,
-            target,
             max_batch_delay: config.max_batch_delay,
         };
         let mut latencies = Vec::with_capacity(config.reload_jobs);

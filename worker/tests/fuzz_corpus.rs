@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use ember_core::protocol::ErrorCode;
 use ember_worker::Error;
-use ember_worker::preprocess::Prepared;
+use ember_worker::process::Prepared;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 
@@ -48,11 +48,8 @@ fn check_named(name: &str, result: &Result<Prepared, Error>) {
         "ok" => {
             let dims = parts.next().unwrap();
             let prepared = result.as_ref().unwrap_or_else(|e| panic!("{name}: {e}"));
-            assert_eq!(
-                format!("{}x{}", prepared.original_width, prepared.original_height),
-                dims,
-                "{name}"
-            );
+            let (w, h) = image::dims(prepared);
+            assert_eq!(format!("{w}x{h}"), dims, "{name}");
         }
         "toolarge" => code(ErrorCode::InputTooLarge),
         "invalid_image" => code(ErrorCode::InvalidImage),

@@ -1,251 +1,193 @@
-//! Job body -> model input: content-type check, size limits, decode (PNG/JPEG; grey and RGBA
-//! become RGB), resize. CPU-bound: the caller runs it off the async runtime.
+//! The `image` input processor: an encoded image (PNG/JPEG; grey and RGBA become RGB) decoded
+//! within limits, resized (`stretch`, `letterbox`, `center_crop`), put in the declared channel
+//! order and layout, and, for float32 graphs, scaled and normalised per channel. CPU-bound: the
+//! caller runs it off the async runtime.
 
 use std::io::Cursor;
 
+use ember_core::model::{Channels, Dtype, ImageInput, Layout, Resize};
 use fast_image_resize::images::Image as FirImage;
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::codecs::jpeg::JpegDecoder;
 use image::codecs::png::PngDecoder;
 use image::{DynamicImage, ImageDecoder, Limits};
 
-use ember_core::model::{InputSpec, ModelSpec};
-use ember_core::protocol::oip::InferRequest;
-
+use super::InputLimits;
 use crate::Error;
+use crate::tensor::{Data, Tensor};
 
-/// Limits applied before and during decoding (decompression bombs).
-#[derive(Debug, Clone, Copy)]
-pub struct InputLimits {
-    pub max_bytes: usize,
-    pub max_pixels: u64,
-}
-
-impl InputLimits {
-    /// The worker's defaults (`--max-input-bytes`, `--max-pixels`).
-    pub const DEFAULT: Self = Self {
-        max_bytes: 16 * 1024 * 1024,
-        max_pixels: 40_000_000,
-    };
-}
-
-/// An image ready for the model: `width x height x 3` RGB bytes at the model's input size, and
-/// the size of the original image (to map boxes back to its pixels).
-#[derive(Debug)]
-pub struct Prepared {
-    pub pixels: Vec<u8>,
+/// Where the model's input pixels came from in the original image: `x_original = (x_input -
+/// offset_x) / scale_x` (and the same for y). Output processors map boxes back with it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Geometry {
     pub original_width: u32,
     pub original_height: u32,
-    /// The job was an Open Inference Protocol tensor request: answer with raw output tensors.
-    pub raw_outputs: bool,
+    pub scale_x: f32,
+    pub scale_y: f32,
+    pub offset_x: f32,
+    pub offset_y: f32,
 }
 
-/// The model's input, as the preprocessing needs it.
-#[derive(Debug, Clone)]
-pub struct Target {
-    /// The input tensor's name (tensor requests must name it).
-    pub tensor: String,
-    pub width: u32,
-    pub height: u32,
-}
-
-impl Target {
-    /// The input `spec` describes.
-    pub fn of(spec: &ModelSpec) -> Self {
-        let InputSpec::Image {
-            tensor,
-            width,
-            height,
-            ..
-        } = &spec.input;
+impl Geometry {
+    /// The identity for an input given as a tensor of `width x height`.
+    pub fn identity(width: u32, height: u32) -> Self {
         Self {
-            tensor: tensor.clone(),
-            width: *width,
-            height: *height,
+            original_width: width,
+            original_height: height,
+            scale_x: 1.0,
+            scale_y: 1.0,
+            offset_x: 0.0,
+            offset_y: 0.0,
         }
     }
-}
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Format {
-    Png,
-    Jpeg,
-    Tensor,
-}
-
-const PNG_MAGIC: &[u8] = b"\x89PNG\r\n\x1a\n";
-const JPEG_MAGIC: &[u8] = b"\xff\xd8\xff";
-
-fn sniff(body: &[u8]) -> Option<Format> {
-    if body.starts_with(PNG_MAGIC) {
-        Some(Format::Png)
-    } else if body.starts_with(JPEG_MAGIC) {
-        Some(Format::Jpeg)
-    } else {
-        None
+    /// An input-pixel box `[x1, y1, x2, y2]` in the original image's pixels, clamped to it.
+    pub fn to_original(&self, b: [f32; 4]) -> [f32; 4] {
+        let (w, h) = (self.original_width as f32, self.original_height as f32);
+        let x = |v: f32| ((v - self.offset_x) / self.scale_x).clamp(0.0, w);
+        let y = |v: f32| ((v - self.offset_y) / self.scale_y).clamp(0.0, h);
+        [x(b[0]), y(b[1]), x(b[2]), y(b[3])]
     }
 }
 
-/// The format a job's content type names. A missing or generic content type (plain AMQP clients
-/// often send none) is resolved from the body's magic bytes.
-fn format_of(content_type: Option<&str>, body: &[u8]) -> Result<Format, Error> {
-    let essence = content_type
-        .map(|ct| {
-            ct.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        })
-        .unwrap_or_default();
-    match essence.as_str() {
-        "image/png" => Ok(Format::Png),
-        "application/json" => Ok(Format::Tensor),
-        "image/jpeg" | "image/jpg" => Ok(Format::Jpeg),
-        "" | "application/octet-stream" => sniff(body).ok_or_else(|| {
-            Error::InvalidImage("no content type and the body is neither PNG nor JPEG".into())
-        }),
-        _ => Err(Error::UnsupportedContentType(essence)),
-    }
+/// The image processor of one model.
+#[derive(Debug, Clone)]
+pub struct ImageProcessor {
+    pub spec: ImageInput,
 }
 
-/// Decodes, checks and resizes one job body.
-pub fn prepare(
-    content_type: Option<&str>,
-    body: &[u8],
-    limits: InputLimits,
-    target: &Target,
-) -> Result<Prepared, Error> {
-    let (width, height) = (target.width, target.height);
-    if body.is_empty() {
-        return Err(Error::InvalidInput("the job body is empty".into()));
-    }
-    if body.len() > limits.max_bytes {
-        return Err(Error::InputTooLarge(format!(
-            "the body is {} bytes; the limit is {}",
-            body.len(),
-            limits.max_bytes
-        )));
-    }
-    let format = format_of(content_type, body)?;
-    if format == Format::Tensor {
-        return prepare_tensor(body, limits, target);
-    }
-    // The decoders are third-party code fed hostile bytes: one that panics (zune-jpeg 0.5.15
-    // does on some malformed JPEGs, found by fuzzing, see docs/fuzzing.md) must fail this job,
-    // not the task that holds it (an unacked job and a stuck prefetch slot).
-    let decoded = std::panic::catch_unwind(|| match format {
-        Format::Png => decode(PngDecoder::new(Cursor::new(body)), limits),
-        _ => decode(JpegDecoder::new(Cursor::new(body)), limits),
-    });
-    let image = decoded.unwrap_or_else(|_| {
-        Err(Error::InvalidImage(
-            "the image decoder failed on this input".into(),
-        ))
-    })?;
-    let (original_width, original_height) = (image.width(), image.height());
-    let rgb = image.into_rgb8();
-    let pixels = resize_rgb(
-        rgb.into_raw(),
-        original_width,
-        original_height,
-        width,
-        height,
-    )?;
-    Ok(Prepared {
-        pixels,
-        original_width,
-        original_height,
-        raw_outputs: false,
-    })
-}
-
-/// An Open Inference Protocol request with one UINT8 NHWC image tensor `[1, H, W, 3]`.
-fn prepare_tensor(body: &[u8], limits: InputLimits, target: &Target) -> Result<Prepared, Error> {
-    let request: InferRequest = serde_json::from_slice(body)
-        .map_err(|e| Error::InvalidInput(format!("not an inference request: {e}")))?;
-    let [input] = request.inputs.as_slice() else {
-        return Err(Error::InvalidInput(format!(
-            "expected one input tensor `{}`, got {}",
-            target.tensor,
-            request.inputs.len()
-        )));
-    };
-    if input.name != target.tensor {
-        return Err(Error::InvalidInput(format!(
-            "unknown input `{}`; the model's input is `{}`",
-            input.name, target.tensor
-        )));
-    }
-    if input.datatype != "UINT8" {
-        return Err(Error::InvalidInput(format!(
-            "input `{}` must be UINT8, not {}",
-            input.name, input.datatype
-        )));
-    }
-    let &[1, h, w, 3] = input.shape.as_slice() else {
-        return Err(Error::InvalidInput(format!(
-            "input shape must be [1, H, W, 3] (NHWC, one image), not {:?}",
-            input.shape
-        )));
-    };
-    let (Ok(h), Ok(w)) = (u32::try_from(h), u32::try_from(w)) else {
-        return Err(Error::InvalidInput("negative dimensions".into()));
-    };
-    if h == 0 || w == 0 {
-        return Err(Error::InvalidInput(format!("the image is {w}x{h}")));
-    }
-    if u64::from(w) * u64::from(h) > limits.max_pixels {
-        return Err(Error::InputTooLarge(format!(
-            "the image is {w}x{h}; the limit is {} pixels",
-            limits.max_pixels
-        )));
-    }
-    // In u64: `w * h * 3` overflows u32 once the pixel limit is over 1.4 G.
-    let expected = usize::try_from(u64::from(w) * u64::from(h) * 3)
-        .map_err(|_| Error::InputTooLarge(format!("the image is {w}x{h}")))?;
-    // Every value takes two bytes of JSON at least: a short body cannot make a large allocation
-    // by claiming a large shape.
-    let mut pixels = Vec::with_capacity(expected.min(body.len() / 2));
-    flatten_u8(&input.data, &mut pixels, expected)?;
-    if pixels.len() != expected {
-        return Err(Error::InvalidInput(format!(
-            "shape {:?} needs {expected} values, the data has {}",
-            input.shape,
-            pixels.len()
-        )));
-    }
-    Ok(Prepared {
-        pixels: resize_rgb(pixels, w, h, target.width, target.height)?,
-        original_width: w,
-        original_height: h,
-        raw_outputs: true,
-    })
-}
-
-fn flatten_u8(value: &serde_json::Value, out: &mut Vec<u8>, limit: usize) -> Result<(), Error> {
-    match value {
-        serde_json::Value::Array(items) => {
-            for item in items {
-                flatten_u8(item, out, limit)?;
+impl ImageProcessor {
+    /// Decodes, checks, resizes and lays out one image as a `[1, ...]` tensor.
+    pub fn prepare(
+        &self,
+        png: bool,
+        body: &[u8],
+        limits: InputLimits,
+    ) -> Result<(Tensor, Geometry), Error> {
+        // The decoders are third-party code fed hostile bytes: one that panics (zune-jpeg 0.5.15
+        // does on some malformed JPEGs, found by fuzzing, see docs/fuzzing.md) must fail this
+        // job, not the task that holds it (an unacked job and a stuck prefetch slot).
+        let decoded = std::panic::catch_unwind(|| {
+            if png {
+                decode(PngDecoder::new(Cursor::new(body)), limits)
+            } else {
+                decode(JpegDecoder::new(Cursor::new(body)), limits)
             }
-            Ok(())
-        }
-        serde_json::Value::Number(n) => {
-            if out.len() >= limit {
-                return Err(Error::InvalidInput("more data than the shape says".into()));
-            }
-            let v = n
-                .as_u64()
-                .and_then(|v| u8::try_from(v).ok())
-                .ok_or_else(|| Error::InvalidInput(format!("{n} is not a UINT8")))?;
-            out.push(v);
-            Ok(())
-        }
-        other => Err(Error::InvalidInput(format!(
-            "tensor data must be numbers, found {other}"
-        ))),
+        });
+        let image = decoded.unwrap_or_else(|_| {
+            Err(Error::InvalidImage(
+                "the image decoder failed on this input".into(),
+            ))
+        })?;
+        let (width, height) = (image.width(), image.height());
+        let (pixels, geometry) = self.resize(image.into_rgb8().into_raw(), width, height)?;
+        Ok((self.layout(pixels)?, geometry))
     }
+
+    /// RGB bytes of `width x height` at the model's size, by the declared resize mode.
+    pub fn resize(
+        &self,
+        rgb: Vec<u8>,
+        width: u32,
+        height: u32,
+    ) -> Result<(Vec<u8>, Geometry), Error> {
+        let (tw, th) = (self.spec.width, self.spec.height);
+        let (fw, fh) = (width as f32, height as f32);
+        let stretch = Geometry {
+            original_width: width,
+            original_height: height,
+            scale_x: tw as f32 / fw,
+            scale_y: th as f32 / fh,
+            offset_x: 0.0,
+            offset_y: 0.0,
+        };
+        match self.spec.resize {
+            Resize::Stretch => Ok((resize_rgb(rgb, width, height, tw, th, None)?, stretch)),
+            Resize::CenterCrop => {
+                // The shorter side fits; the source window that maps onto the target is cut.
+                let s = (tw as f32 / fw).max(th as f32 / fh);
+                let (cw, ch) = (tw as f64 / s as f64, th as f64 / s as f64);
+                let (left, top) = ((width as f64 - cw) / 2.0, (height as f64 - ch) / 2.0);
+                let pixels = resize_rgb(rgb, width, height, tw, th, Some((left, top, cw, ch)))?;
+                let geometry = Geometry {
+                    scale_x: s,
+                    scale_y: s,
+                    offset_x: -(left as f32) * s,
+                    offset_y: -(top as f32) * s,
+                    ..stretch
+                };
+                Ok((pixels, geometry))
+            }
+            Resize::Letterbox => {
+                let s = (tw as f32 / fw).min(th as f32 / fh);
+                let rw = ((fw * s).round() as u32).clamp(1, tw);
+                let rh = ((fh * s).round() as u32).clamp(1, th);
+                let inner = resize_rgb(rgb, width, height, rw, rh, None)?;
+                let (px, py) = ((tw - rw) / 2, (th - rh) / 2);
+                let mut canvas = vec![self.spec.fill; (tw * th * 3) as usize];
+                let row = (rw * 3) as usize;
+                for (y, line) in inner.chunks_exact(row).enumerate() {
+                    let at = (((py as usize + y) * tw as usize) + px as usize) * 3;
+                    canvas[at..at + row].copy_from_slice(line);
+                }
+                let geometry = Geometry {
+                    scale_x: rw as f32 / fw,
+                    scale_y: rh as f32 / fh,
+                    offset_x: px as f32,
+                    offset_y: py as f32,
+                    ..stretch
+                };
+                Ok((canvas, geometry))
+            }
+        }
+    }
+
+    /// RGB bytes at the model's size -> the graph's tensor: channel order, layout, type.
+    pub fn layout(&self, mut rgb: Vec<u8>) -> Result<Tensor, Error> {
+        let spec = &self.spec;
+        let (w, h) = (i64::from(spec.width), i64::from(spec.height));
+        if spec.channels == Channels::Bgr {
+            for px in rgb.chunks_exact_mut(3) {
+                px.swap(0, 2);
+            }
+        }
+        let shape = match spec.layout {
+            Layout::Nhwc => vec![1, h, w, 3],
+            Layout::Nchw => vec![1, 3, h, w],
+        };
+        let data = match (spec.dtype, spec.layout) {
+            // The SSD path: the decoded bytes are the tensor, no copy.
+            (Dtype::Uint8, Layout::Nhwc) => Data::U8(rgb),
+            (Dtype::Uint8, Layout::Nchw) => Data::U8(planar(&rgb, |v, _| v)),
+            (Dtype::Float32, layout) => {
+                let (mean, std) = spec.normalisation();
+                let scale = spec.scale;
+                let norm = |v: u8, c: usize| (f32::from(v) * scale - mean[c]) / std[c];
+                match layout {
+                    Layout::Nchw => Data::F32(planar(&rgb, norm)),
+                    Layout::Nhwc => Data::F32(
+                        rgb.iter()
+                            .enumerate()
+                            .map(|(i, &v)| norm(v, i % 3))
+                            .collect(),
+                    ),
+                }
+            }
+        };
+        Tensor::new(shape, data)
+    }
+}
+
+/// Interleaved `HWC` bytes -> planar `CHW` values.
+fn planar<T: Copy + Default>(rgb: &[u8], f: impl Fn(u8, usize) -> T) -> Vec<T> {
+    let plane = rgb.len() / 3;
+    let mut out = vec![T::default(); rgb.len()];
+    for (i, px) in rgb.chunks_exact(3).enumerate() {
+        for c in 0..3 {
+            out[c * plane + i] = f(px[c], c);
+        }
+    }
+    out
 }
 
 fn decode<D: ImageDecoder>(
@@ -276,20 +218,25 @@ fn decode<D: ImageDecoder>(
     })
 }
 
+/// Bilinear resize of RGB bytes, optionally of a source window `(left, top, width, height)`.
 fn resize_rgb(
     src: Vec<u8>,
     src_width: u32,
     src_height: u32,
     width: u32,
     height: u32,
+    crop: Option<(f64, f64, f64, f64)>,
 ) -> Result<Vec<u8>, Error> {
-    if (src_width, src_height) == (width, height) {
+    if (src_width, src_height) == (width, height) && crop.is_none() {
         return Ok(src);
     }
     let src = FirImage::from_vec_u8(src_width, src_height, src, PixelType::U8x3)
         .map_err(|e| Error::Internal(format!("resize source: {e}")))?;
     let mut dst = FirImage::new(width, height, PixelType::U8x3);
-    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    let mut options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    if let Some((left, top, w, h)) = crop {
+        options = options.crop(left, top, w, h);
+    }
     Resizer::new()
         .resize(&src, &mut dst, &options)
         .map_err(|e| Error::Internal(format!("resize: {e}")))?;
@@ -299,170 +246,72 @@ fn resize_rgb(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ember_core::protocol::ErrorCode;
 
-    const LIMITS: InputLimits = InputLimits {
-        max_bytes: 1 << 20,
-        max_pixels: 1 << 20,
-    };
+    fn processor(extra: &str) -> ImageProcessor {
+        let spec = ember_core::model::ModelSpec::parse(&format!(
+            "[input]\nkind = \"image\"\nwidth = 4\nheight = 4\n{extra}"
+        ))
+        .expect("parses");
+        let ember_core::model::InputSpec::Image(spec) = spec.input else {
+            panic!("image")
+        };
+        ImageProcessor { spec }
+    }
 
-    fn target(width: u32, height: u32) -> Target {
-        Target {
-            tensor: "image_tensor:0".into(),
-            width,
-            height,
+    #[test]
+    fn letterbox_centres_the_image_and_maps_boxes_back() {
+        let p = processor("layout = \"nhwc\"\ndtype = \"uint8\"\nresize = \"letterbox\"\nfill = 9");
+        // A 4x2 white image into 4x4: rows 1..3 white, rows 0 and 3 the fill.
+        let (pixels, geometry) = p.resize(vec![255; 4 * 2 * 3], 4, 2).expect("resizes");
+        assert_eq!(&pixels[..12], &[9; 12]);
+        assert_eq!(&pixels[12..36], &[255; 24]);
+        assert_eq!(&pixels[36..], &[9; 12]);
+        assert_eq!(
+            geometry.to_original([0.0, 1.0, 4.0, 3.0]),
+            [0.0, 0.0, 4.0, 2.0]
+        );
+    }
+
+    #[test]
+    fn center_crop_cuts_the_longer_side_and_stretch_scales_both() {
+        let crop = processor("layout = \"nhwc\"\ndtype = \"uint8\"\nresize = \"center_crop\"");
+        // 8x4: left half 0, right half 200; the centre 4x4 window at 4x4 is half and half.
+        let mut rgb = Vec::new();
+        for _y in 0..4 {
+            for x in 0..8 {
+                rgb.extend([if x < 4 { 0u8 } else { 200 }; 3]);
+            }
         }
-    }
-
-    fn png(width: u32, height: u32, color: image::ExtendedColorType, bytes: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        image::ImageEncoder::write_image(
-            image::codecs::png::PngEncoder::new(&mut out),
-            bytes,
-            width,
-            height,
-            color,
-        )
-        .expect("encodes");
-        out
-    }
-
-    fn code(result: Result<Prepared, Error>) -> ErrorCode {
-        result.expect_err("should fail").code()
+        let (pixels, geometry) = crop.resize(rgb.clone(), 8, 4).expect("crops");
+        assert_eq!(pixels[0], 0);
+        assert_eq!(pixels[3 * 3], 200);
+        assert_eq!(
+            geometry.to_original([0.0, 0.0, 4.0, 4.0]),
+            [2.0, 0.0, 6.0, 4.0]
+        );
+        let stretch = processor("layout = \"nhwc\"\ndtype = \"uint8\"");
+        let (_, geometry) = stretch.resize(rgb, 8, 4).expect("stretches");
+        assert_eq!(
+            geometry.to_original([1.0, 1.0, 2.0, 2.0]),
+            [2.0, 1.0, 4.0, 2.0]
+        );
     }
 
     #[test]
-    fn grey_and_rgba_become_rgb_at_the_model_size() {
-        let grey = png(4, 2, image::ExtendedColorType::L8, &[200; 8]);
-        let prepared = prepare(Some("image/png"), &grey, LIMITS, &target(3, 3)).expect("prepares");
-        assert_eq!(prepared.pixels.len(), 27);
-        assert!(prepared.pixels.iter().all(|&p| p == 200));
-        assert_eq!((prepared.original_width, prepared.original_height), (4, 2));
-
-        let rgba = png(
-            2,
-            2,
-            image::ExtendedColorType::Rgba8,
-            &[10, 20, 30, 0].repeat(4),
+    fn bgr_nchw_float_normalises_per_channel() {
+        let p = processor(
+            "layout = \"nchw\"\ndtype = \"float32\"\nchannels = \"bgr\"\nscale = 0.5\n\
+             mean = [1.0, 2.0, 3.0]\nstd = [1.0, 2.0, 4.0]",
         );
-        let prepared = prepare(None, &rgba, LIMITS, &target(2, 2)).expect("sniffs PNG");
-        assert_eq!(prepared.pixels, [10, 20, 30].repeat(4));
-    }
-
-    #[test]
-    fn malformed_bodies_get_their_stable_codes() {
-        let good = png(4, 4, image::ExtendedColorType::Rgb8, &[1; 48]);
-        assert_eq!(
-            code(prepare(Some("image/png"), b"", LIMITS, &target(2, 2))),
-            ErrorCode::InvalidInput
-        );
-        assert_eq!(
-            code(prepare(
-                Some("image/png"),
-                b"not an image",
-                LIMITS,
-                &target(2, 2)
-            )),
-            ErrorCode::InvalidImage
-        );
-        assert_eq!(
-            code(prepare(
-                Some("image/png"),
-                &good[..good.len() / 2],
-                LIMITS,
-                &target(2, 2)
-            )),
-            ErrorCode::InvalidImage
-        );
-        assert_eq!(
-            code(prepare(Some("text/plain"), &good, LIMITS, &target(2, 2))),
-            ErrorCode::UnsupportedContentType
-        );
-        let tiny = InputLimits {
-            max_bytes: 10,
-            max_pixels: 1 << 20,
+        let rgb = [10u8, 20, 30].repeat(16);
+        let tensor = p.layout(rgb).expect("lays out");
+        assert_eq!(tensor.shape, vec![1, 3, 4, 4]);
+        let Data::F32(v) = tensor.data else {
+            panic!("f32")
         };
-        assert_eq!(
-            code(prepare(Some("image/png"), &good, tiny, &target(2, 2))),
-            ErrorCode::InputTooLarge
-        );
-        let few_pixels = InputLimits {
-            max_bytes: 1 << 20,
-            max_pixels: 15,
-        };
-        assert_eq!(
-            code(prepare(Some("image/png"), &good, few_pixels, &target(2, 2))),
-            ErrorCode::InputTooLarge
-        );
-        assert_eq!(
-            code(prepare(Some("image/jpeg"), &good, LIMITS, &target(2, 2))),
-            ErrorCode::InvalidImage
-        );
-    }
-
-    #[test]
-    fn a_header_claiming_a_huge_image_is_refused_before_decoding() {
-        let mut bomb = png(1, 1, image::ExtendedColorType::Rgb8, &[0; 3]);
-        // IHDR: type at 12..16, width and height at 16..24, CRC over 12..29 at 29..33.
-        bomb[16..20].copy_from_slice(&100_000u32.to_be_bytes());
-        bomb[20..24].copy_from_slice(&100_000u32.to_be_bytes());
-        let crc = crc32fast::hash(&bomb[12..29]);
-        bomb[29..33].copy_from_slice(&crc.to_be_bytes());
-        let error = prepare(Some("image/png"), &bomb, LIMITS, &target(2, 2)).expect_err("refused");
-        assert_eq!(error.code(), ErrorCode::InputTooLarge, "{error}");
-    }
-
-    #[test]
-    fn an_oip_tensor_request_becomes_model_input_and_asks_for_raw_outputs() {
-        let request = serde_json::json!({
-            "id": "r1",
-            "inputs": [{"name": "image_tensor:0", "shape": [1, 1, 2, 3], "datatype": "UINT8",
-                        "data": [[1, 2, 3], [4, 5, 6]]}]
-        });
-        let body = serde_json::to_vec(&request).expect("json");
-        let prepared =
-            prepare(Some("application/json"), &body, LIMITS, &target(2, 1)).expect("prepares");
-        assert_eq!(prepared.pixels, vec![1, 2, 3, 4, 5, 6]);
-        assert!(prepared.raw_outputs);
-        assert_eq!((prepared.original_width, prepared.original_height), (2, 1));
-    }
-
-    #[test]
-    fn a_huge_tensor_shape_under_a_huge_pixel_limit_is_an_error_not_an_overflow() {
-        // 100000 x 100000 x 3 overflowed u32 (a panic in debug builds, a wrong allocation in
-        // release) when the pixel limit let it through.
-        let body = br#"{"inputs":[{"name":"image_tensor:0","shape":[1,100000,100000,3],"datatype":"UINT8","data":[1,2,3]}]}"#;
-        let unlimited = InputLimits {
-            max_bytes: 1 << 20,
-            max_pixels: u64::MAX,
-        };
-        let result = prepare(Some("application/json"), body, unlimited, &target(1, 1));
-        assert_eq!(code(result), ErrorCode::InvalidInput);
-    }
-
-    #[test]
-    fn bad_tensor_requests_are_invalid_input() {
-        let cases = [
-            serde_json::json!({"inputs": []}),
-            serde_json::json!({"inputs": [{"name": "other", "shape": [1,1,1,3], "datatype": "UINT8", "data": [1,2,3]}]}),
-            serde_json::json!({"inputs": [{"name": "image_tensor:0", "shape": [1,1,1,3], "datatype": "FP32", "data": [1,2,3]}]}),
-            serde_json::json!({"inputs": [{"name": "image_tensor:0", "shape": [1,1,1,3], "datatype": "UINT8", "data": [1,2]}]}),
-            serde_json::json!({"inputs": [{"name": "image_tensor:0", "shape": [1,1,1,3], "datatype": "UINT8", "data": [1,2,300]}]}),
-            serde_json::json!({"inputs": [{"name": "image_tensor:0", "shape": [2,1,1,3], "datatype": "UINT8", "data": [1,2,3,4,5,6]}]}),
-        ];
-        for case in cases {
-            let body = serde_json::to_vec(&case).expect("json");
-            let result = prepare(Some("application/json"), &body, LIMITS, &target(1, 1));
-            assert_eq!(code(result), ErrorCode::InvalidInput, "{case}");
-        }
-        assert_eq!(
-            code(prepare(
-                Some("application/json"),
-                b"{",
-                LIMITS,
-                &target(1, 1)
-            )),
-            ErrorCode::InvalidInput
-        );
+        // Channel 0 is blue (30): (30 * 0.5 - 1) / 1; channel 2 is red (10): (5 - 3) / 4.
+        assert_eq!(v[0], 14.0);
+        assert_eq!(v[16], (10.0 - 2.0) / 2.0);
+        assert_eq!(v[32], 0.5);
     }
 }

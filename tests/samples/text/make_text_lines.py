@@ -6,7 +6,7 @@ resize to 192x48 keeps the glyphs' shape), upright and turned by 180 degrees. Ou
 Uses only Pillow and the font built into it (ImageFont.load_default, Pillow >= 10.1 with
 FreeType), so no system font is involved:
 
-    python3 tests/samples/make_text_lines.py [--out DIR]     # default: tests/samples/
+    python3 tests/samples/text/make_text_lines.py [--out DIR]     # default: tests/samples/text/
 
 Made with Pillow 13.0.0; other versions may rasterise a pixel differently (harmless: the known
 answers in tests/known_answers.json hold with a wide margin).

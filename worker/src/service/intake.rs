@@ -1,0 +1,277 @@
+//! Intake: a delivery becomes a [`Job`] (its envelope: who to answer, how, by when) and its body
+//! becomes the model's input ([`Prepared`], off the async runtime when large), handed to the
+//! batcher. A job refused here (cancelled, expired, malformed) is answered at once.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use ember_core::amqp::{header_str, header_u64, unix_ms};
+use ember_core::protocol::header;
+use lapin::message::Delivery;
+use lapin::types::{LongString, ShortString};
+use lapin::{Acker, BasicProperties, Channel};
+use tokio::sync::mpsc;
+use tokio_util::task::TaskTracker;
+
+use super::Context;
+use super::reply::{Done, finish};
+use crate::Error;
+use crate::process::{Pipeline, Prepared};
+
+/// Bodies up to this size are decoded on the async runtime instead of the blocking pool.
+const INLINE_DECODE_BYTES: usize = 16 * 1024;
+
+/// What a job's properties say about it, read without the broker. Everything here comes from
+/// the client that published the job: untrusted input, decoded without panics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    /// `message_id`, or a fresh UUID when the client sent none.
+    pub job_id: String,
+    pub reply_to: Option<ShortString>,
+    pub correlation_id: Option<ShortString>,
+    pub callback_url: Option<LongString>,
+    pub traceparent: Option<LongString>,
+    /// 1 for the first delivery, 2 after one redelivery, ...
+    pub attempt: u32,
+    pub submitted_at_ms: Option<u64>,
+    pub deadline_ms: Option<u64>,
+    pub content_type: Option<String>,
+    /// The binary tensor extension's JSON header length (`inference-header-content-length`).
+    pub header_length: Option<String>,
+}
+
+/// Decodes a job's envelope from its AMQP properties and the delivery's `redelivered` flag.
+pub fn decode_envelope(properties: &BasicProperties, redelivered: bool) -> Envelope {
+    let headers = properties.headers().as_ref();
+    let delivery_count = header_u64(headers, header::DELIVERY_COUNT);
+    let prior = header_u64(headers, header::PRIOR_DELIVERIES).unwrap_or(0);
+    let deliveries = match delivery_count {
+        Some(count) => count.saturating_add(1),
+        None if redelivered => 2,
+        None => 1,
+    };
+    let attempt = u32::try_from(deliveries.saturating_add(prior)).unwrap_or(u32::MAX);
+    let long = |name: &str| header_str(headers, name).map(LongString::from);
+    Envelope {
+        job_id: properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.to_string())
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        reply_to: properties.reply_to().clone(),
+        correlation_id: properties.correlation_id().clone(),
+        callback_url: long(header::CALLBACK_URL),
+        traceparent: long(header::TRACEPARENT),
+        attempt,
+        submitted_at_ms: header_u64(headers, header::SUBMITTED_AT),
+        deadline_ms: header_u64(headers, header::DEADLINE),
+        content_type: properties
+            .content_type()
+            .as_ref()
+            .map(|ct| ct.as_str().to_string()),
+        header_length: header_str(headers, header::INFERENCE_HEADER_LENGTH)
+            .map(str::to_string)
+            .or_else(|| {
+                header_u64(headers, header::INFERENCE_HEADER_LENGTH).map(|n| n.to_string())
+            }),
+    }
+}
+
+/// A whole job as the worker decodes it: the envelope, then the body prepared for the model.
+/// The service runs the two steps apart (the body only when the job is neither cancelled nor
+/// expired, and large bodies off the runtime); this is both in one call, for tests and fuzzing.
+pub fn decode_job(
+    properties: &BasicProperties,
+    redelivered: bool,
+    body: &[u8],
+    pipeline: &Pipeline,
+) -> (Envelope, Result<Prepared, Error>) {
+    let envelope = decode_envelope(properties, redelivered);
+    let prepared = pipeline.prepare(
+        envelope.content_type.as_deref(),
+        envelope.header_length.as_deref(),
+        body,
+    );
+    (envelope, prepared)
+}
+
+/// A job in hand: its envelope and what is needed to ack it.
+#[derive(Debug)]
+pub struct Job {
+    pub acker: Acker,
+    pub envelope: Envelope,
+    pub arrived: Instant,
+}
+
+impl Job {
+    /// Splits a delivery into the job and its body.
+    pub fn from_delivery(delivery: Delivery) -> (Job, Vec<u8>) {
+        let Delivery {
+            acker,
+            properties,
+            data,
+            redelivered,
+            ..
+        } = delivery;
+        let job = Job {
+            acker,
+            envelope: decode_envelope(&properties, redelivered),
+            arrived: Instant::now(),
+        };
+        (job, data)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.envelope.job_id
+    }
+
+    /// By how many milliseconds the deadline has passed, if it has.
+    pub fn expired_by(&self, now_ms: u64) -> Option<u64> {
+        self.envelope
+            .deadline_ms
+            .filter(|&deadline| now_ms > deadline)
+            .map(|deadline| now_ms - deadline)
+    }
+
+    /// Time since the client submitted it (or since it arrived here, without a timestamp).
+    pub fn queue_wait(&self, now_ms: u64) -> Duration {
+        match self.envelope.submitted_at_ms {
+            Some(at) if at <= now_ms => Duration::from_millis(now_ms - at),
+            _ => self.arrived.elapsed(),
+        }
+    }
+}
+
+/// Takes one delivery: answers a cancelled or expired job at once, else prepares it (off the
+/// runtime when large) and hands it to the batcher.
+pub fn accept(
+    ctx: &Arc<Context>,
+    publisher: &Channel,
+    tracker: &TaskTracker,
+    prepared_tx: &mpsc::Sender<(Job, Prepared)>,
+    delivery: Delivery,
+) {
+    ctx.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+    ctx.metrics.in_flight.inc();
+    let (job, body) = Job::from_delivery(delivery);
+    chaos_crash_on(&body);
+    if let Some(error) = ctx.refusal(&job, unix_ms()) {
+        tracker.spawn(finish(
+            ctx.clone(),
+            publisher.clone(),
+            vec![Done::failed(job, error)],
+        ));
+        return;
+    }
+    ctx.stats.preparing.fetch_add(1, Ordering::SeqCst);
+    let (ctx, publisher, prepared_tx) = (ctx.clone(), publisher.clone(), prepared_tx.clone());
+    tracker.spawn(async move {
+        let prepared = prepare(&ctx, &job.envelope, body).await;
+        ctx.stats.preparing.fetch_sub(1, Ordering::SeqCst);
+        match prepared {
+            // A closed batcher (connection lost) drops the job: the broker redelivers it.
+            Ok(prepared) => drop(prepared_tx.send((job, prepared)).await),
+            Err(error) => finish(ctx, publisher, vec![Done::failed(job, error)]).await,
+        }
+    });
+}
+
+async fn prepare(
+    ctx: &Arc<Context>,
+    envelope: &Envelope,
+    body: Vec<u8>,
+) -> Result<Prepared, Error> {
+    let (content_type, header_length) = (
+        envelope.content_type.clone(),
+        envelope.header_length.clone(),
+    );
+    // Small bodies decode in microseconds: a hop to the blocking pool costs more than that.
+    if body.len() <= INLINE_DECODE_BYTES {
+        return ctx.engine.pipeline.prepare(
+            content_type.as_deref(),
+            header_length.as_deref(),
+            &body,
+        );
+    }
+    let pipeline = ctx.engine.pipeline.clone();
+    tokio::task::spawn_blocking(move || {
+        pipeline.prepare(content_type.as_deref(), header_length.as_deref(), &body)
+    })
+    .await
+    .unwrap_or_else(|e| Err(Error::Internal(format!("preprocessing panicked: {e}"))))
+}
+
+/// Fault injection for the chaos suite (docs/chaos.md), off unless the hidden variable
+/// `EMBER_WORKER_CHAOS_CRASH_ON` is set: a job whose body contains its (non-empty) value aborts
+/// the process, as a model that crashes on one input would.
+fn chaos_crash_on(body: &[u8]) {
+    static MARKER: std::sync::OnceLock<Option<Vec<u8>>> = std::sync::OnceLock::new();
+    let marker = MARKER.get_or_init(|| {
+        std::env::var_os("EMBER_WORKER_CHAOS_CRASH_ON")
+            .map(|m| m.into_encoded_bytes())
+            .filter(|m| !m.is_empty())
+    });
+    if let Some(marker) = marker
+        && body.windows(marker.len()).any(|w| w == marker.as_slice())
+    {
+        tracing::error!("EMBER_WORKER_CHAOS_CRASH_ON matched a job: aborting (fault injection)");
+        std::process::abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::types::{AMQPValue, FieldTable};
+
+    fn properties(headers: &[(&str, AMQPValue)]) -> BasicProperties {
+        let mut table = FieldTable::default();
+        for (name, value) in headers {
+            table.insert(ShortString::from(*name), value.clone());
+        }
+        BasicProperties::default()
+            .with_message_id("job-1".into())
+            .with_content_type("application/json".into())
+            .with_headers(table)
+    }
+
+    #[test]
+    fn the_envelope_counts_deliveries_across_the_retry_lane_and_reads_every_header() {
+        let envelope = decode_envelope(
+            &properties(&[
+                (header::DELIVERY_COUNT, AMQPValue::LongLongInt(1)),
+                (header::PRIOR_DELIVERIES, AMQPValue::LongLongInt(2)),
+                (header::DEADLINE, AMQPValue::LongLongInt(1_000)),
+                (header::INFERENCE_HEADER_LENGTH, AMQPValue::LongLongInt(42)),
+                (
+                    header::CALLBACK_URL,
+                    AMQPValue::LongString("http://h/x".into()),
+                ),
+            ]),
+            true,
+        );
+        assert_eq!(envelope.job_id, "job-1");
+        assert_eq!(envelope.attempt, 4, "two before the lane, two in it");
+        assert_eq!(envelope.deadline_ms, Some(1_000));
+        assert_eq!(envelope.header_length.as_deref(), Some("42"));
+        assert_eq!(
+            envelope
+                .callback_url
+                .as_ref()
+                .map(|u| u.to_string())
+                .as_deref(),
+            Some("http://h/x")
+        );
+        let fresh = decode_envelope(&BasicProperties::default(), false);
+        assert_eq!(fresh.attempt, 1);
+        assert!(
+            !fresh.job_id.is_empty(),
+            "a job without a message id gets one"
+        );
+        assert_eq!(
+            decode_envelope(&BasicProperties::default(), true).attempt,
+            2
+        );
+    }
+}

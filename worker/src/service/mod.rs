@@ -1,0 +1,266 @@
+//! The AMQP side of the worker, one broker connection at a time, in the order a job travels:
+//!
+//! 1. [`intake`]: a delivery -> envelope + prepared input (off the runtime when large);
+//! 2. [`batch`]: gather, bucket by shape, one `session.run` per bucket, output processing;
+//! 3. [`reply`]: publish results with confirms, then ack;
+//!
+//! beside them [`recovery`] (retry lane, dead-letter notices, cancellations) and [`heartbeat`].
+//! When the connection is lost the caller reconnects and calls [`serve_connection`] again; what
+//! was unacked is redelivered by the broker.
+
+pub mod batch;
+pub mod heartbeat;
+pub mod intake;
+pub mod recovery;
+pub mod reply;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use ember_core::protocol::{ModelInfo, WorkerState};
+use ember_core::telemetry::Readiness;
+use ember_core::topology::{self, QueueSettings};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::Result;
+use crate::engine::Engine;
+use crate::metrics::Metrics;
+pub use heartbeat::Stats;
+pub use intake::{Envelope, Job, decode_envelope, decode_job};
+
+/// Everything a connection's tasks share; lives for the whole process.
+#[derive(Debug)]
+pub struct Context {
+    pub model: String,
+    pub worker_id: String,
+    /// The model, its processing and its inference thread.
+    pub engine: Engine,
+    /// What heartbeats say about the model (read from the graph at load).
+    pub model_info: ModelInfo,
+    pub metrics: Metrics,
+    pub stats: Stats,
+    pub readiness: Readiness,
+    /// The newest NVML reading, sampled on its own thread (none without a GPU or NVML).
+    pub gpu: Option<crate::gpu::Latest>,
+    /// Where the model runs (`cpu`, `cuda:0`) and whether that is a fallback from a GPU.
+    pub device: String,
+    pub device_fallback: bool,
+    pub max_batch_delay: Duration,
+    pub prefetch: u16,
+    pub queue: QueueSettings,
+    pub heartbeat_interval: Duration,
+    pub drain_timeout: Duration,
+    pub model_load_seconds: f64,
+    /// Job ids announced on `ember.cancel` for this model, with when they were seen.
+    pub cancelled: Mutex<HashMap<String, Instant>>,
+}
+
+/// How a connection's service ended.
+#[derive(Debug)]
+pub enum SessionEnd {
+    /// Shutdown was asked for and the jobs in hand were answered (or the drain timed out).
+    Drained { timed_out: bool },
+    /// The connection or a channel failed; reconnect.
+    Lost(String),
+}
+
+/// Serves one broker connection until shutdown (drain) or failure.
+pub async fn serve_connection(
+    ctx: &Arc<Context>,
+    connection: &Connection,
+    shutdown: &CancellationToken,
+) -> SessionEnd {
+    match serve(ctx, connection, shutdown).await {
+        Ok(end) => end,
+        Err(error) => SessionEnd::Lost(error.to_string()),
+    }
+}
+
+async fn serve(
+    ctx: &Arc<Context>,
+    connection: &Connection,
+    shutdown: &CancellationToken,
+) -> Result<SessionEnd> {
+    let publisher = connection.create_channel().await?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    topology::declare_model(&publisher, &ctx.model, ctx.queue).await?;
+    let telemetry = connection.create_channel().await?;
+    let mut cancellations = recovery::cancel_consumer(&telemetry, &ctx.model).await?;
+    let queue = topology::jobs_queue(&ctx.model);
+    let (consumer_channel, mut consumer) =
+        consume(connection, &queue, ctx.worker_id.clone(), ctx.prefetch).await?;
+    // The retry lane: one job at a time per worker, so a job that kills its worker takes only
+    // itself (and that worker's first-time jobs, which then come here) down each time.
+    let (retry_channel, mut retries) = consume(
+        connection,
+        &topology::retry_queue(&ctx.model),
+        format!("{}-retry", ctx.worker_id),
+        1,
+    )
+    .await?;
+    // Copies of the model's dead letters: each is answered with a `dead_lettered` error, so its
+    // client learns what happened instead of waiting forever.
+    let (notice_channel, mut notices) = consume(
+        connection,
+        &topology::dead_notice_queue(&ctx.model),
+        format!("{}-deadnotice", ctx.worker_id),
+        8,
+    )
+    .await?;
+    tracing::info!(%queue, prefetch = ctx.prefetch, max_batch = ctx.engine.max_batch, "consuming");
+    ctx.stats.set_state(WorkerState::Ready);
+    ctx.readiness.set(true);
+
+    let session_done = CancellationToken::new();
+    let heartbeats = tokio::spawn(heartbeat::heartbeat_loop(
+        ctx.clone(),
+        telemetry.clone(),
+        session_done.clone(),
+    ));
+    let tracker = TaskTracker::new();
+    let (prepared_tx, prepared_rx) =
+        mpsc::channel(usize::from(ctx.prefetch) + ctx.engine.max_batch);
+    tracker.spawn(batch::batch_loop(
+        ctx.clone(),
+        publisher.clone(),
+        prepared_rx,
+        tracker.clone(),
+    ));
+
+    let end = loop {
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break None,
+            cancel = cancellations.next() => match cancel {
+                Some(Ok(delivery)) => {
+                    if let Ok(job_id) = String::from_utf8(delivery.data) {
+                        tracing::info!(%job_id, "job cancelled");
+                        ctx.remember_cancel(job_id);
+                    }
+                }
+                Some(Err(error)) => break Some(format!("cancellation consumer failed: {error}")),
+                None => break Some("the broker cancelled the cancellation consumer".to_string()),
+            },
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) if recovery::is_redelivery(&delivery) => {
+                    ctx.stats.moving.fetch_add(1, Ordering::SeqCst);
+                    tracker.spawn(recovery::to_retry_lane(ctx.clone(), publisher.clone(), delivery));
+                }
+                Some(Ok(delivery)) => {
+                    intake::accept(ctx, &publisher, &tracker, &prepared_tx, delivery);
+                }
+                Some(Err(error)) => break Some(format!("consumer failed: {error}")),
+                None => break Some("the broker cancelled the consumer".to_string()),
+            },
+            next = retries.next() => match next {
+                Some(Ok(delivery)) => {
+                    let (ctx, publisher, prepared_tx) =
+                        (ctx.clone(), publisher.clone(), prepared_tx.clone());
+                    let inner = tracker.clone();
+                    tracker.spawn(async move {
+                        recovery::settle_moves(&ctx).await;
+                        intake::accept(&ctx, &publisher, &inner, &prepared_tx, delivery);
+                    });
+                }
+                Some(Err(error)) => break Some(format!("retry consumer failed: {error}")),
+                None => break Some("the broker cancelled the retry consumer".to_string()),
+            },
+            next = notices.next() => match next {
+                Some(Ok(delivery)) => recovery::answer_dead_letter(ctx, &publisher, &tracker, delivery),
+                Some(Err(error)) => break Some(format!("dead-letter notice consumer failed: {error}")),
+                None => break Some("the broker cancelled the dead-letter notice consumer".to_string()),
+            },
+        }
+    };
+    drop(prepared_tx);
+    tracker.close();
+
+    let outcome = match end {
+        None => {
+            ctx.stats.set_state(WorkerState::Draining);
+            ctx.readiness.set(false);
+            tracing::info!("draining: consumer cancelled, finishing the jobs in hand");
+            for (channel, tag) in [
+                (&consumer_channel, consumer.tag()),
+                (&retry_channel, retries.tag()),
+                (&notice_channel, notices.tag()),
+            ] {
+                if let Err(error) = channel
+                    .basic_cancel(tag, BasicCancelOptions::default())
+                    .await
+                {
+                    tracing::warn!(%error, "basic.cancel failed");
+                }
+            }
+            let timed_out = tokio::time::timeout(ctx.drain_timeout, tracker.wait())
+                .await
+                .is_err();
+            if timed_out {
+                tracing::warn!(timeout = ?ctx.drain_timeout, "drain timed out; unacked jobs go back to the queue");
+            }
+            // One last heartbeat so the autoscaler sees the draining state at once.
+            heartbeat::publish_heartbeat(ctx, &telemetry).await;
+            SessionEnd::Drained { timed_out }
+        }
+        Some(reason) => {
+            ctx.readiness.set(false);
+            ctx.stats.set_state(WorkerState::Starting);
+            tracing::warn!(%reason, "lost the broker; jobs in hand will be redelivered");
+            // The jobs in hand cannot be acked on a new channel; let their tasks fail fast.
+            let _ = tokio::time::timeout(Duration::from_secs(30), tracker.wait()).await;
+            // Whatever was not settled went back to the queue with the old channel.
+            ctx.stats.in_flight.store(0, Ordering::Relaxed);
+            ctx.metrics.in_flight.set(0);
+            SessionEnd::Lost(reason)
+        }
+    };
+    session_done.cancel();
+    let _ = heartbeats.await;
+    if matches!(outcome, SessionEnd::Drained { .. }) {
+        for channel in [
+            &consumer_channel,
+            &retry_channel,
+            &notice_channel,
+            &publisher,
+            &telemetry,
+        ] {
+            let _ = channel.close(200, "worker shutting down".into()).await;
+        }
+    }
+    Ok(outcome)
+}
+
+/// A channel of its own with `prefetch`, consuming `queue` as `tag`.
+async fn consume(
+    connection: &Connection,
+    queue: &str,
+    tag: String,
+    prefetch: u16,
+) -> Result<(Channel, lapin::Consumer)> {
+    let channel = connection.create_channel().await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            queue.into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((channel, consumer))
+}

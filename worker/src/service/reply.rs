@@ -1,0 +1,223 @@
+//! Replies: each finished job's result published to `ember.results`, its reply queue and the
+//! callbacks queue, with publisher confirms; then the job is acked (or requeued when a confirm
+//! failed or the failure is transient) and counted.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use ember_core::amqp::unix_ms;
+use ember_core::protocol::{self, ErrorBody, JobResult, Outputs, Status, Timing, header};
+use ember_core::topology;
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel};
+
+use super::Context;
+use super::intake::Job;
+use crate::error::Disposition;
+use crate::{Error, Result};
+
+/// A finished job, ready to be published and acked.
+#[derive(Debug)]
+pub struct Done {
+    pub job: Job,
+    pub outcome: Result<Outputs>,
+    pub timing: Timing,
+}
+
+impl Done {
+    /// A job answered with `error` before it reached the model.
+    pub fn failed(job: Job, error: Error) -> Self {
+        Self {
+            job,
+            outcome: Err(error),
+            timing: Timing::default(),
+        }
+    }
+}
+
+fn result_headers(model: &str, status: Status, traceparent: Option<&LongString>) -> FieldTable {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ShortString::from(header::STATUS),
+        AMQPValue::LongString(LongString::from(status.as_str())),
+    );
+    headers.insert(
+        ShortString::from(header::MODEL),
+        AMQPValue::LongString(LongString::from(model)),
+    );
+    if let Some(traceparent) = traceparent {
+        headers.insert(
+            ShortString::from(header::TRACEPARENT),
+            AMQPValue::LongString(traceparent.clone()),
+        );
+    }
+    headers
+}
+
+/// Publishes the results of `done` (to `reply_to`, `ember.results`, and `ember.callbacks` when a
+/// callback was asked for), waits for every confirm, then acks each job; a job whose result was
+/// not confirmed, or whose failure is transient, is requeued.
+pub async fn finish(ctx: Arc<Context>, publisher: Channel, done: Vec<Done>) {
+    let mut pending = Vec::with_capacity(done.len());
+    for Done {
+        job,
+        outcome,
+        mut timing,
+    } in done
+    {
+        let (status, outputs, error) = match outcome {
+            Ok(outputs) => (Status::Ok, Some(outputs), None),
+            Err(error) if error.disposition() == Disposition::AckWithError => (
+                Status::Error,
+                None,
+                Some(ErrorBody {
+                    code: error.code(),
+                    message: error.to_string(),
+                }),
+            ),
+            Err(error) => {
+                tracing::warn!(job_id = %job.envelope.job_id, %error, attempt = job.envelope.attempt, "transient failure; requeueing");
+                ctx.metrics
+                    .requeued
+                    .with_label_values(&[error.code().as_str()])
+                    .inc();
+                settle(&ctx, job, false, None).await;
+                continue;
+            }
+        };
+        timing.worker_ms = job.arrived.elapsed().as_secs_f64() * 1e3;
+        let result = JobResult {
+            job_id: job.envelope.job_id.clone(),
+            model: ctx.model.clone(),
+            status,
+            outputs,
+            error,
+            timing,
+            worker: ctx.worker_id.clone(),
+            attempt: job.envelope.attempt,
+        };
+        let outcome = match &result.error {
+            Some(error) => error.code.as_str(),
+            None => "ok",
+        };
+        let confirms = publish_result(&ctx, &publisher, &job, &result).await;
+        pending.push((job, confirms, outcome));
+    }
+    for (job, confirms, outcome) in pending {
+        let mut confirmed = confirms.is_ok();
+        if let Ok(confirms) = confirms {
+            for confirm in confirms {
+                match confirm.await {
+                    Ok(confirmation) if confirmation.is_ack() => {}
+                    Ok(_) => confirmed = false,
+                    Err(error) => {
+                        tracing::debug!(%error, "result confirm failed");
+                        confirmed = false;
+                    }
+                }
+            }
+        }
+        settle(&ctx, job, confirmed, Some(outcome)).await;
+    }
+}
+
+async fn publish_result(
+    ctx: &Context,
+    publisher: &Channel,
+    job: &Job,
+    result: &JobResult,
+) -> Result<Vec<lapin::PublisherConfirm>> {
+    let body = serde_json::to_vec(result).map_err(|e| Error::Internal(e.to_string()))?;
+    let mut properties = BasicProperties::default()
+        .with_content_type(protocol::content_type::JSON.into())
+        .with_message_id(job.envelope.job_id.as_str().into())
+        .with_delivery_mode(2)
+        .with_timestamp(unix_ms() / 1000)
+        .with_headers(result_headers(
+            &ctx.model,
+            result.status,
+            job.envelope.traceparent.as_ref(),
+        ));
+    if let Some(correlation_id) = &job.envelope.correlation_id {
+        properties = properties.with_correlation_id(correlation_id.clone());
+    }
+    let mut confirms = Vec::with_capacity(3);
+    let routing_key = topology::result_routing_key(&ctx.model, result.status);
+    confirms.push(
+        publisher
+            .basic_publish(
+                topology::RESULTS_EXCHANGE.into(),
+                routing_key.as_str().into(),
+                BasicPublishOptions::default(),
+                &body,
+                properties.clone(),
+            )
+            .await?,
+    );
+    if let Some(reply_to) = &job.envelope.reply_to {
+        confirms.push(
+            publisher
+                .basic_publish(
+                    "".into(),
+                    reply_to.clone(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    properties.clone(),
+                )
+                .await?,
+        );
+    }
+    if let Some(url) = &job.envelope.callback_url {
+        let mut headers =
+            result_headers(&ctx.model, result.status, job.envelope.traceparent.as_ref());
+        headers.insert(
+            ShortString::from(header::CALLBACK_URL),
+            AMQPValue::LongString(url.clone()),
+        );
+        confirms.push(
+            publisher
+                .basic_publish(
+                    "".into(),
+                    topology::CALLBACKS_QUEUE.into(),
+                    BasicPublishOptions::default(),
+                    &body,
+                    properties.with_headers(headers),
+                )
+                .await?,
+        );
+    }
+    Ok(confirms)
+}
+
+/// Acks (`answered`) or requeues the job, and counts it.
+pub async fn settle(ctx: &Context, job: Job, answered: bool, outcome: Option<&'static str>) {
+    let settled = if answered {
+        job.acker.ack(BasicAckOptions::default()).await
+    } else {
+        job.acker
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..BasicNackOptions::default()
+            })
+            .await
+    };
+    ctx.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+    ctx.metrics.in_flight.dec();
+    match (settled, answered, outcome) {
+        (Ok(_), true, Some(outcome)) => {
+            ctx.stats.completed.fetch_add(1, Ordering::Relaxed);
+            ctx.metrics.jobs.with_label_values(&[outcome]).inc();
+        }
+        (Ok(_), false, Some(_)) => {
+            ctx.metrics
+                .requeued
+                .with_label_values(&["unconfirmed"])
+                .inc();
+        }
+        (Ok(_), _, _) => {}
+        (Err(error), _, _) => {
+            tracing::debug!(job_id = %job.envelope.job_id, %error, "cannot settle the job; the broker will redeliver it");
+        }
+    }
+}
