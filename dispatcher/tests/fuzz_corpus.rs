@@ -9,14 +9,14 @@ mod corpus;
 #[allow(dead_code)]
 #[path = "../../fuzz/src/image.rs"]
 mod image;
+#[allow(dead_code)]
+#[path = "../../fuzz/src/oip.rs"]
+mod oip;
 
 use std::path::{Path, PathBuf};
 
 use axum::http::StatusCode;
 use ember_core::protocol::content_type;
-use ember_core::protocol::oip::InferRequest;
-use ember_dispatcher::error::ApiError;
-use ember_dispatcher::oip_binary::{InferBody, parse_infer, wants_binary_output};
 use serde_json::json;
 
 fn fuzz_dir() -> PathBuf {
@@ -27,77 +27,12 @@ fn inputs(target: &str) -> Vec<(String, Vec<u8>)> {
     corpus::inputs(&fuzz_dir(), target)
 }
 
-/// Splits an input into the `Inference-Header-Content-Length` value (`#<value>\n` first) and the
-/// body, as the `oip` fuzz target does.
-fn split(data: &[u8]) -> (Option<&str>, &[u8]) {
-    if let Some(rest) = data.strip_prefix(b"#")
-        && let Some(end) = rest.iter().take(40).position(|&b| b == b'\n')
-    {
-        return (std::str::from_utf8(&rest[..end]).ok(), &rest[end + 1..]);
-    }
-    (None, data)
-}
-
-/// One input through `parse_infer`, with what must hold for any accepted one: the job body is
-/// the HTTP body unchanged; a JSON job's body parses back to the request, a binary job's header
-/// (its first `header_length` bytes) does.
-fn dispatch(data: &[u8]) -> Result<InferBody, ApiError> {
-    let (header_length, body) = split(data);
-    let parsed = parse_infer(body.to_vec().into(), header_length)?;
-    assert_eq!(parsed.body, body, "the job body is not the HTTP body");
-    let head = match parsed.header_length {
-        Some(length) => {
-            assert_eq!(parsed.content_type, content_type::OIP_BINARY);
-            &parsed.body[..usize::try_from(length).unwrap()]
-        }
-        None => {
-            assert_eq!(parsed.content_type, content_type::JSON);
-            &parsed.body[..]
-        }
-    };
-    let again: InferRequest = serde_json::from_slice(head).unwrap();
-    assert_eq!(again, parsed.request);
-    let _ = wants_binary_output(&parsed.request);
-    Ok(parsed)
-}
-
-/// The job through the worker's preprocessing, as it would arrive (the harness model's input is
-/// the SSD's, `image_tensor:0` UINT8 `[-1, -1, -1, 3]`).
-fn worker(parsed: &InferBody) -> Result<ember_worker::process::Prepared, ember_worker::Error> {
-    let length = parsed.header_length.map(|n| n.to_string());
-    image::check(
-        Some(parsed.content_type),
-        length.as_deref(),
-        &parsed.body,
-        0,
-    )
-}
-
-/// Seeds whose expected outcome changed when binary tensors began to travel to the worker as
-/// they came, checked in the dispatcher (issue 13): every datatype is taken, and a size that
-/// does not fit its shape is refused here (an FP32 image is now the worker's to refuse).
-/// `write_seeds` writes them under their new names.
-const RENAMED: [(&str, &str); 3] = [
-    (
-        "seeds/rejected-unsupported_datatype-fp32-binary",
-        "seeds/worker-invalid_input-fp32-binary",
-    ),
-    (
-        "seeds/worker-input_too_large-shape",
-        "seeds/rejected-invalid_request-shape-past-size",
-    ),
-    (
-        "seeds/worker-invalid_input-size-mismatch",
-        "seeds/rejected-invalid_request-size-mismatch",
-    ),
-];
-
 #[test]
 fn the_oip_corpus_parses_without_panics_and_seeds_give_their_outcome() {
     let inputs = inputs("oip");
     assert!(inputs.len() >= 10, "only {} inputs", inputs.len());
     for (name, data) in &inputs {
-        let outcome = dispatch(data);
+        let outcome = oip::dispatch(data);
         if let Err(error) = &outcome {
             assert!(
                 error.status.is_client_error(),
@@ -106,10 +41,6 @@ fn the_oip_corpus_parses_without_panics_and_seeds_give_their_outcome() {
                 error.message
             );
         }
-        let name = RENAMED
-            .iter()
-            .find(|(old, _)| old == name)
-            .map_or(name.as_str(), |(_, new)| new);
         let Some(seed) = name.strip_prefix("seeds/") else {
             continue;
         };
@@ -118,12 +49,12 @@ fn the_oip_corpus_parses_without_panics_and_seeds_give_their_outcome() {
         match (expected, outcome) {
             ("ok", Ok(parsed)) => {
                 // The worker takes the job as the seed says.
-                let prepared = worker(&parsed).unwrap_or_else(|e| panic!("{name}: {e}"));
+                let prepared = oip::worker(&parsed).unwrap_or_else(|e| panic!("{name}: {e}"));
                 let (width, height) = image::dims(&prepared);
                 assert_eq!(format!("{width}x{height}"), detail, "{name}");
             }
             ("worker", Ok(parsed)) => {
-                let error = worker(&parsed).expect_err(name);
+                let error = oip::worker(&parsed).expect_err(name);
                 let code = serde_json::to_value(error.code()).unwrap();
                 assert_eq!(code, detail, "{name}: {error}");
             }
@@ -139,7 +70,7 @@ fn the_oip_corpus_parses_without_panics_and_seeds_give_their_outcome() {
 #[test]
 fn a_binary_request_is_published_as_it_came() {
     let data = std::fs::read(fuzz_dir().join("seeds/oip/ok-2x2-binary")).unwrap();
-    let parsed = dispatch(&data).unwrap();
+    let parsed = oip::dispatch(&data).unwrap();
     assert_eq!(parsed.content_type, content_type::OIP_BINARY);
     let length = usize::try_from(parsed.header_length.unwrap()).unwrap();
     assert_eq!(&parsed.body[length..], &(1..=12).collect::<Vec<u8>>()[..]);

@@ -33,14 +33,20 @@ pub fn pipeline(mode: usize) -> &'static Pipeline {
                      fill = 114\n"
                 ))
                 .expect("the harness model.toml parses");
-                let port = |name: &str, shape: &[i64]| Port {
+                let port = |name: &str, dtype, shape: &[i64]| Port {
                     name: name.into(),
-                    dtype: DataType::U8,
+                    dtype,
                     shape: shape.to_vec(),
                 };
+                // The SSD's graph: what the oip seeds name.
                 let signature = Signature::new(
-                    vec![port("image_tensor:0", &[-1, -1, -1, 3])],
-                    vec![port("out", &[-1])],
+                    vec![port("image_tensor:0", DataType::U8, &[-1, -1, -1, 3])],
+                    vec![
+                        port("num_detections:0", DataType::F32, &[-1]),
+                        port("detection_boxes:0", DataType::F32, &[-1, -1, 4]),
+                        port("detection_scores:0", DataType::F32, &[-1, -1]),
+                        port("detection_classes:0", DataType::F32, &[-1, -1]),
+                    ],
                 );
                 Pipeline::new(&spec, signature, LIMITS, 8).expect("the harness pipeline")
             })

@@ -1,24 +1,17 @@
 //! Target `oip`: a `POST /v2/models/{model}/infer` body through the dispatcher's parser
-//! (`ember_dispatcher::oip_binary::parse_infer`: JSON, or the binary tensor extension), and the
-//! job body it publishes on through the worker's tensor preprocessing, as the request would
-//! travel. An input starting with `#` carries the `Inference-Header-Content-Length` header value
-//! up to the first newline; the rest is the HTTP body.
+//! (`ember_dispatcher::oip_binary::parse_infer`: JSON, or the binary tensor extension, checked and
+//! passed on as it came), and the job it publishes through the worker's decoding, as the request
+//! would travel. An input starting with `#` carries the `Inference-Header-Content-Length` header
+//! value up to the first newline; the rest is the HTTP body.
 
+use ember_core::protocol::content_type;
 use ember_core::protocol::oip::InferRequest;
 use ember_dispatcher::error::ApiError;
-use ember_dispatcher::oip_binary::{parse_infer, wants_binary_output};
+use ember_dispatcher::oip_binary::{InferBody, parse_infer, wants_binary_output};
 use ember_worker::Error;
-use ember_worker::preprocess::Prepared;
+use ember_worker::process::Prepared;
 
 use crate::image::check;
-
-/// What one input came to.
-#[derive(Debug)]
-pub struct Outcome {
-    pub request: InferRequest,
-    /// The worker's answer to the job body the dispatcher would publish.
-    pub prepared: Result<Prepared, Error>,
-}
 
 /// Splits an input into the header value and the body.
 pub fn split(data: &[u8]) -> (Option<&str>, &[u8]) {
@@ -30,19 +23,46 @@ pub fn split(data: &[u8]) -> (Option<&str>, &[u8]) {
     (None, data)
 }
 
-pub fn run(data: &[u8]) -> Result<Outcome, ApiError> {
+/// One input through `parse_infer`, with what must hold for any accepted one: the job body is
+/// the HTTP body unchanged; a JSON job's body parses back to the request, a binary job's header
+/// (its first `header_length` bytes) does.
+pub fn dispatch(data: &[u8]) -> Result<InferBody, ApiError> {
     let (header_length, body) = split(data);
-    let (request, job_body) = parse_infer(body.to_vec().into(), header_length)?;
-    // What is published must be what was parsed: the worker reads the same request.
-    let again: InferRequest = match serde_json::from_slice(&job_body) {
-        Ok(again) => again,
-        Err(error) => panic!("the published job body does not parse: {error}"),
+    let parsed = parse_infer(body.to_vec().into(), header_length)?;
+    assert_eq!(parsed.body, body, "the job body is not the HTTP body");
+    let head = match parsed.header_length {
+        Some(length) => {
+            assert_eq!(parsed.content_type, content_type::OIP_BINARY);
+            &parsed.body[..usize::try_from(length).expect("a length")]
+        }
+        None => {
+            assert_eq!(parsed.content_type, content_type::JSON);
+            &parsed.body[..]
+        }
     };
-    assert_eq!(
-        again, request,
-        "the job body differs from the parsed request"
-    );
-    let _ = wants_binary_output(&request);
-    let prepared = check(Some("application/json"), None, &job_body, 0);
-    Ok(Outcome { request, prepared })
+    let again: InferRequest = match serde_json::from_slice(head) {
+        Ok(again) => again,
+        Err(error) => panic!("the published job's header does not parse: {error}"),
+    };
+    assert_eq!(again, parsed.request);
+    let _ = wants_binary_output(&parsed.request);
+    Ok(parsed)
+}
+
+/// The job through the worker's decoding, as it would arrive (the harness model's input is the
+/// SSD's, `image_tensor:0` UINT8 `[-1, -1, -1, 3]`).
+pub fn worker(parsed: &InferBody) -> Result<Prepared, Error> {
+    let length = parsed.header_length.map(|n| n.to_string());
+    check(
+        Some(parsed.content_type),
+        length.as_deref(),
+        &parsed.body,
+        0,
+    )
+}
+
+/// What one input came to: the dispatcher's verdict, and the worker's for what it published.
+pub fn run(data: &[u8]) -> Result<Result<Prepared, Error>, ApiError> {
+    let parsed = dispatch(data)?;
+    Ok(worker(&parsed))
 }

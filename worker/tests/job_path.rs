@@ -206,6 +206,7 @@ async fn every_malformed_job_gets_its_error_code_and_the_worker_keeps_serving() 
             JobOptions {
                 content_type: Some("image/png"),
                 deadline_ms: Some(ember_core::amqp::unix_ms() - 1_000),
+                ..JobOptions::default()
             },
             ErrorCode::DeadlineExceeded,
         ),

@@ -182,6 +182,8 @@ pub async fn connect() -> Connection {
 pub struct JobOptions<'a> {
     pub content_type: Option<&'a str>,
     pub deadline_ms: Option<u64>,
+    /// The binary tensor extension's JSON header length (`inference-header-content-length`).
+    pub header_length: Option<usize>,
 }
 
 impl Client {
@@ -238,6 +240,12 @@ impl Client {
             ShortString::from(header::SUBMITTED_AT),
             AMQPValue::LongLongInt(ember_core::amqp::unix_ms() as i64),
         );
+        if let Some(length) = options.header_length {
+            headers.insert(
+                ShortString::from(header::INFERENCE_HEADER_LENGTH),
+                AMQPValue::LongLongInt(length as i64),
+            );
+        }
         if let Some(deadline) = options.deadline_ms {
             headers.insert(
                 ShortString::from(header::DEADLINE),
