@@ -6,6 +6,7 @@ WORKDIR /src
 # Every workspace member is copied (cargo needs them all to resolve the workspace);
 # tests/deploy checks this list against Cargo.toml's members.
 COPY Cargo.toml Cargo.lock rust-toolchain.toml ./
+COPY protocol protocol
 COPY core core
 COPY worker worker
 COPY dispatcher dispatcher

@@ -7,6 +7,7 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 # Every workspace member is copied; tests/deploy checks this list against Cargo.toml's members.
 COPY Cargo.toml Cargo.lock rust-toolchain.toml ./
+COPY protocol protocol
 COPY core core
 COPY worker worker
 COPY dispatcher dispatcher
