@@ -83,11 +83,19 @@ def main():
         result = client.call(body, content_type, args.timeout)
         elapsed_ms = (time.monotonic() - started) * 1000
         if args.pretty:
-            found = (result.get("outputs") or {}).get("detections", [])
-            summary = ", ".join(
-                f"{d['label']} {d['score']:.2f} at [{', '.join(f'{v:.0f}' for v in d['box'])}]"
-                for d in found
-            ) or (result["error"]["code"] if result.get("error") else "nothing found")
+            outputs = result.get("outputs") or {}
+            if "classes" in outputs:
+                # One list per row, best first.
+                summary = "; ".join(
+                    f"{row[0]['label']} {row[0]['score']:.2f}" for row in outputs["classes"]
+                )
+            else:
+                summary = ", ".join(
+                    f"{d['label']} {d['score']:.2f} at [{', '.join(f'{v:.0f}' for v in d['box'])}]"
+                    for d in outputs.get("detections", [])
+                ) or "nothing found"
+            if result.get("error"):
+                summary = result["error"]["code"]
             print(f"{path}: {summary}  ({elapsed_ms:.1f} ms round trip)", file=sys.stderr)
         print(json.dumps(result), flush=True)
     client.connection.close()
