@@ -121,9 +121,7 @@ pub fn diagnose_cuda(ort_dylib: &Path) -> String {
     let missing: Vec<&str> = CUDA_LIBRARIES
         .iter()
         .copied()
-        // SAFETY: loading a shared library runs its initialisers; these are NVIDIA's CUDA
-        // libraries, the same ones the CUDA provider is about to load itself.
-        .filter(|name| unsafe { libloading::Library::new(name) }.is_err())
+        .filter(|name| !loads(name))
         .collect();
     if missing.is_empty() {
         format!(
@@ -137,6 +135,17 @@ pub fn diagnose_cuda(ort_dylib: &Path) -> String {
             missing.join(", ")
         )
     }
+}
+
+/// Whether the dynamic loader can load `name` (a dlopen probe).
+#[expect(
+    unsafe_code,
+    reason = "the one way to ask the dynamic loader: dlopen runs the library's initialisers"
+)]
+fn loads(name: &str) -> bool {
+    // SAFETY: loading a shared library runs its initialisers; these are NVIDIA's CUDA
+    // libraries, the same ones the CUDA provider is about to load itself.
+    unsafe { libloading::Library::new(name) }.is_ok()
 }
 
 fn cuda_provider(index: i32, cuda: &CudaOptions) -> ort::ep::ExecutionProviderDispatch {

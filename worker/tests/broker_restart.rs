@@ -1,5 +1,6 @@
 //! Broker restart during load. Its own test binary: it stops the broker's app, which would
 //! disturb any test running beside it (test binaries run one after another).
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! The job path end to end: real RabbitMQ, the real worker binary, the real SSD model.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
