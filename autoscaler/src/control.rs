@@ -177,7 +177,7 @@ async fn measure(
     })
 }
 
-pub(crate) async fn ready_messages(channel: &Channel, model: &str) -> lapin::Result<u64> {
+async fn ready_messages(channel: &Channel, model: &str) -> lapin::Result<u64> {
     let queue = channel
         .queue_declare(
             topology::jobs_queue(model).as_str().into(),
@@ -191,7 +191,7 @@ pub(crate) async fn ready_messages(channel: &Channel, model: &str) -> lapin::Res
     Ok(u64::from(queue.message_count()))
 }
 
-pub(crate) fn record(metrics: &Metrics, model: &str, view: &ModelView, scaled: &Scaled) {
+fn record(metrics: &Metrics, model: &str, view: &ModelView, scaled: &Scaled) {
     let Scaled { signals, decision } = scaled;
     let m = [model];
     metrics

@@ -19,6 +19,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::Config;
+use crate::backend::{Backend, Context, Observed, Scaled, Target};
 use crate::policy::{self, Decision, PolicyState, Settings, Signals};
 use crate::signals::ModelView;
 
@@ -239,6 +241,125 @@ impl LeaderLease {
             Err(error) => Err(error.into()),
         }
     }
+}
+
+/// The `kubernetes` backend: the `InferencePool`s of `--namespace`, acted on by the replica that
+/// holds the Lease only.
+pub struct KubernetesBackend {
+    client: Client,
+    lease: LeaderLease,
+    /// Whether this replica led at the last tick, to log changes only.
+    leading: bool,
+}
+
+impl std::fmt::Debug for KubernetesBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubernetesBackend")
+            .field("lease", &self.lease)
+            .field("leading", &self.leading)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubernetesBackend {
+    /// A client from the kubeconfig or the in-cluster configuration, and this replica's Lease
+    /// identity (`--identity`, else the host name).
+    pub async fn connect(config: &Config) -> Result<Self, crate::Error> {
+        // With several rustls providers in one build (kube's ring, reqwest's aws-lc-rs in the
+        // workspace), rustls cannot pick one by itself: choose ring for this process.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = Client::try_default()
+            .await
+            .map_err(|e| crate::Error::Kubernetes(format!("no cluster configuration: {e}")))?;
+        let identity = config.identity.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| format!("ember-autoscaler-{}", uuid::Uuid::new_v4().simple()))
+        });
+        let lease = LeaderLease {
+            name: config.lease_name.clone(),
+            identity,
+            duration: config.lease_duration,
+        };
+        Ok(Self {
+            client,
+            lease,
+            leading: false,
+        })
+    }
+
+    /// Takes or renews the Lease; a failed check means not acting this tick.
+    async fn leads(&mut self, namespace: &str) -> bool {
+        let leader = match self.lease.acquire_or_renew(&self.client, namespace).await {
+            Ok(leader) => leader,
+            Err(error) => {
+                tracing::warn!(%error, "lease check failed; not acting this tick");
+                false
+            }
+        };
+        if leader != self.leading {
+            tracing::info!(leader, identity = %self.lease.identity, "leadership changed");
+            self.leading = leader;
+        }
+        leader
+    }
+}
+
+impl Backend for KubernetesBackend {
+    type Spec = InferencePool;
+    type Error = Error;
+
+    async fn observe(&mut self, ctx: &Context) -> Vec<Target<InferencePool>> {
+        let namespace = &ctx.config.namespace;
+        if !self.leads(namespace).await {
+            return Vec::new();
+        }
+        let pools: Api<InferencePool> = Api::namespaced(self.client.clone(), namespace);
+        match pools.list(&ListParams::default()).await {
+            Ok(list) => list
+                .into_iter()
+                .map(|pool| Target {
+                    key: pool.name_any(),
+                    model: pool.spec.model.clone(),
+                    spec: pool,
+                })
+                .collect(),
+            Err(error) => {
+                tracing::warn!(%error, "cannot list InferencePools");
+                Vec::new()
+            }
+        }
+    }
+
+    async fn scale(
+        &mut self,
+        ctx: &Context,
+        target: &Target<InferencePool>,
+        observed: &Observed,
+        policy: &mut PolicyState,
+    ) -> Result<Scaled, Error> {
+        let Observed {
+            ready,
+            arrival_rate,
+            backlog_growing,
+            view,
+        } = observed;
+        let signals_in = (*ready, *arrival_rate, *backlog_growing);
+        let now = ctx.started.elapsed();
+        let decision = reconcile(&self.client, &target.spec, signals_in, view, policy, now).await?;
+        // The replica counts stay inside `reconcile` (they are in the pool's status); the
+        // metrics get what the loop measured.
+        let signals = Signals {
+            ready: *ready,
+            in_flight: view.in_flight,
+            arrival_rate: *arrival_rate,
+            ..Signals::default()
+        };
+        Ok(Scaled { signals, decision })
+    }
+
+    /// Nothing to stop: the Deployments keep their replicas and the Lease runs out.
+    async fn stop(&mut self) {}
 }
 
 /// Deletion costs for the Deployment's pods: still-loading ones (no heartbeat) cheapest, idle
