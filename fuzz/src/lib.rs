@@ -8,6 +8,7 @@ pub mod corpus;
 pub mod image;
 pub mod job;
 pub mod oip;
+pub mod tensor;
 
 /// Replaces libfuzzer-sys's abort-on-panic hook with one that prints the panic's location:
 /// the worker catches decoder panics (`prepare` turns them into `invalid_image`), so a caught

@@ -12,6 +12,21 @@ mod image;
 #[allow(dead_code)]
 #[path = "../../fuzz/src/job.rs"]
 mod job;
+#[allow(dead_code)]
+mod oip {
+    //! The `split` of the `oip` target (the rest of that file needs the dispatcher).
+    pub fn split(data: &[u8]) -> (Option<&str>, &[u8]) {
+        if let Some(rest) = data.strip_prefix(b"#")
+            && let Some(end) = rest.iter().take(40).position(|&b| b == b'\n')
+        {
+            return (std::str::from_utf8(&rest[..end]).ok(), &rest[end + 1..]);
+        }
+        (None, data)
+    }
+}
+#[allow(dead_code)]
+#[path = "../../fuzz/src/tensor.rs"]
+mod tensor;
 
 use std::path::{Path, PathBuf};
 
@@ -88,6 +103,49 @@ fn the_job_corpus_decodes_without_panics_and_seeds_give_their_outcome() {
             ),
         }
     }
+}
+
+/// Every datatype, JSON and binary: seeds `ok-<DATATYPE>-<form>` decode to that datatype;
+/// `invalid_input-...` and `toolarge-...` seeds give their code.
+#[test]
+fn the_tensor_corpus_decodes_without_panics_and_every_datatype_seed_decodes() {
+    let inputs = inputs("tensor");
+    let mut datatypes = std::collections::BTreeSet::new();
+    for (name, data) in &inputs {
+        let result = tensor::run(data);
+        let Some(seed) = name.strip_prefix("seeds/") else {
+            continue;
+        };
+        let mut parts = seed.split('-');
+        match parts.next().unwrap() {
+            "ok" => {
+                let request = result.unwrap_or_else(|e| panic!("{name}: {e}"));
+                let datatype = parts.next().unwrap();
+                assert_eq!(request.inputs[0].1.dtype().oip(), datatype, "{name}");
+                datatypes.insert(datatype.to_string());
+            }
+            "invalid_input" => {
+                assert_eq!(
+                    result.expect_err(name).code(),
+                    ErrorCode::InvalidInput,
+                    "{name}"
+                )
+            }
+            "toolarge" => {
+                assert_eq!(
+                    result.expect_err(name).code(),
+                    ErrorCode::InputTooLarge,
+                    "{name}"
+                )
+            }
+            other => panic!("{name}: unknown seed kind `{other}`"),
+        }
+    }
+    assert_eq!(
+        datatypes.len(),
+        13,
+        "a seed for every datatype: {datatypes:?}"
+    );
 }
 
 #[test]
@@ -253,6 +311,112 @@ fn write_seeds() {
         let mut data = vec![selector];
         data.extend_from_slice(&body);
         std::fs::write(dir.join(name), data).unwrap();
+    }
+
+    // Target `tensor`: `#<header length>\n` for a binary request, then the body.
+    let tensor_dir = fuzz_dir().join("seeds/tensor");
+    std::fs::create_dir_all(&tensor_dir).unwrap();
+    let typed: [(&str, serde_json::Value, Vec<u8>); 13] = [
+        ("BOOL", serde_json::json!([true, false]), vec![1, 0]),
+        ("UINT8", serde_json::json!([1, 255]), vec![1, 255]),
+        (
+            "UINT16",
+            serde_json::json!([1, 65535]),
+            [1u16, 65535].iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
+        (
+            "UINT32",
+            serde_json::json!([1, 7]),
+            [1u32, 7].iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
+        (
+            "UINT64",
+            serde_json::json!([1, 7]),
+            [1u64, 7].iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
+        ("INT8", serde_json::json!([-1, 127]), vec![255, 127]),
+        (
+            "INT16",
+            serde_json::json!([-1, 7]),
+            [-1i16, 7].iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
+        (
+            "INT32",
+            serde_json::json!([-1, 7]),
+            [-1i32, 7].iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
+        (
+            "INT64",
+            serde_json::json!([-1, 7]),
+            [-1i64, 7].iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ),
+        (
+            "FP16",
+            serde_json::json!([0.5, -2.0]),
+            vec![0x00, 0x38, 0x00, 0xc0],
+        ),
+        (
+            "FP32",
+            serde_json::json!([0.5, -2.0]),
+            [0.5f32, -2.0]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        (
+            "FP64",
+            serde_json::json!([0.5, -2.0]),
+            [0.5f64, -2.0]
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+        ),
+        (
+            "BYTES",
+            serde_json::json!(["ab", ""]),
+            b"\x02\0\0\0ab\0\0\0\0".to_vec(),
+        ),
+    ];
+    for (datatype, values, bytes) in typed {
+        let json = serde_json::json!({"inputs": [{"name": "x", "shape": [1, 2], "datatype": datatype, "data": values}]});
+        std::fs::write(
+            tensor_dir.join(format!("ok-{datatype}-json")),
+            serde_json::to_vec(&json).unwrap(),
+        )
+        .unwrap();
+        let head = serde_json::to_vec(
+            &serde_json::json!({"inputs": [{"name": "x", "shape": [1, 2],
+            "datatype": datatype, "parameters": {"binary_data_size": bytes.len()}}]}),
+        )
+        .unwrap();
+        let mut binary = format!("#{}\n", head.len()).into_bytes();
+        binary.extend_from_slice(&head);
+        binary.extend_from_slice(&bytes);
+        std::fs::write(tensor_dir.join(format!("ok-{datatype}-binary")), binary).unwrap();
+    }
+    for (name, body) in [
+        (
+            "invalid_input-int8-out-of-range",
+            br#"{"inputs":[{"name":"x","shape":[1],"datatype":"INT8","data":[128]}]}"#.to_vec(),
+        ),
+        (
+            "invalid_input-fp16-not-a-number",
+            br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP16","data":["a"]}]}"#.to_vec(),
+        ),
+        ("invalid_input-bytes-cut-short", {
+            let head = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"BYTES","parameters":{"binary_data_size":5}}]}"#;
+            let mut body = format!("#{}\n", head.len()).into_bytes();
+            body.extend_from_slice(head);
+            body.extend_from_slice(b"\x09\0\0\0a");
+            body
+        }),
+        (
+            "toolarge-shape",
+            br#"{"inputs":[{"name":"x","shape":[4096,4096],"datatype":"FP32","data":[]}]}"#
+                .to_vec(),
+        ),
+    ] {
+        std::fs::write(tensor_dir.join(name), body).unwrap();
     }
 
     // Target `job`: flag byte, AMQP basic properties as on the wire, body.
