@@ -1,9 +1,17 @@
-//! Starting and stopping the parts as processes (the release binaries beside this one).
+//! The fleet's parts as local processes (the binaries built beside this one), for the benchmarks
+//! and the chaos suite alike: one part's process ([`Proc`]), a worker or dispatcher with the
+//! benchmarks' defaults ([`worker`], [`dispatcher`]), a RabbitMQ node of its own
+//! ([`BrokerNode`]), an autoscaler and the workers it runs ([`Autoscaler`]), a dispatcher that can
+//! be stopped and started again on its ports ([`RestartableDispatcher`]), and one model's parts on
+//! a node of their own ([`IsolatedFleet`], the chaos suite's fleet).
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+/// The repository root: the nearest directory above the current one with a `models/` in it.
 pub fn root() -> PathBuf {
     let mut dir = std::env::current_dir().unwrap_or_default();
     while !dir.join("models").is_dir() {
@@ -14,6 +22,7 @@ pub fn root() -> PathBuf {
     dir
 }
 
+/// A part's binary, beside this one.
 pub fn binary(name: &str) -> PathBuf {
     std::env::current_exe()
         .map(|me| me.with_file_name(name))
@@ -27,7 +36,71 @@ pub fn free_port() -> u16 {
         .unwrap_or(0)
 }
 
-/// A child process, killed on drop.
+/// Waits until `http://127.0.0.1:{port}{path}` answers 2xx, asking every `every` (each ask
+/// given 2 s), for at most `within`.
+pub async fn wait_ready(
+    port: u16,
+    path: &str,
+    within: Duration,
+    every: Duration,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let client = reqwest::Client::new();
+    loop {
+        if let Ok(r) = client
+            .get(format!("http://127.0.0.1:{port}{path}"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        anyhow::ensure!(started.elapsed() < within, "{path} on {port} never ready");
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Sends `sig` ("TERM", "KILL", …) to `pid`.
+pub fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status();
+}
+
+/// Resident set size of a process, in bytes.
+pub fn rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Pids whose parent is `parent`.
+fn children(parent: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return vec![];
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let rest = &s[s.rfind(')')? + 2..];
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(parent)
+        })
+        .collect()
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+// ---------------------------------------------------------------- one part
+
+/// A part's process, killed on drop.
 pub struct Proc {
     pub child: Child,
     pub admin: u16,
@@ -63,25 +136,20 @@ impl Proc {
         self.child.id()
     }
 
-    /// Waits until `path` on the admin port answers 200.
+    /// Waits (up to 60 s) until `path` on `port` answers 200.
     pub async fn wait_http(&self, port: u16, path: &str) -> anyhow::Result<()> {
-        let started = Instant::now();
-        let client = reqwest::Client::new();
-        loop {
-            if let Ok(r) = client
-                .get(format!("http://127.0.0.1:{port}{path}"))
-                .send()
-                .await
-                && r.status().is_success()
-            {
-                return Ok(());
-            }
-            anyhow::ensure!(
-                started.elapsed() < Duration::from_secs(60),
-                "{path} on {port} never ready"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_ready(
+            port,
+            path,
+            Duration::from_secs(60),
+            Duration::from_millis(50),
+        )
+        .await
+    }
+
+    /// What it has logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 }
 
@@ -89,9 +157,7 @@ impl Drop for Proc {
     /// SIGTERM first (an autoscaler then stops the workers it started; a SIGKILL would orphan
     /// them), SIGKILL after 15 s.
     fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
+        signal(self.child.id(), "TERM");
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -102,14 +168,6 @@ impl Drop for Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Resident set size of a process, in bytes.
-pub fn rss(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 /// A worker for `model` from `model_dir` with extra args.
@@ -142,6 +200,227 @@ pub fn dispatcher(model: &str, model_dir: &Path) -> anyhow::Result<(Proc, u16)> 
         format!("127.0.0.1:{api}"),
     ];
     Ok((Proc::start("ember-dispatcher", &args, admin)?, api))
+}
+
+// ---------------------------------------------------------------- a broker of its own
+
+/// A private RabbitMQ node (`scripts/rabbitmq-node`) on one port, stopped on drop, so broker
+/// faults disturb no other test or the machine's broker.
+pub struct BrokerNode {
+    port: u16,
+}
+
+/// Runs `scripts/rabbitmq-node` with `args`.
+fn rabbitmq_node(args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new(root().join("scripts/rabbitmq-node"))
+        .current_dir(root())
+        .args(args)
+        .stdout(Stdio::null())
+        .status()?;
+    anyhow::ensure!(status.success(), "scripts/rabbitmq-node {args:?} failed");
+    Ok(())
+}
+
+impl BrokerNode {
+    /// Starts the node (waiting until it serves).
+    pub fn start(port: u16) -> anyhow::Result<Self> {
+        rabbitmq_node(&["start", &Self::name_for(port), &port.to_string()])?;
+        Ok(Self { port })
+    }
+
+    /// The node's name: one per port, so runs on different ports never share a node.
+    fn name_for(port: u16) -> String {
+        format!("chaos{port}")
+    }
+
+    pub fn name(&self) -> String {
+        Self::name_for(self.port)
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        std::fs::read_to_string(
+            root()
+                .join("target/rabbitmq-nodes")
+                .join(self.name())
+                .join("pid"),
+        )
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+    }
+
+    /// `rabbitmqctl <command>` against the node (`stop_app`, `start_app`, `await_startup`).
+    pub async fn ctl(&self, command: &str) -> anyhow::Result<()> {
+        self.script(vec!["ctl".into(), self.name(), command.into()])
+            .await
+    }
+
+    /// A full stop and start of the node with the same settings.
+    pub async fn restart(&self) -> anyhow::Result<()> {
+        self.script(vec!["restart".into(), self.name()]).await
+    }
+
+    async fn script(&self, args: Vec<String>) -> anyhow::Result<()> {
+        tokio::task::spawn_blocking(move || {
+            rabbitmq_node(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        })
+        .await?
+    }
+}
+
+impl Drop for BrokerNode {
+    fn drop(&mut self) {
+        let _ = rabbitmq_node(&["stop", &self.name()]);
+    }
+}
+
+// ---------------------------------------------------------------- the autoscaler and its workers
+
+/// An autoscaler (local backend), whose workers are its child processes; what they do is read
+/// from its log.
+pub struct Autoscaler {
+    process: Proc,
+}
+
+impl Autoscaler {
+    pub fn start(args: &[String], admin: u16, env: &[(String, String)]) -> anyhow::Result<Self> {
+        Ok(Self {
+            process: Proc::start_env("ember-autoscaler", args, admin, env)?,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// Waits (up to 90 s) until its admin port says ready.
+    pub async fn wait_ready(&self) -> anyhow::Result<()> {
+        wait_ready(
+            self.process.admin,
+            "/readyz",
+            Duration::from_secs(90),
+            Duration::from_millis(100),
+        )
+        .await
+    }
+
+    /// What it has logged so far.
+    pub fn log(&self) -> String {
+        self.process.log_text()
+    }
+
+    /// Lines of its log so far that contain `event` ("worker died", "worker drained and exited").
+    pub fn count(&self, event: &str) -> usize {
+        self.log().matches(event).count()
+    }
+
+    /// Live workers: (pid, worker id) of its children, ids from its "worker started" lines.
+    pub fn workers(&self) -> Vec<(u32, String)> {
+        let log = self.log();
+        let mut ids = HashMap::new();
+        for line in log.lines().filter(|l| l.contains("worker started")) {
+            let line = strip_ansi(line);
+            let field = |name: &str| {
+                line.split_whitespace()
+                    .find_map(|t| t.strip_prefix(name))
+                    .map(str::to_string)
+            };
+            if let (Some(id), Some(pid)) = (field("worker="), field("pid="))
+                && let Ok(pid) = pid.parse::<u32>()
+            {
+                ids.insert(pid, id);
+            }
+        }
+        children(self.pid())
+            .into_iter()
+            .filter_map(|pid| Some((pid, ids.get(&pid)?.clone())))
+            .collect()
+    }
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------- a dispatcher that restarts
+
+/// A dispatcher that can be stopped and started again with the same arguments on the same ports.
+pub struct RestartableDispatcher {
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    /// Its API port.
+    pub api: u16,
+    admin: u16,
+    running: Mutex<Option<Proc>>,
+}
+
+impl RestartableDispatcher {
+    /// Not started yet; `args` name the ports `api` and `admin`.
+    pub fn new(args: Vec<String>, env: Vec<(String, String)>, api: u16, admin: u16) -> Self {
+        Self {
+            args,
+            env,
+            api,
+            admin,
+            running: Mutex::new(None),
+        }
+    }
+
+    pub fn start(&self) -> anyhow::Result<()> {
+        let process = Proc::start_env("ember-dispatcher", &self.args, self.admin, &self.env)?;
+        *lock(&self.running) = Some(process);
+        Ok(())
+    }
+
+    /// The running process, handed over (dropping it stops it).
+    pub fn take(&self) -> Option<Proc> {
+        lock(&self.running).take()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        lock(&self.running).as_ref().map(Proc::pid)
+    }
+
+    /// Waits (up to 90 s) until its API is ready.
+    pub async fn wait_ready(&self) -> anyhow::Result<()> {
+        wait_ready(
+            self.api,
+            "/v2/health/ready",
+            Duration::from_secs(90),
+            Duration::from_millis(100),
+        )
+        .await
+    }
+}
+
+// ---------------------------------------------------------------- the isolated fleet
+
+/// One model's parts on a broker node of their own: an autoscaler (which runs the workers) and
+/// a dispatcher that can be restarted. Dropped in field order: the processes, then the node.
+pub struct IsolatedFleet {
+    pub model: String,
+    pub dispatcher: RestartableDispatcher,
+    pub autoscaler: Autoscaler,
+    /// Last: stopped after the processes that use it.
+    pub node: BrokerNode,
 }
 
 /// The machine, for the record.

@@ -1,0 +1,435 @@
+//! The faults and the load they are injected under: one phase per fault, its steady load (or
+//! burst, or overload), the injection a third of the way in, and the wait for the answers.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ember_core::topology;
+use futures_util::StreamExt;
+use lapin::options::QueueDeclareOptions;
+use lapin::types::FieldTable;
+use lapin::{Connection, ConnectionProperties};
+use serde_json::{Value, json};
+
+use super::Harness;
+use super::clients::{Kind, kind_of, lock, send};
+use super::report::{self, AutoscalerEvents, PhaseRecord};
+use crate::fleet;
+
+/// Each worker's last heartbeat: jobs in flight.
+pub(super) type InFlight = Arc<Mutex<HashMap<String, (u64, Instant)>>>;
+
+/// Follows the model's worker heartbeats (reconnecting after broker faults).
+pub(super) fn watch_heartbeats(url: String, model: String) -> InFlight {
+    let seen: InFlight = Arc::default();
+    let out = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let session = async {
+                let c = Connection::connect(&url, ConnectionProperties::default()).await?;
+                let ch = c.create_channel().await?;
+                let mut consumer = topology::heartbeat_consumer(&ch, &format!("{model}.*")).await?;
+                while let Some(Ok(d)) = consumer.next().await {
+                    if let Ok(hb) = serde_json::from_slice::<Value>(&d.data)
+                        && let (Some(w), Some(n)) =
+                            (hb["worker"].as_str(), hb["in_flight"].as_u64())
+                    {
+                        lock(&out).insert(w.to_string(), (n, Instant::now()));
+                    }
+                }
+                anyhow::Ok(())
+            };
+            let _ = session.await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    seen
+}
+
+/// What the fault did: when it started, and what it saw.
+struct Injected {
+    started: Instant,
+    notes: Vec<String>,
+}
+
+/// One fault's phase: its load with the fault injected, the wait for the answers, and its row
+/// of the report.
+pub(super) async fn run_phase(
+    harness: &Arc<Harness>,
+    fault: &str,
+    phase: usize,
+) -> anyhow::Result<Value> {
+    eprintln!("chaos: {fault} ...");
+    let began = Instant::now();
+    let mut notes = Vec::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let peaks = report::sample_memory(harness.fleet.clone(), stop.clone());
+    let before = AutoscalerEvents::read(&harness.fleet.autoscaler);
+    let (injected, overload_figures) = load_with_fault(harness, fault, phase, &mut notes).await?;
+    notes.extend(injected.notes);
+    settle(harness, phase).await;
+    stop.store(true, Ordering::Relaxed);
+    let dead_letters = if fault == "poison" {
+        report::dead_letters(&harness.fleet.node.url(), &harness.fleet.model).await?
+    } else {
+        Vec::new()
+    };
+    let row = report::phase_row(
+        harness,
+        PhaseRecord {
+            fault,
+            phase,
+            began,
+            fault_started: injected.started,
+            before,
+            overload: overload_figures,
+            notes,
+            dead_letters,
+            peaks,
+        },
+    );
+    eprintln!("chaos: {fault}: {row}");
+    Ok(row)
+}
+
+/// The phase's load with its fault; for the overload, its figures too.
+async fn load_with_fault(
+    harness: &Arc<Harness>,
+    fault: &str,
+    phase: usize,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<(Injected, Value)> {
+    let args = &harness.args;
+    Ok(match fault {
+        "overload" => {
+            let started = Instant::now();
+            let figures = overload(harness, phase, notes).await?;
+            let injected = Injected {
+                started,
+                notes: vec![],
+            };
+            (injected, figures)
+        }
+        "scale-in" => (scale_in_load(harness, phase).await?, Value::Null),
+        _ => (
+            steady_load(harness, fault, phase, args.jobs, args.rate).await?,
+            Value::Null,
+        ),
+    })
+}
+
+/// A burst that scales the pool out, then the steady load while it scales in.
+async fn scale_in_load(harness: &Arc<Harness>, phase: usize) -> anyhow::Result<Injected> {
+    let args = &harness.args;
+    harness.scale_in_baseline.store(
+        harness.fleet.autoscaler.count("worker drained and exited"),
+        Ordering::Relaxed,
+    );
+    let burst: Vec<_> = (0..args.jobs.max(60) * 2)
+        .map(|i| send(harness, phase, kind_of(i), false))
+        .collect();
+    let rate = (args.jobs as f64 / 20.0).min(args.rate * 0.5).max(1.0);
+    let injected = steady_load(harness, "scale-in", phase, args.jobs, rate).await?;
+    for t in burst {
+        let _ = t.await;
+    }
+    Ok(injected)
+}
+
+/// Sends `jobs` at `rate`, injecting the fault after a third of them.
+async fn steady_load(
+    harness: &Arc<Harness>,
+    fault: &str,
+    phase: usize,
+    jobs: usize,
+    rate: f64,
+) -> anyhow::Result<Injected> {
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    let mut tasks = Vec::with_capacity(jobs);
+    let mut injection = None;
+    for i in 0..jobs {
+        ticker.tick().await;
+        if i == jobs / 3 {
+            let (harness, fault) = (harness.clone(), fault.to_string());
+            injection = Some(tokio::spawn(async move {
+                inject(&harness, &fault, phase).await
+            }));
+        }
+        tasks.push(send(harness, phase, kind_of(i), false));
+    }
+    let injected = match injection {
+        Some(task) => task.await??,
+        None => inject(harness, fault, phase).await?,
+    };
+    for task in tasks {
+        let _ = task.await;
+    }
+    Ok(injected)
+}
+
+/// Waits for every accepted job of the phase to be answered (at most `--settle`), then gives
+/// late duplicates a moment to show up.
+async fn settle(harness: &Harness, phase: usize) {
+    let started = Instant::now();
+    loop {
+        harness.http.poll_visible(phase).await;
+        let pending = lock(&harness.ledger)
+            .values()
+            .filter(|j| j.phase == phase && j.accepted.is_some() && !report::answered(j))
+            .count();
+        if pending == 0 || started.elapsed() > harness.args.settle {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    harness.http.poll_visible(phase).await;
+}
+
+// ---------------------------------------------------------------- the injections
+
+async fn inject(harness: &Arc<Harness>, fault: &str, phase: usize) -> anyhow::Result<Injected> {
+    let started = Instant::now();
+    let since = || started.elapsed().as_secs_f64();
+    let note = match fault {
+        "worker-sigkill" => signal_busy_worker(harness, "KILL").await,
+        "worker-sigterm" => signal_busy_worker(harness, "TERM").await,
+        "scale-in" => await_scale_in(harness).await,
+        "dispatcher-restart" | "dispatcher-sigkill" => {
+            restart_dispatcher(harness, fault == "dispatcher-sigkill").await?;
+            format!("dispatcher back after {:.1} s", since())
+        }
+        "broker-stop-app" => {
+            let node = &harness.fleet.node;
+            node.ctl("stop_app").await?;
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            node.ctl("start_app").await?;
+            node.ctl("await_startup").await?;
+            format!("broker app back after {:.1} s", since())
+        }
+        "broker-restart" => {
+            harness.fleet.node.restart().await?;
+            format!("broker node back after {:.1} s", since())
+        }
+        "receiver-down" => {
+            harness.receiver.down();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            harness.receiver.up().await?;
+            "callback receiver refused connections for 5 s".into()
+        }
+        "receiver-slow" => {
+            harness.receiver.slow.store(true, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            harness.receiver.slow.store(false, Ordering::Relaxed);
+            format!(
+                "receiver answered after {:?} (callback timeout 1 s) for 5 s",
+                harness.receiver.delay
+            )
+        }
+        "poison" => {
+            // One over HTTP with a callback, one by AMQP RPC: both clients must be told.
+            let _ = send(harness, phase, Kind::HttpAsync, true).await;
+            let _ = send(harness, phase, Kind::Amqp, true).await;
+            "2 poison jobs (the worker aborts on them)".into()
+        }
+        _ => {
+            return Ok(Injected {
+                started,
+                notes: vec![],
+            });
+        }
+    };
+    Ok(Injected {
+        started,
+        notes: vec![note],
+    })
+}
+
+/// A worker holding jobs (by its last heartbeat), or any worker after 5 s.
+async fn busy_worker(harness: &Harness) -> Option<(u32, String, u64)> {
+    let started = Instant::now();
+    loop {
+        let workers = harness.fleet.autoscaler.workers();
+        let beats = lock(&harness.heartbeats).clone();
+        let busy = workers.iter().find_map(|(pid, id)| {
+            let (n, at) = beats.get(id)?;
+            (*n > 0 && at.elapsed() < Duration::from_millis(500)).then(|| (*pid, id.clone(), *n))
+        });
+        if busy.is_some() {
+            return busy;
+        }
+        if started.elapsed() > Duration::from_secs(5) {
+            return workers.first().map(|(p, id)| (*p, id.clone(), 0));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Sends `sig` to a worker with jobs in hand.
+async fn signal_busy_worker(harness: &Harness, sig: &str) -> String {
+    match busy_worker(harness).await {
+        Some((pid, id, n)) => {
+            fleet::signal(pid, sig);
+            format!("SIG{sig} to {id} holding {n} jobs (last heartbeat)")
+        }
+        None => "no worker to signal".into(),
+    }
+}
+
+/// The burst was sent at the phase's start (see `scale_in_load`); here: wait, under the steady
+/// load, for the pool to scale in.
+async fn await_scale_in(harness: &Harness) -> String {
+    let before = harness.scale_in_baseline.load(Ordering::Relaxed);
+    let wait = Instant::now();
+    let mut seen = 0;
+    while wait.elapsed() < Duration::from_secs(30) {
+        seen = harness.fleet.autoscaler.count("worker drained and exited") - before;
+        if seen > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    format!("{seen} worker(s) scaled in under load")
+}
+
+/// Stops the dispatcher (SIGTERM, or SIGKILL first) and starts a new one on the same ports.
+async fn restart_dispatcher(harness: &Harness, kill: bool) -> anyhow::Result<()> {
+    let dispatcher = &harness.fleet.dispatcher;
+    if let Some(old) = dispatcher.take() {
+        if kill {
+            fleet::signal(old.pid(), "KILL");
+        }
+        // SIGTERM (no-op after SIGKILL) and wait for the exit.
+        tokio::task::spawn_blocking(move || drop(old)).await?;
+    }
+    dispatcher.start()?;
+    dispatcher.wait_ready().await
+}
+
+// ---------------------------------------------------------------- the overload
+
+/// The overload: the capacity measured by a burst, then 10x that offered over HTTP.
+async fn overload(
+    harness: &Arc<Harness>,
+    phase: usize,
+    notes: &mut Vec<String>,
+) -> anyhow::Result<Value> {
+    let burst = 150;
+    let capacity = measure_capacity(harness, phase, burst).await;
+    let target = capacity * 10.0;
+    let (duration, bound) = (harness.args.overload, harness.args.queue_max_length);
+    notes.push(format!(
+        "capacity {capacity:.0} jobs/s (burst of {burst}); offered 10x = {target:.0} jobs/s for {duration:?}"
+    ));
+    let depth = DepthSampler::start(
+        harness.fleet.node.url(),
+        topology::jobs_queue(&harness.fleet.model),
+    );
+    let http = &harness.http;
+    let before_retry_after = http.too_many_retry_after.load(Ordering::Relaxed);
+    let before_429 = http.too_many.load(Ordering::Relaxed);
+    let offered = offer(harness, phase, target, duration).await;
+    let peak_depth = depth.stop().await;
+    let n429 = http.too_many.load(Ordering::Relaxed) - before_429;
+    let with_retry_after = http.too_many_retry_after.load(Ordering::Relaxed) - before_retry_after;
+    notes.push(format!(
+        "achieved {offered:.0} jobs/s offered ({:.1}x capacity); {n429} answered 429 ({with_retry_after} with Retry-After); peak queue depth {peak_depth} (bound {bound})",
+        offered / capacity,
+    ));
+    Ok(json!({
+        "capacity_jobs_s": capacity,
+        "offered_jobs_s": offered,
+        "answered_429": n429,
+        "with_retry_after": with_retry_after,
+        "peak_queue_depth": peak_depth,
+        "queue_max_length": bound,
+    }))
+}
+
+/// Jobs/s: a burst of AMQP jobs at once, timed until all are answered (at most `--settle`).
+async fn measure_capacity(harness: &Arc<Harness>, phase: usize, burst: usize) -> f64 {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..burst)
+        .map(|_| send(harness, phase, Kind::Amqp, false))
+        .collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+    loop {
+        let answered = lock(&harness.ledger)
+            .values()
+            .filter(|j| j.phase == phase && !j.deliveries.is_empty())
+            .count();
+        if answered >= burst || started.elapsed() > harness.args.settle {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    burst as f64 / started.elapsed().as_secs_f64()
+}
+
+/// Offers HTTP jobs with callbacks at `target`/s for `duration` (missed ticks sent in a burst);
+/// returns the rate achieved.
+async fn offer(harness: &Arc<Harness>, phase: usize, target: f64, duration: Duration) -> f64 {
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / target));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut tasks = Vec::new();
+    let mut sent = 0usize;
+    while started.elapsed() < duration {
+        ticker.tick().await;
+        tasks.push(send(harness, phase, Kind::HttpAsync, false));
+        sent += 1;
+    }
+    let offered_for = started.elapsed().as_secs_f64();
+    for t in tasks {
+        let _ = t.await;
+    }
+    sent as f64 / offered_for
+}
+
+/// The peak ready count of a queue, sampled every 100 ms until `stop`.
+struct DepthSampler {
+    stop: Arc<AtomicBool>,
+    peak: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DepthSampler {
+    fn start(url: String, queue: String) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peak = Arc::new(AtomicU64::new(0));
+        let (stopped, depth) = (stop.clone(), peak.clone());
+        let task = tokio::spawn(async move {
+            let Ok(c) = Connection::connect(&url, ConnectionProperties::default()).await else {
+                return;
+            };
+            let Ok(ch) = c.create_channel().await else {
+                return;
+            };
+            let passive = QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            };
+            while !stopped.load(Ordering::Relaxed) {
+                if let Ok(q) = ch
+                    .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+                    .await
+                {
+                    depth.fetch_max(u64::from(q.message_count()), Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        Self { stop, peak, task }
+    }
+
+    /// Stops sampling; the peak seen.
+    async fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        self.peak.load(Ordering::Relaxed)
+    }
+}
