@@ -430,16 +430,36 @@ pub async fn reconcile(
         );
         record_event(client, pool, &namespace, &decision, spec_replicas, &note).await?;
     }
-    let status = InferencePoolStatus {
+    let status = pool_status(&signals, &decision, reason, now_text);
+    let pools: Api<InferencePool> = Api::namespaced(client.clone(), &namespace);
+    pools
+        .patch_status(
+            &pool.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": status})),
+        )
+        .await?;
+    Ok(decision)
+}
+
+/// The pool's status after a decision: what was seen, what was decided and why.
+fn pool_status(
+    signals: &Signals,
+    decision: &Decision,
+    reason: &str,
+    now_text: String,
+) -> InferencePoolStatus {
+    let spec_replicas = signals.replicas_ready + signals.replicas_starting;
+    InferencePoolStatus {
         desired_replicas: decision.replicas,
-        ready_replicas: ready,
-        starting_replicas: spec_replicas - ready,
+        ready_replicas: signals.replicas_ready,
+        starting_replicas: signals.replicas_starting,
         backlog: signals.backlog(),
-        ready_jobs,
-        in_flight: view.in_flight,
-        arrival_rate,
-        service_rate: view.service_rate,
-        gpu_utilisation: view.gpu_utilisation,
+        ready_jobs: signals.ready,
+        in_flight: signals.in_flight,
+        arrival_rate: signals.arrival_rate,
+        service_rate: signals.service_rate_per_replica,
+        gpu_utilisation: signals.gpu_utilisation,
         last_decision: Some(format!("{spec_replicas} -> {}", decision.replicas)),
         last_reason: Some(reason.to_string()),
         last_decision_time: Some(now_text.clone()),
@@ -453,16 +473,7 @@ pub async fn reconcile(
             ),
             last_transition_time: now_text,
         }],
-    };
-    let pools: Api<InferencePool> = Api::namespaced(client.clone(), &namespace);
-    pools
-        .patch_status(
-            &pool.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(json!({"status": status})),
-        )
-        .await?;
-    Ok(decision)
+    }
 }
 
 async fn mark_deletion_costs(
