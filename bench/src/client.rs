@@ -93,6 +93,19 @@ impl RpcClient {
         body: &[u8],
         content_type: &str,
     ) -> anyhow::Result<oneshot::Receiver<Vec<u8>>> {
+        self.send_with(exchange, routing_key, body, content_type, None)
+            .await
+    }
+
+    /// [`RpcClient::send_to`], with the binary tensor extension's header length when given.
+    pub async fn send_with(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        content_type: &str,
+        header_length: Option<usize>,
+    ) -> anyhow::Result<oneshot::Receiver<Vec<u8>>> {
         let id = uuid::Uuid::new_v4().to_string();
         let (tx, rx) = oneshot::channel();
         self.pending
@@ -104,6 +117,12 @@ impl RpcClient {
             ShortString::from(ember_core::protocol::header::SUBMITTED_AT),
             AMQPValue::LongLongInt(ember_core::amqp::unix_ms() as i64),
         );
+        if let Some(length) = header_length {
+            headers.insert(
+                ShortString::from(ember_core::protocol::header::INFERENCE_HEADER_LENGTH),
+                AMQPValue::LongLongInt(i64::try_from(length)?),
+            );
+        }
         let confirm = self
             .channel
             .basic_publish(

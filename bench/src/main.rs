@@ -5,6 +5,7 @@
 mod chaos;
 mod client;
 mod fleet;
+mod models;
 mod stats;
 
 use std::path::PathBuf;
@@ -79,6 +80,16 @@ enum Scenario {
         /// Burst: jobs published at once.
         #[arg(long, default_value_t = 200)]
         burst: usize,
+    },
+    /// Per bundled model: bare session.run vs AMQP at batch 1, throughput per max batch; a raw
+    /// tensor job vs an image job of the same tensor size.
+    Models {
+        /// Sequential jobs per latency measurement.
+        #[arg(long, default_value_t = 100)]
+        jobs: usize,
+        /// Closed-loop seconds per throughput measurement.
+        #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
+        duration: Duration,
     },
     /// Faults one at a time under load, every job accounted for (docs/chaos.md).
     Chaos(chaos::ChaosArgs),
@@ -832,6 +843,10 @@ async fn main() -> anyhow::Result<()> {
         Scenario::Batching { rate, duration } => batching(&args, *rate, *duration).await,
         Scenario::Memory { soak, rate } => memory(&args, *soak, *rate).await,
         Scenario::Scaling { rate, step, burst } => scaling(&args, *rate, *step, *burst).await,
+        Scenario::Models { jobs, duration } => {
+            let doc = models::run(args.rounds, *jobs, *duration).await?;
+            save(&args.out, "models", doc)
+        }
         Scenario::Chaos(chaos) => chaos::run(&args.out, chaos).await,
     }
 }
