@@ -173,7 +173,7 @@ def remote(parts_dir, out):
     code = run(common + ["--device", device, "--batches", "1,8,32", "--jobs", jobs,
                          "--reload-jobs", reload_jobs, "--out", os.path.join(out, "gpu.json")],
                env, os.path.join(out, "gpu.log"))
-    # The same binary and library on this machine's CPUs, for the study's CPU column.
+    # The same binary and library on this machine's CPUs: the CPU baseline beside the GPU figures.
     run(common + ["--device", "cpu", "--batches", "1,8", "--jobs", cpu_jobs,
                   "--reload-jobs", reload_jobs, "--out", os.path.join(out, "cpu.json")],
         env, os.path.join(out, "cpu.log"))

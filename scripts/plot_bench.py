@@ -39,7 +39,7 @@ if r:
         ax.set_xlabel("request")
         ax.set_ylabel("response time, ms")
         ax.legend()
-    fig.suptitle("100 sequential SSD jobs through the queue (cf. the study's Figure 3)")
+    fig.suptitle("100 sequential SSD jobs through the queue: resident vs load-per-job")
     save(fig, "residency")
 
 o = load("overhead")

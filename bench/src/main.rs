@@ -42,7 +42,7 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Scenario {
-    /// The study's Table 3: sequential jobs, --reload-per-job vs resident.
+    /// Sequential jobs, the model loaded per job (--reload-per-job) vs resident.
     Residency {
         #[arg(long, default_value_t = 100)]
         jobs: usize,

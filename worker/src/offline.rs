@@ -4,7 +4,7 @@
 //!
 //! It measures, on one device: the model resident (batch sizes given, closed loop with one batch
 //! in flight: per-batch round trip from the first decode to the last detection), and the
-//! stateless-function baseline that loads the model for every job (the study's table). NVML is
+//! stateless-function baseline that loads the model for every job (one session load per job). NVML is
 //! sampled on its own thread throughout.
 
 use std::path::{Path, PathBuf};
