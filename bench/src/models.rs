@@ -296,6 +296,59 @@ async fn raw_vs_image(rounds: usize, jobs: usize) -> anyhow::Result<Value> {
     Ok(Value::Object(out))
 }
 
+/// Jobs of two shapes interleaved (SSD raw UINT8 tensors of 300x300 and 320x320, 16 outstanding,
+/// half of each): bucketed batches (max batch 8: equal shapes share a run) against every job run
+/// apart (max batch 1).
+async fn mixed_shapes(rounds: usize, duration: Duration) -> anyhow::Result<Value> {
+    let dir = fleet::root().join("models/ssdlite-person");
+    let photo = image::load_from_memory(&sample("astronaut.png")?)?;
+    let body = |side: u32| {
+        let pixels = photo
+            .resize_exact(side, side, image::imageops::FilterType::Triangle)
+            .into_rgb8();
+        let side = side as usize;
+        let (bytes, length) = binary_tensor(
+            "image_tensor:0",
+            &[1, side, side, 3],
+            "UINT8",
+            pixels.as_raw(),
+        );
+        Body {
+            bytes,
+            content_type: content_type::OIP_BINARY,
+            header_length: Some(length),
+        }
+    };
+    let (small, large) = (body(300), body(320));
+    let mut out = serde_json::Map::new();
+    for (name, max_batch) in [("bucketed_max_batch_8", "8"), ("apart_max_batch_1", "1")] {
+        let model = unique("mixed");
+        let worker = fleet::worker(&model, &dir, &["--max-batch", max_batch])?;
+        worker.wait_http(worker.admin, "/readyz").await?;
+        let client = RpcClient::connect(&model).await?;
+        let mut rates = Vec::new();
+        let mut failed = 0;
+        for _ in 0..rounds {
+            let (a, b) = tokio::join!(
+                closed_loop(&client, &model, &small, 8, duration),
+                closed_loop(&client, &model, &large, 8, duration)
+            );
+            let ((ra, fa), (rb, fb)) = (a?, b?);
+            rates.push(ra + rb);
+            failed += fa + fb;
+        }
+        let rates = across(rates);
+        println!(
+            "ssdlite-person, mixed 300/320 tensors, {name}: {:.1} jobs/s",
+            rates.median
+        );
+        out.insert(name.into(), json!({"jobs_per_s": rates, "not_ok": failed}));
+        drop(worker);
+        delete_queues(&model).await;
+    }
+    Ok(Value::Object(out))
+}
+
 /// The whole scenario.
 pub async fn run(rounds: usize, jobs: usize, duration: Duration) -> anyhow::Result<Value> {
     let mut models = Vec::new();
@@ -303,8 +356,9 @@ pub async fn run(rounds: usize, jobs: usize, duration: Duration) -> anyhow::Resu
         models.push(one(&case, rounds, jobs, duration).await?);
     }
     let raw = raw_vs_image(rounds, jobs).await?;
+    let mixed = mixed_shapes(rounds, duration).await?;
     Ok(
-        json!({"jobs": jobs, "rounds": rounds, "closed_loop_seconds": duration.as_secs_f64(),
+        json!({"ssd_mixed_shapes": mixed, "jobs": jobs, "rounds": rounds, "closed_loop_seconds": duration.as_secs_f64(),
         "outstanding": 16, "threads": "ONNX Runtime default (one per core) in both the bare engine and the worker",
         "models": models, "ssd_raw_tensor_vs_image": raw}),
     )
