@@ -1,5 +1,6 @@
 //! The autoscaler's metrics: per model, the signals it saw and the decisions it made.
 
+use ember_core::telemetry::register;
 use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 #[derive(Debug, Clone)]
@@ -15,14 +16,6 @@ pub struct Metrics {
     pub gpu_utilisation: GaugeVec,
     pub model_load_seconds: GaugeVec,
     pub decisions: IntCounterVec,
-}
-
-fn register<C: prometheus::core::Collector + Clone + 'static>(
-    registry: &Registry,
-    collector: C,
-) -> prometheus::Result<C> {
-    registry.register(Box::new(collector.clone()))?;
-    Ok(collector)
 }
 
 impl Metrics {

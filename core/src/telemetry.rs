@@ -40,6 +40,16 @@ pub fn init(config: &LogConfig) -> Result<(), Box<dyn std::error::Error + Send +
     }
 }
 
+/// Registers `collector` on `registry` and hands it back, for a part's `Metrics::register` to
+/// build its struct of handles in one expression (`jobs: register(registry, IntCounterVec::new(…)?)?`).
+pub fn register<C: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    collector: C,
+) -> prometheus::Result<C> {
+    registry.register(Box::new(collector.clone()))?;
+    Ok(collector)
+}
+
 /// A readiness flag shared between the part's work and `/readyz`.
 #[derive(Debug, Clone, Default)]
 pub struct Readiness(Arc<AtomicBool>);

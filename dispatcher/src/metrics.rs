@@ -1,5 +1,6 @@
 //! The dispatcher's Prometheus metrics, on the process's own registry.
 
+use ember_core::telemetry::register;
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     exponential_buckets,
@@ -18,14 +19,6 @@ pub struct Metrics {
     pub callbacks_pending: IntGauge,
     pub results_stored: IntCounterVec,
     pub broker_reconnects: IntCounter,
-}
-
-fn register<C: prometheus::core::Collector + Clone + 'static>(
-    registry: &Registry,
-    collector: C,
-) -> prometheus::Result<C> {
-    registry.register(Box::new(collector.clone()))?;
-    Ok(collector)
 }
 
 fn seconds(name: &str, help: &str) -> HistogramOpts {

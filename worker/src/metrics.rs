@@ -1,5 +1,6 @@
 //! The worker's Prometheus metrics, registered on the process's own registry.
 
+use ember_core::telemetry::register;
 use prometheus::{
     Gauge, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, exponential_buckets,
 };
@@ -30,14 +31,6 @@ pub struct Metrics {
     /// 1, labelled with the device the model runs on and the one asked for (they differ after a
     /// CPU fallback).
     pub device: prometheus::IntGaugeVec,
-}
-
-fn register<C: prometheus::core::Collector + Clone + 'static>(
-    registry: &Registry,
-    collector: C,
-) -> prometheus::Result<C> {
-    registry.register(Box::new(collector.clone()))?;
-    Ok(collector)
 }
 
 impl Metrics {
