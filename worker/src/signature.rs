@@ -145,51 +145,62 @@ impl Signature {
     /// rank its processor needs. The error names both sides.
     pub fn check(&self, spec: &ModelSpec) -> Result<(), Error> {
         if let InputSpec::Image(image) = &spec.input {
-            let index = self.resolve_input(image.tensor.as_deref())?;
-            let port = &self.inputs[index];
-            let want = match image.dtype {
-                ember_core::model::Dtype::Uint8 => DataType::U8,
-                ember_core::model::Dtype::Float32 => DataType::F32,
-            };
-            let channels = match image.layout {
-                Layout::Nhwc => 3,
-                Layout::Nchw => 1,
-            };
-            let fits =
-                |at: usize, want: i64| port.shape.get(at).is_some_and(|&d| d < 0 || d == want);
-            let (h_at, w_at) = match image.layout {
-                Layout::Nhwc => (1, 2),
-                Layout::Nchw => (2, 3),
-            };
-            let ok = port.dtype == want
-                && port.shape.len() == 4
-                && fits(channels, 3)
-                && fits(h_at, i64::from(image.height))
-                && fits(w_at, i64::from(image.width));
-            if !ok {
-                return Err(Error::Config(format!(
-                    "model.toml feeds input `{}` a {} {:?} image of {}x{} ({}); the graph \
-                     declares {} {:?}",
-                    port.name,
-                    want.oip(),
-                    image.layout,
-                    image.width,
-                    image.height,
-                    match image.layout {
-                        Layout::Nhwc => "[N, H, W, 3]",
-                        Layout::Nchw => "[N, 3, H, W]",
-                    },
-                    port.dtype.oip(),
-                    port.shape
-                )));
-            }
-            if self.inputs.len() != 1 {
-                return Err(Error::Config(format!(
-                    "an image model must have one input; the graph has {}",
-                    Self::names(&self.inputs)
-                )));
-            }
+            self.check_image(image)?;
         }
+        self.check_output(&spec.output)
+    }
+
+    /// The image input: its tensor exists, with the declared type, rank 4, 3 channels where the
+    /// layout puts them and the declared size (or dynamic dimensions); the only input.
+    fn check_image(&self, image: &ember_core::model::ImageInput) -> Result<(), Error> {
+        let index = self.resolve_input(image.tensor.as_deref())?;
+        let port = &self.inputs[index];
+        let want = match image.dtype {
+            ember_core::model::Dtype::Uint8 => DataType::U8,
+            ember_core::model::Dtype::Float32 => DataType::F32,
+        };
+        let channels = match image.layout {
+            Layout::Nhwc => 3,
+            Layout::Nchw => 1,
+        };
+        let fits = |at: usize, want: i64| port.shape.get(at).is_some_and(|&d| d < 0 || d == want);
+        let (h_at, w_at) = match image.layout {
+            Layout::Nhwc => (1, 2),
+            Layout::Nchw => (2, 3),
+        };
+        let ok = port.dtype == want
+            && port.shape.len() == 4
+            && fits(channels, 3)
+            && fits(h_at, i64::from(image.height))
+            && fits(w_at, i64::from(image.width));
+        if !ok {
+            return Err(Error::Config(format!(
+                "model.toml feeds input `{}` a {} {:?} image of {}x{} ({}); the graph \
+                 declares {} {:?}",
+                port.name,
+                want.oip(),
+                image.layout,
+                image.width,
+                image.height,
+                match image.layout {
+                    Layout::Nhwc => "[N, H, W, 3]",
+                    Layout::Nchw => "[N, 3, H, W]",
+                },
+                port.dtype.oip(),
+                port.shape
+            )));
+        }
+        if self.inputs.len() != 1 {
+            return Err(Error::Config(format!(
+                "an image model must have one input; the graph has {}",
+                Self::names(&self.inputs)
+            )));
+        }
+        Ok(())
+    }
+
+    /// The outputs the processor reads: they exist, as float tensors of the rank it needs.
+    fn check_output(&self, output: &OutputSpec) -> Result<(), Error> {
         let float_rank = |name: Option<&str>, rank: Option<usize>, what: &str| {
             let port = self.resolve_output(name)?;
             let float = matches!(port.dtype, DataType::F32 | DataType::F16 | DataType::F64);
@@ -204,7 +215,7 @@ impl Signature {
             }
             Ok(())
         };
-        match &spec.output {
+        match output {
             OutputSpec::Tensor => {}
             OutputSpec::Ssd {
                 num_detections,

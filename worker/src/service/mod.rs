@@ -87,47 +87,71 @@ pub async fn serve_connection(
     }
 }
 
-async fn serve(
-    ctx: &Arc<Context>,
-    connection: &Connection,
-    shutdown: &CancellationToken,
-) -> Result<SessionEnd> {
+/// A connection's channels and consumers.
+struct Channels {
+    publisher: Channel,
+    telemetry: Channel,
+    cancellations: lapin::Consumer,
+    /// The model's queue, its retry lane and its dead-letter notices: (channel, consumer).
+    jobs: (Channel, lapin::Consumer),
+    retries: (Channel, lapin::Consumer),
+    notices: (Channel, lapin::Consumer),
+}
+
+/// Declares the model's topology and starts every consumer on `connection`.
+async fn open(ctx: &Context, connection: &Connection) -> Result<Channels> {
     let publisher = connection.create_channel().await?;
     publisher
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     topology::declare_model(&publisher, &ctx.model, ctx.queue).await?;
     let telemetry = connection.create_channel().await?;
-    let mut cancellations = recovery::cancel_consumer(&telemetry, &ctx.model).await?;
+    let cancellations = recovery::cancel_consumer(&telemetry, &ctx.model).await?;
     let queue = topology::jobs_queue(&ctx.model);
-    let (consumer_channel, mut consumer) =
-        consume(connection, &queue, ctx.worker_id.clone(), ctx.prefetch).await?;
+    let jobs = consume(connection, &queue, ctx.worker_id.clone(), ctx.prefetch).await?;
     // The retry lane: one job at a time per worker, so a job that kills its worker takes only
     // itself (and that worker's first-time jobs, which then come here) down each time.
-    let (retry_channel, mut retries) = consume(
+    let retry_queue = topology::retry_queue(&ctx.model);
+    let retries = consume(
         connection,
-        &topology::retry_queue(&ctx.model),
+        &retry_queue,
         format!("{}-retry", ctx.worker_id),
         1,
     )
     .await?;
     // Copies of the model's dead letters: each is answered with a `dead_lettered` error, so its
     // client learns what happened instead of waiting forever.
-    let (notice_channel, mut notices) = consume(
+    let notice_queue = topology::dead_notice_queue(&ctx.model);
+    let notices = consume(
         connection,
-        &topology::dead_notice_queue(&ctx.model),
+        &notice_queue,
         format!("{}-deadnotice", ctx.worker_id),
         8,
     )
     .await?;
     tracing::info!(%queue, prefetch = ctx.prefetch, max_batch = ctx.engine.max_batch, "consuming");
+    Ok(Channels {
+        publisher,
+        telemetry,
+        cancellations,
+        jobs,
+        retries,
+        notices,
+    })
+}
+
+async fn serve(
+    ctx: &Arc<Context>,
+    connection: &Connection,
+    shutdown: &CancellationToken,
+) -> Result<SessionEnd> {
+    let mut channels = open(ctx, connection).await?;
     ctx.stats.set_state(WorkerState::Ready);
     ctx.readiness.set(true);
-
     let session_done = CancellationToken::new();
     let heartbeats = tokio::spawn(heartbeat::heartbeat_loop(
         ctx.clone(),
-        telemetry.clone(),
+        channels.telemetry.clone(),
         session_done.clone(),
     ));
     let tracker = TaskTracker::new();
@@ -135,37 +159,68 @@ async fn serve(
         mpsc::channel(usize::from(ctx.prefetch) + ctx.engine.max_batch);
     tracker.spawn(batch::batch_loop(
         ctx.clone(),
-        publisher.clone(),
+        channels.publisher.clone(),
         prepared_rx,
         tracker.clone(),
     ));
+    let end = take_deliveries(ctx, &mut channels, &tracker, &prepared_tx, shutdown).await;
+    drop(prepared_tx);
+    tracker.close();
+    let outcome = match end {
+        None => drain(ctx, &channels, &tracker).await,
+        Some(reason) => lose(ctx, &tracker, reason).await,
+    };
+    session_done.cancel();
+    let _ = heartbeats.await;
+    if matches!(outcome, SessionEnd::Drained { .. }) {
+        for channel in [
+            &channels.jobs.0,
+            &channels.retries.0,
+            &channels.notices.0,
+            &channels.publisher,
+            &channels.telemetry,
+        ] {
+            let _ = channel.close(200, "worker shutting down".into()).await;
+        }
+    }
+    Ok(outcome)
+}
 
-    let end = loop {
+/// Hands each delivery to its path until shutdown (`None`) or a consumer fails (the reason).
+async fn take_deliveries(
+    ctx: &Arc<Context>,
+    channels: &mut Channels,
+    tracker: &TaskTracker,
+    prepared_tx: &mpsc::Sender<(Job, crate::process::Prepared)>,
+    shutdown: &CancellationToken,
+) -> Option<String> {
+    let publisher = channels.publisher.clone();
+    loop {
         tokio::select! {
             biased;
-            () = shutdown.cancelled() => break None,
-            cancel = cancellations.next() => match cancel {
+            () = shutdown.cancelled() => return None,
+            cancel = channels.cancellations.next() => match cancel {
                 Some(Ok(delivery)) => {
                     if let Ok(job_id) = String::from_utf8(delivery.data) {
                         tracing::info!(%job_id, "job cancelled");
                         ctx.remember_cancel(job_id);
                     }
                 }
-                Some(Err(error)) => break Some(format!("cancellation consumer failed: {error}")),
-                None => break Some("the broker cancelled the cancellation consumer".to_string()),
+                Some(Err(error)) => return Some(format!("cancellation consumer failed: {error}")),
+                None => return Some("the broker cancelled the cancellation consumer".to_string()),
             },
-            next = consumer.next() => match next {
+            next = channels.jobs.1.next() => match next {
                 Some(Ok(delivery)) if recovery::is_redelivery(&delivery) => {
                     ctx.stats.moving.fetch_add(1, Ordering::SeqCst);
                     tracker.spawn(recovery::to_retry_lane(ctx.clone(), publisher.clone(), delivery));
                 }
                 Some(Ok(delivery)) => {
-                    intake::accept(ctx, &publisher, &tracker, &prepared_tx, delivery);
+                    intake::accept(ctx, &publisher, tracker, prepared_tx, delivery);
                 }
-                Some(Err(error)) => break Some(format!("consumer failed: {error}")),
-                None => break Some("the broker cancelled the consumer".to_string()),
+                Some(Err(error)) => return Some(format!("consumer failed: {error}")),
+                None => return Some("the broker cancelled the consumer".to_string()),
             },
-            next = retries.next() => match next {
+            next = channels.retries.1.next() => match next {
                 Some(Ok(delivery)) => {
                     let (ctx, publisher, prepared_tx) =
                         (ctx.clone(), publisher.clone(), prepared_tx.clone());
@@ -175,72 +230,54 @@ async fn serve(
                         intake::accept(&ctx, &publisher, &inner, &prepared_tx, delivery);
                     });
                 }
-                Some(Err(error)) => break Some(format!("retry consumer failed: {error}")),
-                None => break Some("the broker cancelled the retry consumer".to_string()),
+                Some(Err(error)) => return Some(format!("retry consumer failed: {error}")),
+                None => return Some("the broker cancelled the retry consumer".to_string()),
             },
-            next = notices.next() => match next {
-                Some(Ok(delivery)) => recovery::answer_dead_letter(ctx, &publisher, &tracker, delivery),
-                Some(Err(error)) => break Some(format!("dead-letter notice consumer failed: {error}")),
-                None => break Some("the broker cancelled the dead-letter notice consumer".to_string()),
+            next = channels.notices.1.next() => match next {
+                Some(Ok(delivery)) => recovery::answer_dead_letter(ctx, &publisher, tracker, delivery),
+                Some(Err(error)) => return Some(format!("dead-letter notice consumer failed: {error}")),
+                None => return Some("the broker cancelled the dead-letter notice consumer".to_string()),
             },
-        }
-    };
-    drop(prepared_tx);
-    tracker.close();
-
-    let outcome = match end {
-        None => {
-            ctx.stats.set_state(WorkerState::Draining);
-            ctx.readiness.set(false);
-            tracing::info!("draining: consumer cancelled, finishing the jobs in hand");
-            for (channel, tag) in [
-                (&consumer_channel, consumer.tag()),
-                (&retry_channel, retries.tag()),
-                (&notice_channel, notices.tag()),
-            ] {
-                if let Err(error) = channel
-                    .basic_cancel(tag, BasicCancelOptions::default())
-                    .await
-                {
-                    tracing::warn!(%error, "basic.cancel failed");
-                }
-            }
-            let timed_out = tokio::time::timeout(ctx.drain_timeout, tracker.wait())
-                .await
-                .is_err();
-            if timed_out {
-                tracing::warn!(timeout = ?ctx.drain_timeout, "drain timed out; unacked jobs go back to the queue");
-            }
-            // One last heartbeat so the autoscaler sees the draining state at once.
-            heartbeat::publish_heartbeat(ctx, &telemetry).await;
-            SessionEnd::Drained { timed_out }
-        }
-        Some(reason) => {
-            ctx.readiness.set(false);
-            ctx.stats.set_state(WorkerState::Starting);
-            tracing::warn!(%reason, "lost the broker; jobs in hand will be redelivered");
-            // The jobs in hand cannot be acked on a new channel; let their tasks fail fast.
-            let _ = tokio::time::timeout(Duration::from_secs(30), tracker.wait()).await;
-            // Whatever was not settled went back to the queue with the old channel.
-            ctx.stats.in_flight.store(0, Ordering::Relaxed);
-            ctx.metrics.in_flight.set(0);
-            SessionEnd::Lost(reason)
-        }
-    };
-    session_done.cancel();
-    let _ = heartbeats.await;
-    if matches!(outcome, SessionEnd::Drained { .. }) {
-        for channel in [
-            &consumer_channel,
-            &retry_channel,
-            &notice_channel,
-            &publisher,
-            &telemetry,
-        ] {
-            let _ = channel.close(200, "worker shutting down".into()).await;
         }
     }
-    Ok(outcome)
+}
+
+/// Shutdown: stop consuming, finish the jobs in hand (bounded), say so in one last heartbeat.
+async fn drain(ctx: &Context, channels: &Channels, tracker: &TaskTracker) -> SessionEnd {
+    ctx.stats.set_state(WorkerState::Draining);
+    ctx.readiness.set(false);
+    tracing::info!("draining: consumer cancelled, finishing the jobs in hand");
+    for (channel, consumer) in [&channels.jobs, &channels.retries, &channels.notices] {
+        if let Err(error) = channel
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await
+        {
+            tracing::warn!(%error, "basic.cancel failed");
+        }
+    }
+    let timed_out = tokio::time::timeout(ctx.drain_timeout, tracker.wait())
+        .await
+        .is_err();
+    if timed_out {
+        tracing::warn!(timeout = ?ctx.drain_timeout, "drain timed out; unacked jobs go back to the queue");
+    }
+    // One last heartbeat so the autoscaler sees the draining state at once.
+    heartbeat::publish_heartbeat(ctx, &channels.telemetry).await;
+    SessionEnd::Drained { timed_out }
+}
+
+/// The connection failed: the jobs in hand cannot be acked on a new channel; the broker
+/// redelivers them.
+async fn lose(ctx: &Context, tracker: &TaskTracker, reason: String) -> SessionEnd {
+    ctx.readiness.set(false);
+    ctx.stats.set_state(WorkerState::Starting);
+    tracing::warn!(%reason, "lost the broker; jobs in hand will be redelivered");
+    // Let their tasks fail fast.
+    let _ = tokio::time::timeout(Duration::from_secs(30), tracker.wait()).await;
+    // Whatever was not settled went back to the queue with the old channel.
+    ctx.stats.in_flight.store(0, Ordering::Relaxed);
+    ctx.metrics.in_flight.set(0);
+    SessionEnd::Lost(reason)
 }
 
 /// A channel of its own with `prefetch`, consuming `queue` as `tag`.
