@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use ember_core::protocol::Heartbeat;
-use ember_core::telemetry::{Readiness, serve_admin};
+use ember_core::telemetry::Admin;
 use ember_core::topology::{self, QueueSettings};
 use futures_util::StreamExt;
 use lapin::options::QueueDeclareOptions;
@@ -44,19 +44,11 @@ pub async fn run<B: Backend>(
     let registry = Registry::new();
     let metrics =
         Metrics::register(&registry).map_err(|e| Error::Config(format!("metrics: {e}")))?;
-    let readiness = Readiness::default();
-    let admin_stop = CancellationToken::new();
-    serve_admin(
-        config.admin_addr,
-        registry,
-        readiness.clone(),
-        admin_stop.clone(),
-    )
-    .await?;
+    let admin = Admin::start(config.admin_addr, registry).await?;
     let ctx = Context {
         config,
         metrics,
-        readiness,
+        readiness: admin.readiness(),
         started: Instant::now(),
         shutdown,
     };
@@ -75,7 +67,7 @@ pub async fn run<B: Backend>(
         let _ = connection.close(200, "autoscaler".into()).await;
     }
     backend.stop().await;
-    admin_stop.cancel();
+    admin.stop();
     Ok(())
 }
 

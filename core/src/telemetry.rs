@@ -125,6 +125,45 @@ pub async fn serve_admin(
     Ok(bound)
 }
 
+/// A part's running admin server and the readiness flag behind its `/readyz`: what each part
+/// starts first, before it connects or loads anything, so that probes and metrics answer early.
+#[derive(Debug)]
+pub struct Admin {
+    readiness: Readiness,
+    stop: CancellationToken,
+    addr: SocketAddr,
+}
+
+impl Admin {
+    /// Serves `registry` and a fresh readiness flag (not ready) on `addr` (see [`serve_admin`]),
+    /// until [`Admin::stop`].
+    pub async fn start(addr: SocketAddr, registry: Registry) -> std::io::Result<Self> {
+        let readiness = Readiness::default();
+        let stop = CancellationToken::new();
+        let addr = serve_admin(addr, registry, readiness.clone(), stop.clone()).await?;
+        Ok(Self {
+            readiness,
+            stop,
+            addr,
+        })
+    }
+
+    /// The flag `/readyz` answers from; the part sets it.
+    pub fn readiness(&self) -> Readiness {
+        self.readiness.clone()
+    }
+
+    /// The bound address (the port chosen, where `addr` had port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops serving (after the part has drained, so that `/metrics` says how it went).
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

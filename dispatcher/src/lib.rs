@@ -37,7 +37,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use ember_core::model::ModelSpec;
-use ember_core::telemetry::{Readiness, serve_admin};
+use ember_core::telemetry::Admin;
 use ember_core::topology::QueueSettings;
 use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
@@ -97,15 +97,7 @@ pub async fn run_with_resolver(
     let registry = Registry::new();
     let metrics = metrics::Metrics::register(&registry)
         .map_err(|e| Error::Config(format!("metrics: {e}")))?;
-    let readiness = Readiness::default();
-    let admin_stop = CancellationToken::new();
-    serve_admin(
-        config.admin_addr,
-        registry,
-        readiness.clone(),
-        admin_stop.clone(),
-    )
-    .await?;
+    let admin = Admin::start(config.admin_addr, registry).await?;
 
     let store = store::Store::connect(&config.redis_url, config.result_ttl).await?;
     let callback_guard = ssrf::CallbackGuard::new(config.callback_allow_nets.clone(), names);
@@ -166,7 +158,7 @@ pub async fn run_with_resolver(
     tracing::info!(addr = %listener.local_addr()?, "API listening");
     let ready_probe = {
         let broker = broker.clone();
-        let readiness = readiness.clone();
+        let readiness = admin.readiness();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             while !shutdown.is_cancelled() {
@@ -201,6 +193,6 @@ pub async fn run_with_resolver(
         }
     };
     let _ = ready_probe.await;
-    admin_stop.cancel();
+    admin.stop();
     outcome.map_err(Error::Io)
 }

@@ -34,7 +34,7 @@ pub mod tensor;
 
 use std::sync::Arc;
 
-use ember_core::telemetry::{Readiness, serve_admin};
+use ember_core::telemetry::Admin;
 use ember_core::topology::QueueSettings;
 use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
@@ -112,9 +112,7 @@ pub async fn check(config: &Config) -> Result<serde_json::Value> {
 }
 
 /// Names checked, the model loaded, metrics and the admin server up, GPU sampling started.
-async fn start(
-    config: &Config,
-) -> Result<(Context, CancellationToken, Option<crate::gpu::Sampling>)> {
+async fn start(config: &Config) -> Result<(Context, Admin, Option<crate::gpu::Sampling>)> {
     let worker_id = config.worker_id.clone().unwrap_or_else(default_worker_id);
     if !valid_name(&worker_id) {
         return Err(Error::Config(format!(
@@ -137,16 +135,9 @@ async fn start(
     let registry = Registry::new();
     let metrics = metrics::Metrics::register(&registry, gpu.is_some())
         .map_err(|e| Error::Internal(format!("metrics: {e}")))?;
-    let readiness = Readiness::default();
-    let admin_stop = CancellationToken::new();
-    serve_admin(
-        config.admin_addr,
-        registry,
-        readiness.clone(),
-        admin_stop.clone(),
-    )
-    .await
-    .map_err(|e| Error::Config(format!("admin server on {}: {e}", config.admin_addr)))?;
+    let admin = Admin::start(config.admin_addr, registry)
+        .await
+        .map_err(|e| Error::Config(format!("admin server on {}: {e}", config.admin_addr)))?;
     let engine = load_engine(config).await?;
     let model = config
         .model_name
@@ -185,7 +176,7 @@ async fn start(
         engine,
         metrics,
         stats: Stats::default(),
-        readiness,
+        readiness: admin.readiness(),
         gpu: sampling.as_ref().map(|s| s.latest.clone()),
         max_batch_delay: config.max_batch_delay,
         prefetch,
@@ -197,7 +188,7 @@ async fn start(
         drain_timeout: config.drain_timeout,
         cancelled: std::sync::Mutex::new(std::collections::HashMap::new()),
     };
-    Ok((context, admin_stop, sampling))
+    Ok((context, admin, sampling))
 }
 
 fn sample_gpu(gpu: gpu::Gpu, metrics: &metrics::Metrics, config: &Config) -> Result<gpu::Sampling> {
@@ -220,10 +211,10 @@ fn sample_gpu(gpu: gpu::Gpu, metrics: &metrics::Metrics, config: &Config) -> Res
 
 /// Runs the worker until `shutdown` is cancelled and the jobs in hand are answered.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
-    let (context, admin_stop, _sampling) = start(&config).await?;
+    let (context, admin, _sampling) = start(&config).await?;
     let context = Arc::new(context);
     let result = serve(&config, &context, &shutdown).await;
-    admin_stop.cancel();
+    admin.stop();
     tracing::info!("worker stopped");
     result
 }
