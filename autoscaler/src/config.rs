@@ -1,10 +1,10 @@
 //! Autoscaler configuration: every flag is also an `EMBER_AUTOSCALER_*` environment variable.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use ember_core::amqp::AmqpConfig;
+use ember_core::args::{ModelArgs, Part};
 use ember_core::telemetry::LogConfig;
 
 use crate::policy::Settings;
@@ -16,6 +16,21 @@ pub enum Backend {
     Local,
     /// Deployments named by `InferencePool` resources (kubeconfig or in-cluster config).
     Kubernetes,
+}
+
+/// The autoscaler's model and admin flags: several models (local backend),
+/// `EMBER_AUTOSCALER_*`, admin on port 9300.
+#[derive(Debug, Clone)]
+pub struct AutoscalerPart;
+
+impl Part for AutoscalerPart {
+    const MODEL_DIR_ENV: &'static str = "EMBER_AUTOSCALER_MODEL_DIRS";
+    const MODEL_DIR_HELP: &'static str =
+        "Model directories to scale (local backend); repeat or comma-separate";
+    const MODEL_NAME_ENV: &'static str = "EMBER_AUTOSCALER_MODEL_NAME";
+    const ADMIN_ADDR_ENV: &'static str = "EMBER_AUTOSCALER_ADMIN_ADDR";
+    const ADMIN_ADDR_DEFAULT: &'static str = "127.0.0.1:9300";
+    const MANY_MODELS: bool = true;
 }
 
 /// The Ember autoscaler: sets each model's replicas from backlog, service rate and GPU load.
@@ -54,18 +69,9 @@ pub struct Config {
     #[arg(long, env = "EMBER_AUTOSCALER_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
     pub lease_duration: Duration,
 
-    /// Model directories to scale (local backend); repeat or comma-separate.
-    #[arg(
-        long = "model-dir",
-        env = "EMBER_AUTOSCALER_MODEL_DIRS",
-        value_delimiter = ',',
-        default_value = "models/ssdlite-person"
-    )]
-    pub model_dirs: Vec<PathBuf>,
-
-    /// Serve the (single) model directory under this name instead of model.toml's.
-    #[arg(long, env = "EMBER_AUTOSCALER_MODEL_NAME")]
-    pub model_name: Option<String>,
+    /// `--model-dir` (repeatable), `--model-name`, `--admin-addr`.
+    #[command(flatten)]
+    pub model: ModelArgs<AutoscalerPart>,
 
     /// The worker program (local backend); default: `ember-worker` beside this binary.
     #[arg(long, env = "EMBER_AUTOSCALER_WORKER_BIN")]
@@ -149,14 +155,6 @@ pub struct Config {
         default_value_t = 10_000
     )]
     pub queue_max_length: u32,
-
-    /// Admin address (/metrics, /livez, /readyz).
-    #[arg(
-        long,
-        env = "EMBER_AUTOSCALER_ADMIN_ADDR",
-        default_value = "127.0.0.1:9300"
-    )]
-    pub admin_addr: SocketAddr,
 
     #[command(flatten)]
     pub amqp: AmqpConfig,

@@ -44,7 +44,7 @@ pub async fn run<B: Backend>(
     let registry = Registry::new();
     let metrics =
         Metrics::register(&registry).map_err(|e| Error::Config(format!("metrics: {e}")))?;
-    let admin = Admin::start(config.admin_addr, registry).await?;
+    let admin = Admin::start(config.model.admin_addr, registry).await?;
     let ctx = Context {
         config,
         metrics,

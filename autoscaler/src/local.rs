@@ -37,15 +37,15 @@ impl LocalBackend {
     /// `ember-worker` beside this binary).
     pub fn new(config: &Config) -> Result<Self, Error> {
         let program = worker_program(config.worker_bin.as_ref())?;
-        if config.model_name.is_some() && config.model_dirs.len() != 1 {
+        if config.model.model_name.is_some() && config.model.model_dirs.len() != 1 {
             return Err(Error::Config(
                 "--model-name needs exactly one --model-dir".into(),
             ));
         }
         let mut models = Vec::new();
-        for dir in &config.model_dirs {
+        for dir in &config.model.model_dirs {
             let spec = ModelSpec::load(dir).map_err(Error::Config)?;
-            let name = config.model_name.clone().unwrap_or(spec.name);
+            let name = config.model.model_name.clone().unwrap_or(spec.name);
             let command = WorkerCommand {
                 program: program.clone(),
                 model_dir: std::fs::canonicalize(dir)?,

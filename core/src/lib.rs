@@ -13,6 +13,7 @@
 //! - [`amqp`]: connecting (plain or TLS, credentials from env or files, never logged) with
 //!   backoff, header helpers.
 //! - [`model`]: a model directory's `model.toml` (re-exported from `ember-protocol`).
+//! - [`args`]: the model and admin flags every part takes ([`args::ModelArgs`], flattened).
 //! - [`telemetry`]: logging set-up, the per-process metrics registry and the admin server
 //!   (`/metrics`, `/livez`, `/readyz`).
 //! - [`shutdown`]: SIGTERM/SIGINT to a `CancellationToken`; a second signal exits at once.
@@ -20,6 +21,7 @@
 pub use ember_protocol::{model, protocol};
 
 pub mod amqp;
+pub mod args;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topology;

@@ -1,11 +1,26 @@
 //! Dispatcher configuration: every flag is also an `EMBER_DISPATCHER_*` environment variable.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use ember_core::amqp::AmqpConfig;
+use ember_core::args::{ModelArgs, Part};
 use ember_core::telemetry::LogConfig;
+
+/// The dispatcher's model and admin flags: several models, `EMBER_DISPATCHER_*`, admin on port
+/// 9200.
+#[derive(Debug, Clone)]
+pub struct DispatcherPart;
+
+impl Part for DispatcherPart {
+    const MODEL_DIR_ENV: &'static str = "EMBER_DISPATCHER_MODEL_DIRS";
+    const MODEL_DIR_HELP: &'static str = "Model directories served (their model.toml gives names \
+                                          and metadata); repeat or comma-separate";
+    const MODEL_NAME_ENV: &'static str = "EMBER_DISPATCHER_MODEL_NAME";
+    const ADMIN_ADDR_ENV: &'static str = "EMBER_DISPATCHER_ADMIN_ADDR";
+    const ADMIN_ADDR_DEFAULT: &'static str = "127.0.0.1:9200";
+    const MANY_MODELS: bool = true;
+}
 
 /// The Ember dispatcher: HTTP API in front of the job queues.
 #[derive(Debug, Clone, clap::Parser)]
@@ -19,27 +34,9 @@ pub struct Config {
     )]
     pub listen: SocketAddr,
 
-    /// Admin address (/metrics, /livez, /readyz), separate from the API.
-    #[arg(
-        long,
-        env = "EMBER_DISPATCHER_ADMIN_ADDR",
-        default_value = "127.0.0.1:9200"
-    )]
-    pub admin_addr: SocketAddr,
-
-    /// Model directories served (their model.toml gives names and metadata); repeat or
-    /// comma-separate.
-    #[arg(
-        long = "model-dir",
-        env = "EMBER_DISPATCHER_MODEL_DIRS",
-        value_delimiter = ',',
-        default_value = "models/ssdlite-person"
-    )]
-    pub model_dirs: Vec<PathBuf>,
-
-    /// Serve the (single) model directory under this name instead of model.toml's.
-    #[arg(long, env = "EMBER_DISPATCHER_MODEL_NAME")]
-    pub model_name: Option<String>,
+    /// `--admin-addr`, `--model-dir` (repeatable), `--model-name`.
+    #[command(flatten)]
+    pub model: ModelArgs<DispatcherPart>,
 
     /// Redis holding job records, results and idempotency keys (shared by all replicas).
     #[arg(

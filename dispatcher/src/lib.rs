@@ -58,14 +58,15 @@ pub enum Error {
 
 fn load_models(config: &Config) -> Result<HashMap<String, ModelSpec>, Error> {
     let mut models = HashMap::new();
-    if config.model_name.is_some() && config.model_dirs.len() != 1 {
+    if config.model.model_name.is_some() && config.model.model_dirs.len() != 1 {
         return Err(Error::Config(
             "--model-name needs exactly one --model-dir".into(),
         ));
     }
-    for dir in &config.model_dirs {
+    for dir in &config.model.model_dirs {
         let spec = ModelSpec::load(dir).map_err(Error::Config)?;
         let name = config
+            .model
             .model_name
             .clone()
             .unwrap_or_else(|| spec.name.clone());
@@ -97,7 +98,7 @@ pub async fn run_with_resolver(
     let registry = Registry::new();
     let metrics = metrics::Metrics::register(&registry)
         .map_err(|e| Error::Config(format!("metrics: {e}")))?;
-    let admin = Admin::start(config.admin_addr, registry).await?;
+    let admin = Admin::start(config.model.admin_addr, registry).await?;
 
     let store = store::Store::connect(&config.redis_url, config.result_ttl).await?;
     let callback_guard = ssrf::CallbackGuard::new(config.callback_allow_nets.clone(), names);

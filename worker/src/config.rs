@@ -1,10 +1,10 @@
 //! Worker configuration: every flag is also an `EMBER_WORKER_*` environment variable.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use ember_core::amqp::AmqpConfig;
+use ember_core::args::{ModelArgs, Part};
 use ember_core::telemetry::LogConfig;
 
 use crate::process::InputLimits;
@@ -86,21 +86,26 @@ pub enum ConvAlgo {
     Default,
 }
 
+/// The worker's model and admin flags: one model, `EMBER_WORKER_*`, admin on port 9100.
+#[derive(Debug, Clone)]
+pub struct WorkerPart;
+
+impl Part for WorkerPart {
+    const MODEL_DIR_ENV: &'static str = "EMBER_WORKER_MODEL_DIR";
+    const MODEL_DIR_HELP: &'static str = "The model directory (model.onnx + model.toml)";
+    const MODEL_NAME_ENV: &'static str = "EMBER_WORKER_MODEL_NAME";
+    const ADMIN_ADDR_ENV: &'static str = "EMBER_WORKER_ADMIN_ADDR";
+    const ADMIN_ADDR_DEFAULT: &'static str = "127.0.0.1:9100";
+    const MANY_MODELS: bool = false;
+}
+
 /// An Ember worker: keeps one model resident and answers its jobs.
 #[derive(Debug, Clone, clap::Parser)]
 #[command(name = "ember-worker", version, about)]
 pub struct Config {
-    /// The model directory (model.onnx + model.toml).
-    #[arg(
-        long,
-        env = "EMBER_WORKER_MODEL_DIR",
-        default_value = "models/ssdlite-person"
-    )]
-    pub model_dir: PathBuf,
-
-    /// Serve the model under this name (queue `ember.jobs.<name>`) instead of model.toml's.
-    #[arg(long, env = "EMBER_WORKER_MODEL_NAME")]
-    pub model_name: Option<String>,
+    /// `--model-dir` (one), `--model-name`, `--admin-addr`.
+    #[command(flatten)]
+    pub model: ModelArgs<WorkerPart>,
 
     /// This worker's id in heartbeats and results (default: host name + random suffix).
     #[arg(long, env = "EMBER_WORKER_ID")]
@@ -170,14 +175,6 @@ pub struct Config {
     /// `x-max-length` of the model's queue (must agree with every other declarer).
     #[arg(long, env = "EMBER_WORKER_QUEUE_MAX_LENGTH", default_value_t = 10_000)]
     pub queue_max_length: u32,
-
-    /// Admin server address (/metrics, /livez, /readyz).
-    #[arg(
-        long,
-        env = "EMBER_WORKER_ADMIN_ADDR",
-        default_value = "127.0.0.1:9100"
-    )]
-    pub admin_addr: SocketAddr,
 
     /// Load the model directory, check model.toml against the graph, run one warm-up, print a
     /// verdict (JSON) and exit: 0 when the model can be served.

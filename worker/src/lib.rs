@@ -84,7 +84,10 @@ impl Config {
 
 /// Loads the model off the async runtime.
 pub async fn load_engine(config: &Config) -> Result<Engine> {
-    let (dir, options) = (config.model_dir.clone(), config.engine_options());
+    let (dir, options) = (
+        config.model.model_dir().to_path_buf(),
+        config.engine_options(),
+    );
     tokio::task::spawn_blocking(move || Engine::load(&dir, options))
         .await
         .map_err(|e| Error::Internal(format!("model loading panicked: {e}")))?
@@ -97,7 +100,7 @@ pub async fn check(config: &Config) -> Result<serde_json::Value> {
     let info = engine.info();
     Ok(serde_json::json!({
         "verdict": "ok",
-        "model": config.model_name.clone().unwrap_or_else(|| engine.spec.name.clone()),
+        "model": config.model.model_name.clone().unwrap_or_else(|| engine.spec.name.clone()),
         "version": info.version,
         "inputs": info.inputs,
         "outputs": info.outputs,
@@ -119,7 +122,7 @@ async fn start(config: &Config) -> Result<(Context, Admin, Option<crate::gpu::Sa
             "worker id `{worker_id}`: use letters, digits, '-' and '_'"
         )));
     }
-    if let Some(name) = &config.model_name
+    if let Some(name) = &config.model.model_name
         && !valid_name(name)
     {
         return Err(Error::Config(format!(
@@ -135,11 +138,12 @@ async fn start(config: &Config) -> Result<(Context, Admin, Option<crate::gpu::Sa
     let registry = Registry::new();
     let metrics = metrics::Metrics::register(&registry, gpu.is_some())
         .map_err(|e| Error::Internal(format!("metrics: {e}")))?;
-    let admin = Admin::start(config.admin_addr, registry)
+    let admin = Admin::start(config.model.admin_addr, registry)
         .await
-        .map_err(|e| Error::Config(format!("admin server on {}: {e}", config.admin_addr)))?;
+        .map_err(|e| Error::Config(format!("admin server on {}: {e}", config.model.admin_addr)))?;
     let engine = load_engine(config).await?;
     let model = config
+        .model
         .model_name
         .clone()
         .unwrap_or_else(|| engine.spec.name.clone());
