@@ -8,7 +8,7 @@ use std::time::Instant;
 use ember_core::protocol::JobResult;
 use ember_core::topology::{self, QueueSettings};
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::oneshot;
@@ -39,17 +39,7 @@ impl RpcClient {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        let mut replies = channel
-            .basic_consume(
-                "amq.rabbitmq.reply-to".into(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        let mut replies = topology::direct_reply_consumer(&channel).await?;
         let pending: Pending = Arc::default();
         let routes = pending.clone();
         tokio::spawn(async move {
@@ -133,7 +123,7 @@ impl RpcClient {
                 BasicProperties::default()
                     .with_message_id(id.as_str().into())
                     .with_correlation_id(id.as_str().into())
-                    .with_reply_to("amq.rabbitmq.reply-to".into())
+                    .with_reply_to(topology::DIRECT_REPLY_TO.into())
                     .with_content_type(content_type.into())
                     .with_delivery_mode(2)
                     .with_headers(headers),

@@ -146,17 +146,13 @@ pub async fn declare_quorum_queue(channel: &Channel, name: &str) -> lapin::Resul
         .map(|_| ())
 }
 
-/// Every heartbeat of every worker: an exclusive, auto-deleted queue of the caller's own bound to
-/// [`TELEMETRY_EXCHANGE`] with `#`, consumed without acks (heartbeats are transient).
-pub async fn telemetry_consumer(channel: &Channel) -> lapin::Result<lapin::Consumer> {
-    heartbeat_consumer(channel, "#").await
-}
-
-/// Like [`telemetry_consumer`], for the heartbeats whose routing key matches `pattern`
-/// (`<model>.*` for one model's workers).
-pub async fn heartbeat_consumer(
+/// A queue of the caller's own (server-named, exclusive, deleted with its channel) bound to
+/// `exchange` with `routing_key`, consumed without acks: for transient broadcasts each process
+/// must see (heartbeats, cancellations), which need no redelivery.
+pub async fn exclusive_consumer(
     channel: &Channel,
-    pattern: &str,
+    exchange: &str,
+    routing_key: &str,
 ) -> lapin::Result<lapin::Consumer> {
     let queue = channel
         .queue_declare(
@@ -172,8 +168,8 @@ pub async fn heartbeat_consumer(
     channel
         .queue_bind(
             queue.name().clone(),
-            TELEMETRY_EXCHANGE.into(),
-            pattern.into(),
+            exchange.into(),
+            routing_key.into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
@@ -189,6 +185,40 @@ pub async fn heartbeat_consumer(
             FieldTable::default(),
         )
         .await
+}
+
+/// RabbitMQ's Direct Reply-to pseudo-queue: a job published with this `reply_to` is answered
+/// straight to the publishing channel's [`direct_reply_consumer`].
+pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// The replies to what this channel publishes with `reply_to` [`DIRECT_REPLY_TO`], consumed
+/// without acks (Direct Reply-to allows no other mode); must be consumed before publishing.
+pub async fn direct_reply_consumer(channel: &Channel) -> lapin::Result<lapin::Consumer> {
+    channel
+        .basic_consume(
+            DIRECT_REPLY_TO.into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// Every heartbeat of every worker: an [`exclusive_consumer`] of [`TELEMETRY_EXCHANGE`] with `#`.
+pub async fn telemetry_consumer(channel: &Channel) -> lapin::Result<lapin::Consumer> {
+    heartbeat_consumer(channel, "#").await
+}
+
+/// Like [`telemetry_consumer`], for the heartbeats whose routing key matches `pattern`
+/// (`<model>.*` for one model's workers).
+pub async fn heartbeat_consumer(
+    channel: &Channel,
+    pattern: &str,
+) -> lapin::Result<lapin::Consumer> {
+    exclusive_consumer(channel, TELEMETRY_EXCHANGE, pattern).await
 }
 
 /// Declares the shared exchanges and the callbacks queue.

@@ -26,7 +26,7 @@ use crate::metrics::Metrics;
 use crate::store::Store;
 
 /// Direct Reply-to pseudo-queue.
-pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+pub const DIRECT_REPLY_TO: &str = topology::DIRECT_REPLY_TO;
 /// The shared queue the dispatchers store results from (competing consumers).
 pub const RESULTS_STORE_QUEUE: &str = "ember.results.store";
 
@@ -380,17 +380,7 @@ impl Broker {
             topology::declare_model(&channel, model, context.queue).await?;
         }
         declare_results_store(&channel).await?;
-        let mut replies = channel
-            .basic_consume(
-                DIRECT_REPLY_TO.into(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
+        let mut replies = topology::direct_reply_consumer(&channel).await?;
         let link = Arc::new(Link {
             channel,
             pending: Mutex::new(HashMap::new()),

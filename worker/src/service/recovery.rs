@@ -10,7 +10,7 @@ use ember_core::amqp::{header_str, header_u64};
 use ember_core::protocol::header;
 use ember_core::topology;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions};
+use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Confirmation};
 use tokio_util::task::TaskTracker;
@@ -170,35 +170,5 @@ pub fn answer_dead_letter(
 
 /// An exclusive queue of this worker's own, bound to the model's cancellations.
 pub async fn cancel_consumer(channel: &Channel, model: &str) -> Result<lapin::Consumer> {
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            lapin::options::QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..lapin::options::QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            topology::CANCEL_EXCHANGE.into(),
-            model.into(),
-            lapin::options::QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    Ok(channel
-        .basic_consume(
-            queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?)
+    Ok(topology::exclusive_consumer(channel, topology::CANCEL_EXCHANGE, model).await?)
 }
