@@ -5,10 +5,8 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
-use ember_core::protocol::Heartbeat;
 use ember_core::telemetry::Admin;
 use ember_core::topology::{self, QueueSettings};
-use futures_util::StreamExt;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
@@ -80,7 +78,7 @@ async fn serve<B: Backend>(
 ) -> lapin::Result<()> {
     let channel = connection.create_channel().await?;
     topology::declare_shared(&channel).await?;
-    let mut beats = topology::telemetry_consumer(&channel).await?;
+    let mut beats = topology::HeartbeatFeed::subscribe(&channel, "#").await?;
     // Model queues are declared once per connection, when a target first names them.
     let mut declared = HashSet::new();
     ctx.readiness.set(true);
@@ -90,11 +88,7 @@ async fn serve<B: Backend>(
         tokio::select! {
             () = ctx.shutdown.cancelled() => return Ok(()),
             beat = beats.next() => match beat {
-                Some(Ok(delivery)) => {
-                    if let Ok(beat) = serde_json::from_slice::<Heartbeat>(&delivery.data) {
-                        state.heartbeats.record(beat, Instant::now());
-                    }
-                }
+                Some(Ok(beat)) => state.heartbeats.record(beat, Instant::now()),
                 Some(Err(error)) => return Err(error),
                 None => return Ok(()),
             },

@@ -7,6 +7,8 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{Channel, ExchangeKind};
 
+use crate::protocol::Heartbeat;
+
 /// Direct exchange jobs are published to, routing key = model name.
 pub const JOBS_EXCHANGE: &str = "ember.jobs";
 /// Dead-letter exchange; routes by the job's routing key (the model) to `ember.dead.<model>`.
@@ -219,6 +221,35 @@ pub async fn heartbeat_consumer(
     pattern: &str,
 ) -> lapin::Result<lapin::Consumer> {
     exclusive_consumer(channel, TELEMETRY_EXCHANGE, pattern).await
+}
+
+/// Worker heartbeats, parsed: what the dispatcher, the autoscaler and the chaos bench follow.
+#[derive(Debug)]
+pub struct HeartbeatFeed(lapin::Consumer);
+
+impl HeartbeatFeed {
+    /// Follows the heartbeats whose routing key (`<model>.<worker-id>`) matches `pattern`: `#`
+    /// for every worker, `<model>.*` for one model's.
+    pub async fn subscribe(channel: &Channel, pattern: &str) -> lapin::Result<Self> {
+        heartbeat_consumer(channel, pattern).await.map(Self)
+    }
+
+    /// The next heartbeat (messages that are not one are skipped); `None` once the consumer
+    /// has ended (its channel or connection closed). Cancel-safe, for a `select!`: a heartbeat
+    /// is taken from the consumer only when it is returned.
+    pub async fn next(&mut self) -> Option<lapin::Result<Heartbeat>> {
+        use futures_util::StreamExt;
+        loop {
+            match self.0.next().await? {
+                Ok(delivery) => {
+                    if let Ok(beat) = serde_json::from_slice::<Heartbeat>(&delivery.data) {
+                        return Some(Ok(beat));
+                    }
+                }
+                Err(error) => return Some(Err(error)),
+            }
+        }
+    }
 }
 
 /// Declares the shared exchanges and the callbacks queue.

@@ -393,7 +393,7 @@ impl Broker {
             session.clone(),
         ));
         let heartbeat_channel = connection.create_channel().await?;
-        let heartbeats = topology::telemetry_consumer(&heartbeat_channel).await?;
+        let heartbeats = topology::HeartbeatFeed::subscribe(&heartbeat_channel, "#").await?;
         let callback_channel = connection.create_channel().await?;
         callback_channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -426,11 +426,7 @@ impl Broker {
                     None => break Err(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed))),
                 },
                 beat = heartbeats.next() => match beat {
-                    Some(Ok(delivery)) => {
-                        if let Ok(beat) = serde_json::from_slice::<Heartbeat>(&delivery.data) {
-                            self.heartbeats.record(&beat);
-                        }
-                    }
+                    Some(Ok(beat)) => self.heartbeats.record(&beat),
                     Some(Err(error)) => break Err(error),
                     None => break Err(lapin::Error::from(lapin::ErrorKind::InvalidConnectionState(lapin::ConnectionState::Closed))),
                 },

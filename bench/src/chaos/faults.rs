@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ember_core::topology;
-use futures_util::StreamExt;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties};
@@ -30,14 +29,10 @@ pub(super) fn watch_heartbeats(url: String, model: String) -> InFlight {
             let session = async {
                 let c = Connection::connect(&url, ConnectionProperties::default()).await?;
                 let ch = c.create_channel().await?;
-                let mut consumer = topology::heartbeat_consumer(&ch, &format!("{model}.*")).await?;
-                while let Some(Ok(d)) = consumer.next().await {
-                    if let Ok(hb) = serde_json::from_slice::<Value>(&d.data)
-                        && let (Some(w), Some(n)) =
-                            (hb["worker"].as_str(), hb["in_flight"].as_u64())
-                    {
-                        lock(&out).insert(w.to_string(), (n, Instant::now()));
-                    }
+                let pattern = format!("{model}.*");
+                let mut beats = topology::HeartbeatFeed::subscribe(&ch, &pattern).await?;
+                while let Some(Ok(beat)) = beats.next().await {
+                    lock(&out).insert(beat.worker, (beat.in_flight, Instant::now()));
                 }
                 anyhow::Ok(())
             };
