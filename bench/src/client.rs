@@ -5,11 +5,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use ember_core::protocol::JobResult;
+use ember_core::amqp::{Headers, unix_ms};
+use ember_core::protocol::{JobResult, header};
 use ember_core::topology::{self, QueueSettings};
 use futures_util::StreamExt;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::oneshot;
 
@@ -102,16 +102,10 @@ impl RpcClient {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.clone(), tx);
-        let mut headers = FieldTable::default();
-        headers.insert(
-            ShortString::from(ember_core::protocol::header::SUBMITTED_AT),
-            AMQPValue::LongLongInt(ember_core::amqp::unix_ms() as i64),
-        );
+        let mut headers = Headers::new();
+        headers.uint(header::SUBMITTED_AT, unix_ms());
         if let Some(length) = header_length {
-            headers.insert(
-                ShortString::from(ember_core::protocol::header::INFERENCE_HEADER_LENGTH),
-                AMQPValue::LongLongInt(i64::try_from(length)?),
-            );
+            headers.uint(header::INFERENCE_HEADER_LENGTH, length as u64);
         }
         let confirm = self
             .channel
@@ -126,7 +120,7 @@ impl RpcClient {
                     .with_reply_to(topology::DIRECT_REPLY_TO.into())
                     .with_content_type(content_type.into())
                     .with_delivery_mode(2)
-                    .with_headers(headers),
+                    .with_headers(headers.into_table()),
             )
             .await?
             .await?;

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use ember_core::amqp::Headers;
 use ember_core::topology::{self, QueueSettings};
 use futures_util::StreamExt;
 use lapin::options::{
@@ -331,13 +332,10 @@ async fn raw_ceiling(
             topology::jobs_queue_arguments(QueueSettings::default()),
         )
         .await?;
-    let mut quorum = FieldTable::default();
-    quorum.insert(
-        "x-queue-type".into(),
-        lapin::types::AMQPValue::LongString("quorum".into()),
-    );
+    let mut quorum = Headers::new();
+    quorum.text("x-queue-type", "quorum");
     admin
-        .queue_declare(sink.as_str().into(), durable, quorum)
+        .queue_declare(sink.as_str().into(), durable, quorum.into_table())
         .await?;
     // The consumer side, on its own connection like a worker.
     let worker_conn = Connection::connect(client::URL, ConnectionProperties::default()).await?;

@@ -1,4 +1,5 @@
-//! Connecting to RabbitMQ (plain or TLS) with backoff, and small helpers for message headers.
+//! Connecting to RabbitMQ (plain or TLS) with backoff, and message headers: readers
+//! ([`header_str`], [`header_u64`]) and the [`Headers`] writer.
 //!
 //! Recovery is done by the caller's loop, not inside lapin: when a connection fails, every
 //! channel, consumer and unconfirmed publish on it is gone, and the broker requeues what was
@@ -20,7 +21,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties};
 use rustls::pki_types::pem::PemObject;
@@ -408,6 +409,68 @@ pub fn header_u64(headers: Option<&FieldTable>, name: &str) -> Option<u64> {
     }
 }
 
+/// Writes message headers (or queue arguments) in the types the readers above take back: text as
+/// `LongString`, unsigned integers as `LongLongInt`.
+///
+/// ```
+/// use ember_core::amqp::{Headers, header_str, header_u64};
+///
+/// let mut headers = Headers::new();
+/// headers.text("ember-model", "ssd").uint("ember-submitted-at", 17);
+/// let table = headers.into_table();
+/// assert_eq!(header_str(Some(&table), "ember-model"), Some("ssd"));
+/// assert_eq!(header_u64(Some(&table), "ember-submitted-at"), Some(17));
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Headers(FieldTable);
+
+impl Headers {
+    /// No headers yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets `name` to the text `value` (a `LongString`).
+    pub fn text(&mut self, name: &str, value: impl Into<LongString>) -> &mut Self {
+        self.0
+            .insert(ShortString::from(name), AMQPValue::LongString(value.into()));
+        self
+    }
+
+    /// Sets `name` to `value` as a `LongLongInt` (signed 64 bits: beyond `i64::MAX`, that).
+    pub fn uint(&mut self, name: &str, value: u64) -> &mut Self {
+        let value = i64::try_from(value).unwrap_or(i64::MAX);
+        self.0
+            .insert(ShortString::from(name), AMQPValue::LongLongInt(value));
+        self
+    }
+
+    /// Sets `name` to `value` as a `LongInt` (32 bits, which some broker arguments require).
+    pub fn int32(&mut self, name: &str, value: i32) -> &mut Self {
+        self.0
+            .insert(ShortString::from(name), AMQPValue::LongInt(value));
+        self
+    }
+
+    /// The table, for `BasicProperties::with_headers` or a declaration's arguments.
+    pub fn into_table(self) -> FieldTable {
+        self.0
+    }
+}
+
+/// Adds to (or overwrites in) existing headers, such as a delivery's.
+impl From<FieldTable> for Headers {
+    fn from(table: FieldTable) -> Self {
+        Self(table)
+    }
+}
+
+impl From<Headers> for FieldTable {
+    fn from(headers: Headers) -> Self {
+        headers.0
+    }
+}
+
 /// Now as unix milliseconds.
 pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
@@ -420,7 +483,6 @@ pub fn unix_ms() -> u64 {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use lapin::types::{LongString, ShortString};
 
     #[derive(Debug, clap::Parser)]
     struct Cli {

@@ -4,9 +4,10 @@
 use lapin::options::{
     BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::FieldTable;
 use lapin::{Channel, ExchangeKind};
 
+use crate::amqp::Headers;
 use crate::protocol::Heartbeat;
 
 /// Direct exchange jobs are published to, routing key = model name.
@@ -36,12 +37,9 @@ pub fn retry_queue(model: &str) -> String {
 /// Arguments of a model's retry lane: the job queue's, with dead letters routed by the model
 /// name (the lane is published to by queue name).
 pub fn retry_queue_arguments(model: &str, settings: QueueSettings) -> FieldTable {
-    let mut args = jobs_queue_arguments(settings);
-    args.insert(
-        ShortString::from("x-dead-letter-routing-key"),
-        long_string(model),
-    );
-    args
+    let mut args = Headers::from(jobs_queue_arguments(settings));
+    args.text("x-dead-letter-routing-key", model);
+    args.into_table()
 }
 
 /// Every queue [`declare_model`] declares for a model: jobs, retry lane, dead letters, and
@@ -89,41 +87,22 @@ impl Default for QueueSettings {
     }
 }
 
-fn long_string(value: &str) -> AMQPValue {
-    AMQPValue::LongString(LongString::from(value))
-}
-
 /// Arguments of a model's job queue.
 pub fn jobs_queue_arguments(settings: QueueSettings) -> FieldTable {
-    let mut args = FieldTable::default();
-    args.insert(ShortString::from("x-queue-type"), long_string("quorum"));
-    args.insert(
-        ShortString::from("x-delivery-limit"),
-        AMQPValue::LongInt(settings.delivery_limit as i32),
-    );
-    args.insert(
-        ShortString::from("x-dead-letter-exchange"),
-        long_string(DEAD_LETTER_EXCHANGE),
-    );
-    args.insert(
-        ShortString::from("x-dead-letter-strategy"),
-        long_string("at-least-once"),
-    );
-    args.insert(
-        ShortString::from("x-overflow"),
-        long_string("reject-publish"),
-    );
-    args.insert(
-        ShortString::from("x-max-length"),
-        AMQPValue::LongLongInt(i64::from(settings.max_length)),
-    );
-    args
+    let mut args = Headers::new();
+    args.text("x-queue-type", "quorum")
+        .int32("x-delivery-limit", settings.delivery_limit as i32)
+        .text("x-dead-letter-exchange", DEAD_LETTER_EXCHANGE)
+        .text("x-dead-letter-strategy", "at-least-once")
+        .text("x-overflow", "reject-publish")
+        .uint("x-max-length", u64::from(settings.max_length));
+    args.into_table()
 }
 
 fn quorum_arguments() -> FieldTable {
-    let mut args = FieldTable::default();
-    args.insert(ShortString::from("x-queue-type"), long_string("quorum"));
-    args
+    let mut args = Headers::new();
+    args.text("x-queue-type", "quorum");
+    args.into_table()
 }
 
 fn durable_exchange() -> ExchangeDeclareOptions {
@@ -329,6 +308,11 @@ pub async fn declare_model(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lapin::types::{AMQPValue, LongString};
+
+    fn long_string(value: &str) -> AMQPValue {
+        AMQPValue::LongString(LongString::from(value))
+    }
 
     #[test]
     fn job_queue_arguments_bound_the_backlog_and_dead_letter_poison() {

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ember_core::amqp::{AmqpConfig, unix_ms};
+use ember_core::amqp::{AmqpConfig, Headers, unix_ms};
 use ember_core::protocol::{Heartbeat, ModelInfo, WorkerState, header};
 use ember_core::topology::{self, QueueSettings};
 use futures_util::StreamExt;
@@ -15,7 +15,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, QueueBindOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
 use tokio::sync::{RwLock, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -448,33 +448,21 @@ impl Broker {
 /// A job's AMQP headers: when it was submitted (`now_ms`), and whichever of the callback URL,
 /// trace context, deadline and binary header length it has.
 fn job_headers(job: &OutgoingJob<'_>, now_ms: u64) -> FieldTable {
-    let mut headers = FieldTable::default();
-    let mut int = |name: &str, value: u64| {
-        headers.insert(
-            ShortString::from(name),
-            AMQPValue::LongLongInt(i64::try_from(value).unwrap_or(i64::MAX)),
-        );
-    };
-    int(header::SUBMITTED_AT, now_ms);
+    let mut headers = Headers::new();
+    headers.uint(header::SUBMITTED_AT, now_ms);
     if let Some(deadline) = job.deadline_ms {
-        int(header::DEADLINE, deadline);
+        headers.uint(header::DEADLINE, deadline);
     }
     if let Some(length) = job.inference_header_length {
-        int(header::INFERENCE_HEADER_LENGTH, length);
+        headers.uint(header::INFERENCE_HEADER_LENGTH, length);
     }
-    let mut text = |name: &str, value: &str| {
-        headers.insert(
-            ShortString::from(name),
-            AMQPValue::LongString(LongString::from(value)),
-        );
-    };
     if let Some(url) = job.callback_url {
-        text(header::CALLBACK_URL, url);
+        headers.text(header::CALLBACK_URL, url);
     }
     if let Some(traceparent) = job.traceparent {
-        text(header::TRACEPARENT, traceparent);
+        headers.text(header::TRACEPARENT, traceparent);
     }
-    headers
+    headers.into_table()
 }
 
 async fn declare_results_store(channel: &Channel) -> lapin::Result<()> {

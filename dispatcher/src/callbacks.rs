@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use ember_core::amqp::header_str;
+use ember_core::amqp::{Headers, header_str};
 use ember_core::protocol::header;
 use ember_core::topology;
 use futures_util::StreamExt;
@@ -21,7 +21,7 @@ use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::FieldTable;
 use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -245,16 +245,14 @@ impl CallbackSender {
     }
 
     async fn dead_letter(&self, channel: &Channel, delivery: Delivery, error: &str, attempts: u32) {
-        let mut headers = delivery.properties.headers().clone().unwrap_or_default();
-        headers.insert(
-            ShortString::from("ember-callback-error"),
-            AMQPValue::LongString(LongString::from(error)),
-        );
-        headers.insert(
-            ShortString::from("ember-callback-attempts"),
-            AMQPValue::LongInt(attempts as i32),
-        );
-        let properties = delivery.properties.clone().with_headers(headers);
+        let mut headers = Headers::from(delivery.properties.headers().clone().unwrap_or_default());
+        headers
+            .text("ember-callback-error", error)
+            .int32("ember-callback-attempts", attempts as i32);
+        let properties = delivery
+            .properties
+            .clone()
+            .with_headers(headers.into_table());
         let published = async {
             channel
                 .basic_publish(

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::extract::{Path as UrlPath, State};
 use axum::routing::post;
+use ember_core::amqp::Headers;
 use ember_core::protocol::{JobResult, header};
 use ember_core::topology::{self, QueueSettings};
 use futures_util::StreamExt;
@@ -16,7 +17,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
     QueueDeclareOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::Value;
 
@@ -275,18 +276,15 @@ impl AmqpClient {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
-        let mut headers = FieldTable::default();
-        headers.insert(
-            ShortString::from(header::SUBMITTED_AT),
-            AMQPValue::LongLongInt(ember_core::amqp::unix_ms() as i64),
-        );
+        let mut headers = Headers::new();
+        headers.uint(header::SUBMITTED_AT, ember_core::amqp::unix_ms());
         let props = BasicProperties::default()
             .with_message_id(key.into())
             .with_correlation_id(key.into())
             .with_reply_to(self.reply_queue.as_str().into())
             .with_content_type("image/png".into())
             .with_delivery_mode(2)
-            .with_headers(headers);
+            .with_headers(headers.into_table());
         let publish = async {
             channel
                 .basic_publish(

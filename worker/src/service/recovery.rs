@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use ember_core::amqp::{header_str, header_u64};
+use ember_core::amqp::{Headers, header_str, header_u64};
 use ember_core::protocol::header;
 use ember_core::topology;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
-use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::types::FieldTable;
 use lapin::{Channel, Confirmation};
 use tokio_util::task::TaskTracker;
 
@@ -98,11 +98,9 @@ pub async fn to_retry_lane(ctx: Arc<Context>, publisher: Channel, delivery: Deli
     let prior = header_u64(properties.headers().as_ref(), header::PRIOR_DELIVERIES).unwrap_or(0);
     // The lane's own deliveries are counted afresh by the broker.
     headers.remove(header::DELIVERY_COUNT);
-    headers.insert(
-        ShortString::from(header::PRIOR_DELIVERIES),
-        AMQPValue::LongLongInt(i64::try_from(count.saturating_add(prior)).unwrap_or(i64::MAX)),
-    );
-    let properties = properties.with_headers(FieldTable::from(headers));
+    let mut headers = Headers::from(FieldTable::from(headers));
+    headers.uint(header::PRIOR_DELIVERIES, count.saturating_add(prior));
+    let properties = properties.with_headers(headers.into_table());
     let retry_queue = topology::retry_queue(&ctx.model);
     let published = publisher
         .basic_publish(

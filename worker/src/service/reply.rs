@@ -5,11 +5,11 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use ember_core::amqp::unix_ms;
+use ember_core::amqp::{Headers, unix_ms};
 use ember_core::protocol::{self, ErrorBody, JobResult, Outputs, Status, Timing, header};
 use ember_core::topology;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::LongString;
 use lapin::{BasicProperties, Channel};
 
 use super::Context;
@@ -36,21 +36,13 @@ impl Done {
     }
 }
 
-fn result_headers(model: &str, status: Status, traceparent: Option<&LongString>) -> FieldTable {
-    let mut headers = FieldTable::default();
-    headers.insert(
-        ShortString::from(header::STATUS),
-        AMQPValue::LongString(LongString::from(status.as_str())),
-    );
-    headers.insert(
-        ShortString::from(header::MODEL),
-        AMQPValue::LongString(LongString::from(model)),
-    );
+fn result_headers(model: &str, status: Status, traceparent: Option<&LongString>) -> Headers {
+    let mut headers = Headers::new();
+    headers
+        .text(header::STATUS, status.as_str())
+        .text(header::MODEL, model);
     if let Some(traceparent) = traceparent {
-        headers.insert(
-            ShortString::from(header::TRACEPARENT),
-            AMQPValue::LongString(traceparent.clone()),
-        );
+        headers.text(header::TRACEPARENT, traceparent.clone());
     }
     headers
 }
@@ -134,11 +126,10 @@ async fn publish_result(
         .with_message_id(job.envelope.job_id.as_str().into())
         .with_delivery_mode(2)
         .with_timestamp(unix_ms() / 1000)
-        .with_headers(result_headers(
-            &ctx.model,
-            result.status,
-            job.envelope.traceparent.as_ref(),
-        ));
+        .with_headers(
+            result_headers(&ctx.model, result.status, job.envelope.traceparent.as_ref())
+                .into_table(),
+        );
     if let Some(correlation_id) = &job.envelope.correlation_id {
         properties = properties.with_correlation_id(correlation_id.clone());
     }
@@ -171,10 +162,7 @@ async fn publish_result(
     if let Some(url) = &job.envelope.callback_url {
         let mut headers =
             result_headers(&ctx.model, result.status, job.envelope.traceparent.as_ref());
-        headers.insert(
-            ShortString::from(header::CALLBACK_URL),
-            AMQPValue::LongString(url.clone()),
-        );
+        headers.text(header::CALLBACK_URL, url.clone());
         confirms.push(
             publisher
                 .basic_publish(
@@ -182,7 +170,7 @@ async fn publish_result(
                     topology::CALLBACKS_QUEUE.into(),
                     BasicPublishOptions::default(),
                     &body,
-                    properties.with_headers(headers),
+                    properties.with_headers(headers.into_table()),
                 )
                 .await?,
         );
