@@ -22,7 +22,9 @@ fn the_binary_takes_the_lease_scales_the_deployment_and_reports_through_a_kubeco
         String::from_utf8_lossy(&output.stderr)
     );
     let seen: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    // 50 waiting jobs at an assumed 10 jobs/s per replica within a 5 s drain: the pool's max (4).
+    // The script publishes the 50 jobs at once, right after the autoscaler has read the queue
+    // empty: the next reading (one 200 ms tick later) sees all 50 arrive, hundreds of jobs/s on
+    // top of 50 / 5 s of backlog, at an assumed 10 jobs/s per replica: far past the pool's max (4).
     assert_eq!(seen["replicas"], 4, "{seen}");
     let status = &seen["status"];
     assert_eq!(status["desiredReplicas"], 4);
