@@ -70,7 +70,15 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(model_version_metadata),
         )
         .route("/v2/models/{model}/ready", get(model_ready))
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(model_version_ready),
+        )
         .route("/v2/models/{model}/infer", post(infer))
+        .route(
+            "/v2/models/{model}/versions/{version}/infer",
+            post(infer_version),
+        )
         .route("/v1/models/{model}/jobs", post(submit))
         .route("/v1/jobs/{id}", get(job_status).delete(cancel))
         .layer(from_fn_with_state(state.clone(), middleware::authorize))
@@ -127,19 +135,32 @@ async fn model_version_metadata(
     Path((name, version)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>, OipError> {
     let spec = model(&state, &name)?;
+    let report = served_version(&state, &name, spec, &version)?;
+    Ok(Json(metadata(&name, spec, report.as_ref())))
+}
+
+/// What the workers report about `version` of `name`: `None` when no worker of the model has
+/// reported yet and `version` is the model directory's; 404 `model_not_found` for a version no
+/// worker reported (nor the model directory's, before any worker has).
+fn served_version(
+    state: &AppState,
+    name: &str,
+    spec: &ModelSpec,
+    version: &str,
+) -> Result<Option<ModelReport>, ApiError> {
     let heartbeats = &state.broker.heartbeats;
-    let report = heartbeats.model_report(&name, Some(&version), WORKER_FRESHNESS);
+    let report = heartbeats.model_report(name, Some(version), WORKER_FRESHNESS);
     let unreported = heartbeats
-        .model_report(&name, None, WORKER_FRESHNESS)
+        .model_report(name, None, WORKER_FRESHNESS)
         .is_none();
     if report.is_none() && !(unreported && version == spec.version) {
-        return Err(OipError(ApiError::new(
+        return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "model_not_found",
             format!("no version `{version}` of model `{name}` is served here"),
-        )));
+        ));
     }
-    Ok(Json(metadata(&name, spec, report.as_ref())))
+    Ok(report)
 }
 
 /// The model metadata body: from the workers' report when there is one, else from the spec.
@@ -182,19 +203,46 @@ async fn model_ready(
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, OipError> {
     model(&state, &name)?;
+    Ok(Json(ready(&state, &name, None)?))
+}
+
+/// `GET /v2/models/{model}/versions/{version}/ready`: 200 while a worker of that version is
+/// ready; 404 for a version no worker reported (see [`served_version`]).
+async fn model_version_ready(
+    State(state): State<Arc<AppState>>,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Json<serde_json::Value>, OipError> {
+    let spec = model(&state, &name)?;
+    let report = served_version(&state, &name, spec, &version)?;
+    // Before any worker has reported its version, any ready worker is the directory's version.
+    let of_version = report.is_some().then_some(version.as_str());
+    Ok(Json(ready(&state, &name, of_version)?))
+}
+
+/// The readiness body, or 503 `model_not_ready` when no worker (of `version`) is ready.
+fn ready(
+    state: &AppState,
+    name: &str,
+    version: Option<&str>,
+) -> Result<serde_json::Value, ApiError> {
     let workers = state
         .broker
         .heartbeats
-        .ready_workers(&name, WORKER_FRESHNESS);
+        .ready_workers(name, version, WORKER_FRESHNESS);
     if workers == 0 {
-        return Err(OipError(ApiError::unavailable(
+        let of = version.map(|v| format!(" version {v}")).unwrap_or_default();
+        return Err(ApiError::unavailable(
             "model_not_ready",
-            format!("no worker of `{name}` has reported ready in the last {WORKER_FRESHNESS:?}"),
-        )));
+            format!(
+                "no worker of `{name}`{of} has reported ready in the last {WORKER_FRESHNESS:?}"
+            ),
+        ));
     }
-    Ok(Json(
-        json!({"name": name, "ready": true, "workers": workers}),
-    ))
+    let mut body = json!({"name": name, "ready": true, "workers": workers});
+    if let Some(version) = version {
+        body["version"] = json!(version);
+    }
+    Ok(body)
 }
 
 /// The body, or 413 `body_too_large` past `max` bytes, or 400 `invalid_body` when it could not
@@ -241,22 +289,28 @@ fn job_error_status(code: ErrorCode) -> StatusCode {
     }
 }
 
+/// The job's result within `timeout`: `Ok(None)` when none came; 500 `internal` for one that
+/// came but does not parse (not a timeout: the job is over).
 async fn wait_for(
     state: &AppState,
     job_id: &str,
     receiver: oneshot::Receiver<Vec<u8>>,
     timeout: Duration,
-) -> Option<JobResult> {
+) -> Result<Option<JobResult>, ApiError> {
     let started = Instant::now();
     let outcome = tokio::time::timeout(timeout, receiver).await;
     match outcome {
         Ok(Ok(body)) => {
             state.metrics.wait.observe(started.elapsed().as_secs_f64());
-            serde_json::from_slice(&body).ok()
+            serde_json::from_slice(&body).map(Some).map_err(|e| {
+                ApiError::internal(format!(
+                    "job {job_id}: the worker's result does not parse: {e}"
+                ))
+            })
         }
         _ => {
             state.broker.forget(job_id).await;
-            None
+            Ok(None)
         }
     }
 }
@@ -289,12 +343,37 @@ async fn infer(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OipError> {
     let spec = model(&state, &name)?;
+    run_infer(&state, name, spec, &headers, body).await
+}
+
+/// `POST /v2/models/{model}/versions/{version}/infer`: for a version a worker reports (404
+/// otherwise, see [`served_version`]), the same as unversioned. The model's workers share one
+/// queue, so while two versions are up (a rollout) either may answer: `model_version` in the
+/// response says which did.
+async fn infer_version(
+    State(state): State<Arc<AppState>>,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, OipError> {
+    let spec = model(&state, &name)?;
+    served_version(&state, &name, spec, &version)?;
+    run_infer(&state, name, spec, &headers, body).await
+}
+
+async fn run_infer(
+    state: &AppState,
+    name: String,
+    spec: &ModelSpec,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, OipError> {
     let body = body_or_error(body, state.limits.max_body_bytes)?;
-    let parsed = oip_binary::parse_infer(body, header_value(&headers, oip_binary::HEADER_LENGTH))?;
+    let parsed = oip_binary::parse_infer(body, header_value(headers, oip_binary::HEADER_LENGTH))?;
     let request = &parsed.request;
     let job_id = uuid::Uuid::new_v4().to_string();
     let respond_async =
-        header_value(&headers, "prefer").is_some_and(|p| p.contains("respond-async"));
+        header_value(headers, "prefer").is_some_and(|p| p.contains("respond-async"));
     let job = OutgoingJob {
         job_id: &job_id,
         model: &name,
@@ -303,14 +382,14 @@ async fn infer(
         inference_header_length: parsed.header_length,
         callback_url: None,
         deadline_ms: None,
-        traceparent: header_value(&headers, "traceparent"),
+        traceparent: header_value(headers, "traceparent"),
         reply: !respond_async,
     };
-    let receiver = enqueue(&state, job).await.map_err(|e| e.into_api(&name))?;
+    let receiver = enqueue(state, job).await.map_err(|e| e.into_api(&name))?;
     let Some(receiver) = receiver else {
         return Ok(accepted(&job_id));
     };
-    let Some(result) = wait_for(&state, &job_id, receiver, state.infer_timeout).await else {
+    let Some(result) = wait_for(state, &job_id, receiver, state.infer_timeout).await? else {
         return Err(OipError(ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "timeout",
@@ -339,7 +418,7 @@ async fn infer(
     if let Some(requested) = &request.outputs {
         outputs.retain(|t| requested.iter().any(|r| r.name == t.name));
     }
-    let version = model_version(&state, &name, spec, &result.worker);
+    let version = model_version(state, &name, spec, &result.worker);
     let response = InferResponse {
         model_name: name,
         model_version: Some(version),
@@ -570,7 +649,7 @@ async fn submit(
         }
     }
     if let (Some(receiver), Some(wait)) = (receiver, wait)
-        && let Some(result) = wait_for(&state, &job_id, receiver, wait).await
+        && let Some(result) = wait_for(&state, &job_id, receiver, wait).await?
     {
         let status = match result.status {
             Status::Ok => StatusCode::OK,
@@ -597,6 +676,8 @@ fn job_view(job_id: &str, state: &JobState) -> serde_json::Value {
         JobState::Cancelled(record) => {
             json!({"job_id": job_id, "model": record.model, "status": "cancelled"})
         }
+        // `job_status` answers 500 for it instead; a result that does not parse has no view.
+        JobState::Unreadable(_) => json!({"job_id": job_id, "status": "failed"}),
         JobState::Finished(result) => {
             let status = match result.status {
                 Status::Ok => "done",
@@ -624,6 +705,11 @@ async fn job_status(
         .job(&id)
         .await?
         .ok_or_else(|| ApiError::job_not_found(&id))?;
+    if let JobState::Unreadable(why) = &job {
+        return Err(ApiError::internal(format!(
+            "job {id}: its stored result does not parse: {why}"
+        )));
+    }
     Ok(Json(job_view(&id, &job)))
 }
 
@@ -641,6 +727,11 @@ async fn cancel(
             StatusCode::CONFLICT,
             "job_finished",
             format!("job `{id}` already ran ({})", result.status.as_str()),
+        )),
+        JobState::Unreadable(..) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "job_finished",
+            format!("job `{id}` already ran"),
         )),
         JobState::Cancelled(record) | JobState::Queued(record) => {
             state

@@ -104,13 +104,17 @@ impl Heartbeats {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Workers of `model` that said `ready` in the last `within`.
-    pub fn ready_workers(&self, model: &str, within: Duration) -> usize {
+    /// Workers of `model` (that reported `version`, when given) that said `ready` in the last
+    /// `within`.
+    pub fn ready_workers(&self, model: &str, version: Option<&str>, within: Duration) -> usize {
         self.lock()
             .workers
             .iter()
             .filter(|((m, _), beat)| {
-                m == model && beat.state == WorkerState::Ready && beat.at.elapsed() <= within
+                m == model
+                    && beat.state == WorkerState::Ready
+                    && beat.at.elapsed() <= within
+                    && version.is_none_or(|v| beat.info.as_ref().is_some_and(|i| i.version == v))
             })
             .count()
     }
@@ -628,7 +632,7 @@ mod tests {
         assert_eq!(heartbeats.model_report("m", None, within), None);
         // A worker from before model_info counts as ready but says nothing about the model.
         heartbeats.record(&beat("m", "old", None));
-        assert_eq!(heartbeats.ready_workers("m", within), 1);
+        assert_eq!(heartbeats.ready_workers("m", None, within), 1);
         assert_eq!(heartbeats.model_report("m", None, within), None);
 
         heartbeats.record(&beat("m", "a", Some(info("1", "x"))));
@@ -642,6 +646,9 @@ mod tests {
         let one = heartbeats.model_report("m", Some("1"), within).expect("v1");
         assert_eq!(one.info.inputs[0].name, "x");
         assert_eq!(heartbeats.model_report("m", Some("3"), within), None);
+        assert_eq!(heartbeats.ready_workers("m", None, within), 3);
+        assert_eq!(heartbeats.ready_workers("m", Some("1"), within), 1);
+        assert_eq!(heartbeats.ready_workers("m", Some("3"), within), 0);
         assert_eq!(heartbeats.worker_version("m", "a").as_deref(), Some("1"));
         assert_eq!(heartbeats.worker_version("m", "old"), None);
         assert_eq!(heartbeats.worker_version("m", "nobody"), None);
@@ -662,7 +669,7 @@ mod tests {
         tokio::time::advance(FORGET_AFTER + Duration::from_secs(1)).await;
         // Another model's heartbeat sweeps the gone workers out.
         heartbeats.record(&beat("other", "c", None));
-        assert_eq!(heartbeats.ready_workers("m", within), 0);
+        assert_eq!(heartbeats.ready_workers("m", None, within), 0);
         let report = heartbeats
             .model_report("m", None, within)
             .expect("remembered");

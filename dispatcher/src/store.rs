@@ -25,6 +25,8 @@ pub enum JobState {
     Queued(JobRecord),
     Cancelled(JobRecord),
     Finished(Box<JobResult>),
+    /// A result is stored but does not parse (why not): the job is over, its answer unreadable.
+    Unreadable(String),
 }
 
 /// Who holds an idempotency key.
@@ -168,8 +170,11 @@ impl Store {
             .get(job_key(job_id))
             .query_async(&mut redis)
             .await?;
-        if let Some(result) = result.and_then(|r| serde_json::from_slice::<JobResult>(&r).ok()) {
-            return Ok(Some(JobState::Finished(Box::new(result))));
+        if let Some(result) = result {
+            return Ok(Some(match serde_json::from_slice::<JobResult>(&result) {
+                Ok(result) => JobState::Finished(Box::new(result)),
+                Err(error) => JobState::Unreadable(error.to_string()),
+            }));
         }
         Ok(record
             .and_then(|r| serde_json::from_str::<JobRecord>(&r).ok())

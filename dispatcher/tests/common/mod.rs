@@ -43,7 +43,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// The dispatcher as a process serving the bundled model under `model`.
+/// The dispatcher as a process serving a model directory under `model`.
 pub struct Dispatcher {
     pub child: Child,
     pub url: String,
@@ -54,7 +54,13 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
+    /// Serving the bundled SSD (models/ssdlite-person).
     pub async fn start(model: &str, extra: &[&str]) -> Self {
+        Self::start_with_dir(model, &root().join("models/ssdlite-person"), extra).await
+    }
+
+    /// Serving `model_dir` (a bundled model, or a directory holding only `model.onnx`).
+    pub async fn start_with_dir(model: &str, model_dir: &Path, extra: &[&str]) -> Self {
         let port = free_port();
         let admin_port = free_port();
         let log = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
@@ -65,12 +71,9 @@ impl Dispatcher {
             .current_dir(root())
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
-            .args([
-                "--model-dir",
-                "models/ssdlite-person",
-                "--model-name",
-                model,
-            ])
+            .arg("--model-dir")
+            .arg(model_dir)
+            .args(["--model-name", model])
             .args(["--callback-allow-net", "127.0.0.1/32"])
             .args([
                 "--callback-initial-backoff",
@@ -225,11 +228,17 @@ pub struct InProcessWorker {
 }
 
 impl InProcessWorker {
+    /// Serving the bundled SSD (models/ssdlite-person).
     pub fn start(model: &str) -> Self {
+        Self::start_with_dir(model, &root().join("models/ssdlite-person"))
+    }
+
+    /// Serving `model_dir` under `model`.
+    pub fn start_with_dir(model: &str, model_dir: &Path) -> Self {
         let config = ember_worker::Config::try_parse_from([
             "ember-worker",
             "--model-dir",
-            root().join("models/ssdlite-person").to_str().unwrap(),
+            model_dir.to_str().unwrap(),
             "--model-name",
             model,
             "--admin-addr",
@@ -403,6 +412,70 @@ pub fn python(script: &str, args: &[&str]) -> String {
         String::from_utf8_lossy(&output.stderr)
     );
     String::from_utf8(output.stdout).unwrap()
+}
+
+/// Runs a Python client from tests/clients with the project's venv: whether it exited 0, its
+/// stdout and its stderr (for clients that print a verdict either way).
+pub fn python_verdict(script: &str, args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(root().join(".venv/bin/python"))
+        .current_dir(root())
+        .arg(root().join("tests/clients").join(script))
+        .args(args)
+        .output()
+        .expect("run scripts/setup first: it creates .venv");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// The graph's inputs and outputs as ONNX Runtime in Python reads `dir/model.onnx`:
+/// `{"inputs": [{"name", "datatype", "shape"}], "outputs": [...]}`, OIP datatypes, `-1` for a
+/// dynamic dimension; what the model metadata must say.
+pub fn graph_io(dir: &Path) -> serde_json::Value {
+    const SCRIPT: &str = r#"
+import json, sys
+import onnxruntime as ort
+TYPES = {"tensor(float)": "FP32", "tensor(double)": "FP64", "tensor(float16)": "FP16",
+         "tensor(int8)": "INT8", "tensor(int16)": "INT16", "tensor(int32)": "INT32",
+         "tensor(int64)": "INT64", "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16",
+         "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64", "tensor(bool)": "BOOL",
+         "tensor(string)": "BYTES"}
+s = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+d = lambda a: {"name": a.name, "datatype": TYPES[a.type],
+               "shape": [x if isinstance(x, int) and x >= 0 else -1 for x in a.shape]}
+print(json.dumps({"inputs": [d(a) for a in s.get_inputs()],
+                  "outputs": [d(a) for a in s.get_outputs()]}))
+"#;
+    let output = Command::new(root().join(".venv/bin/python"))
+        .arg("-c")
+        .arg(SCRIPT)
+        .arg(dir.join("model.onnx"))
+        .output()
+        .expect("run scripts/setup first: it creates .venv");
+    assert!(
+        output.status.success(),
+        "graph_io {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// The known answers of a bundled model (tests/known_answers.json, by ONNX Runtime in Python).
+pub fn known_answers(model: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(root().join("tests/known_answers.json")).unwrap();
+    let all: serde_json::Value = serde_json::from_str(&text).unwrap();
+    all["models"][model].clone()
+}
+
+/// A fresh directory under the target's temporary directory.
+pub fn tempdir(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{name}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 /// astronaut.png resized to 300x300 RGB, as raw bytes.
