@@ -46,6 +46,7 @@ impl LocalBackend {
         for dir in &config.model.model_dirs {
             let spec = ModelSpec::load(dir).map_err(Error::Config)?;
             let name = config.model.model_name.clone().unwrap_or(spec.name);
+            ember_core::model::check_name(&name).map_err(Error::Config)?;
             let command = WorkerCommand {
                 program: program.clone(),
                 model_dir: std::fs::canonicalize(dir)?,

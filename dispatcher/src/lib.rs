@@ -70,6 +70,7 @@ fn load_models(config: &Config) -> Result<HashMap<String, ModelSpec>, Error> {
             .model_name
             .clone()
             .unwrap_or_else(|| spec.name.clone());
+        ember_core::model::check_name(&name).map_err(Error::Config)?;
         models.insert(name, spec);
     }
     Ok(models)

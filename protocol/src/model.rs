@@ -207,8 +207,8 @@ impl ModelSpec {
             Self::parse("").map_err(|e| format!("{}: {e}", dir.display()))?
         };
         if spec.name.is_empty() {
+            // Checked where the name is final: a `--model-name` may replace it.
             spec.name = dir_name(dir)?;
-            check_name(&spec.name).map_err(|e| format!("{}: {e}", dir.display()))?;
         }
         if let Some(file) = &spec.labels_file {
             let path = dir.join(file);

@@ -190,9 +190,18 @@ pub mod oip {
         Bool(Vec<bool>),
         I64(Vec<i64>),
         U64(Vec<u64>),
-        F64(Vec<f64>),
+        F64(#[serde(deserialize_with = "floats_or_null")] Vec<f64>),
         F32(Vec<f32>),
         Str(Vec<String>),
+    }
+
+    /// JSON has no NaN or infinity: serde_json writes non-finite floats as `null`; they read
+    /// back as NaN.
+    fn floats_or_null<'de, D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Vec<f64>, D::Error> {
+        let values: Vec<Option<f64>> = Deserialize::deserialize(deserializer)?;
+        Ok(values.into_iter().map(|v| v.unwrap_or(f64::NAN)).collect())
     }
 
     impl TensorData {
@@ -383,6 +392,14 @@ mod tests {
         assert_eq!(back, TensorData::F64(vec![0.5, 1.0]));
         let back: TensorData = serde_json::from_str("[1,2]").expect("reads");
         assert_eq!(back, TensorData::I64(vec![1, 2]));
+        // A model's infinities and NaNs are written as null, and read back as NaN.
+        let written = serde_json::to_string(&TensorData::F32(vec![f32::NEG_INFINITY, 1.5]))
+            .expect("serialises");
+        assert_eq!(written, "[null,1.5]");
+        let TensorData::F64(back) = serde_json::from_str(&written).expect("reads") else {
+            panic!("floats")
+        };
+        assert!(back[0].is_nan() && back[1] == 1.5);
     }
 
     #[test]

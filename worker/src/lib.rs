@@ -147,6 +147,7 @@ async fn start(config: &Config) -> Result<(Context, Admin, Option<crate::gpu::Sa
         .model_name
         .clone()
         .unwrap_or_else(|| engine.spec.name.clone());
+    ember_core::model::check_name(&model).map_err(Error::Config)?;
     let device = engine.device;
     metrics
         .device

@@ -282,14 +282,16 @@ impl Signature {
                 })?;
             let (_, tensor) = given.swap_remove(at);
             check_port(port, &tensor)?;
-            let n = tensor.shape.first().copied();
-            if rows.is_some_and(|r| r != n) {
+            let n = tensor.shape.first().copied().unwrap_or(1);
+            if let Some((first, r)) = &rows
+                && *r != n
+            {
                 return Err(Error::InvalidInput(format!(
-                    "inputs disagree on the batch size: {} has {:?} rows",
-                    port.name, n
+                    "inputs disagree on the batch size: `{first}` has {r} rows, `{}` has {n}",
+                    port.name
                 )));
             }
-            rows = Some(n);
+            rows.get_or_insert((port.name.clone(), n));
             arranged.push(tensor);
         }
         if arranged.first().is_some_and(|t| t.rows() == 0) {

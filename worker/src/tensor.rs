@@ -513,11 +513,13 @@ fn push_json(data: &mut Data, value: &serde_json::Value) -> Result<(), Error> {
     let dtype = data.dtype();
     let bad = || {
         Error::InvalidInput(format!(
-            "{} is not a {} value",
+            "{} is not a valid {} value",
             truncate(&value.to_string()),
             dtype.oip()
         ))
     };
+    // A finite JSON number past the type's range would become an infinity.
+    let float = |max: f64| value.as_f64().filter(|v| v.abs() <= max).ok_or_else(bad);
     macro_rules! int {
         ($v:expr, $t:ty) => {{
             let n = value
@@ -538,8 +540,8 @@ fn push_json(data: &mut Data, value: &serde_json::Value) -> Result<(), Error> {
         Data::I16(v) => int!(v, i16),
         Data::I32(v) => int!(v, i32),
         Data::I64(v) => int!(v, i64),
-        Data::F16(v) => v.push(f16::from_f64(value.as_f64().ok_or_else(bad)?)),
-        Data::F32(v) => v.push(value.as_f64().ok_or_else(bad)? as f32),
+        Data::F16(v) => v.push(f16::from_f64(float(f64::from(f16::MAX))?)),
+        Data::F32(v) => v.push(float(f64::from(f32::MAX))? as f32),
         Data::F64(v) => v.push(value.as_f64().ok_or_else(bad)?),
         Data::Bytes(v) => v.push(value.as_str().ok_or_else(bad)?.to_string()),
     }
