@@ -13,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::{CudaOptions, Device};
 use crate::process::{InputLimits, Pipeline, Prepared};
-use crate::runtime::{self, Loaded, SessionOptions};
+use crate::runtime::{self, ResidentSession, SessionOptions};
 use crate::tensor::Tensor;
 use crate::{Error, Result};
 
@@ -102,7 +102,7 @@ impl Engine {
         };
         tracing::info!(model = %spec.name, path = %session.model_path.display(), device = %options.device, ort = %dylib.display(), "loading the model");
         let env = runtime::init_runtime(&dylib)?;
-        let loaded = Loaded::new(env, session, options.reload_per_job)?;
+        let loaded = ResidentSession::new(env, session, options.reload_per_job)?;
         let signature = loaded.signature().clone();
         let ceiling = options
             .max_batch
@@ -194,7 +194,7 @@ impl Engine {
     }
 }
 
-fn start_thread(loaded: Loaded) -> Result<mpsc::Sender<BatchRequest>> {
+fn start_thread(loaded: ResidentSession) -> Result<mpsc::Sender<BatchRequest>> {
     let (tx, mut rx) = mpsc::channel::<BatchRequest>(2);
     std::thread::Builder::new()
         .name("ember-inference".into())
@@ -211,7 +211,11 @@ fn start_thread(loaded: Loaded) -> Result<mpsc::Sender<BatchRequest>> {
 }
 
 /// Stacks the jobs' inputs, runs the session once, and splits every output back per job.
-fn run_batch(loaded: &mut Loaded, jobs: Vec<Vec<Tensor>>, rows: &[usize]) -> Result<BatchOutput> {
+fn run_batch(
+    loaded: &mut ResidentSession,
+    jobs: Vec<Vec<Tensor>>,
+    rows: &[usize],
+) -> Result<BatchOutput> {
     let inputs = stack(jobs)?;
     let total: usize = rows.iter().sum();
     let names: Vec<String> = loaded

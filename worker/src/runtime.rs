@@ -220,7 +220,7 @@ pub fn load_session(env: &Environment, options: &SessionOptions) -> Result<(Sess
 }
 
 /// A loaded model: the session plus what is needed to reload it per job.
-pub struct Loaded {
+pub struct ResidentSession {
     env: Environment,
     options: SessionOptions,
     session: Option<Session>,
@@ -231,16 +231,16 @@ pub struct Loaded {
     device: Device,
 }
 
-impl std::fmt::Debug for Loaded {
+impl std::fmt::Debug for ResidentSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Loaded")
+        f.debug_struct("ResidentSession")
             .field("options", &self.options)
             .field("reload_per_job", &self.reload_per_job)
             .finish_non_exhaustive()
     }
 }
 
-impl Loaded {
+impl ResidentSession {
     /// Loads the model (timed) unless `reload_per_job`, in which case each batch loads its own.
     pub fn new(env: Environment, options: SessionOptions, reload_per_job: bool) -> Result<Self> {
         // Even with reload-per-job, load once at start: a broken model or device must fail at

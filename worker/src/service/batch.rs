@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 
 use super::Context;
 use super::intake::Job;
-use super::reply::{Done, finish};
+use super::reply::{Answer, finish};
 use crate::Error;
 use crate::batcher::next_batch;
 use crate::process::Prepared;
@@ -37,7 +37,7 @@ pub async fn batch_loop(
         let mut live = Vec::with_capacity(batch.len());
         for (job, prepared) in batch {
             match ctx.refusal(&job, now_ms) {
-                Some(error) => refused.push(Done::failed(job, error)),
+                Some(error) => refused.push(Answer::failed(job, error)),
                 None => live.push((job, prepared)),
             }
         }
@@ -80,7 +80,7 @@ pub fn buckets<J>(
 }
 
 /// Runs one bucket and makes each job's result.
-async fn run(ctx: &Context, bucket: Vec<(Job, Prepared)>, now_ms: u64) -> Vec<Done> {
+async fn run(ctx: &Context, bucket: Vec<(Job, Prepared)>, now_ms: u64) -> Vec<Answer> {
     let (jobs, mut prepared): (Vec<Job>, Vec<Prepared>) = bucket.into_iter().unzip();
     let rows: usize = prepared.iter().map(|p| p.rows).sum();
     ctx.metrics.batch_size.observe(rows as f64);
@@ -100,7 +100,7 @@ async fn run(ctx: &Context, bucket: Vec<(Job, Prepared)>, now_ms: u64) -> Vec<Do
                 .zip(prepared)
                 .zip(output.outputs)
                 .zip(waits)
-                .map(|(((job, prepared), outputs), wait)| Done {
+                .map(|(((job, prepared), outputs), wait)| Answer {
                     job,
                     outcome: pipeline.finish(&prepared.shape, prepared.rows, outputs),
                     timing: Timing {
@@ -116,7 +116,7 @@ async fn run(ctx: &Context, bucket: Vec<(Job, Prepared)>, now_ms: u64) -> Vec<Do
             tracing::error!(%error, batch = jobs.len(), "inference failed; requeueing the batch");
             let message = error.to_string();
             jobs.into_iter()
-                .map(|job| Done::failed(job, Error::Model(message.clone())))
+                .map(|job| Answer::failed(job, Error::Model(message.clone())))
                 .collect()
         }
     }

@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
 
 use super::Context;
-use super::reply::{Done, finish};
+use super::reply::{Answer, finish};
 use crate::Error;
 use crate::process::{Pipeline, Prepared};
 
@@ -160,7 +160,7 @@ pub fn accept(
         tracker.spawn(finish(
             ctx.clone(),
             publisher.clone(),
-            vec![Done::failed(job, error)],
+            vec![Answer::failed(job, error)],
         ));
         return;
     }
@@ -172,7 +172,7 @@ pub fn accept(
         match prepared {
             // A closed batcher (connection lost) drops the job: the broker redelivers it.
             Ok(prepared) => drop(prepared_tx.send((job, prepared)).await),
-            Err(error) => finish(ctx, publisher, vec![Done::failed(job, error)]).await,
+            Err(error) => finish(ctx, publisher, vec![Answer::failed(job, error)]).await,
         }
     });
 }

@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use super::Context;
 use super::intake::Job;
-use super::reply::{Done, finish};
+use super::reply::{Answer, finish};
 use crate::{Error, Result};
 
 /// How long a cancellation is remembered.
@@ -162,7 +162,7 @@ pub fn answer_dead_letter(
          died with it, as many times as the queue's delivery limit allows; it is kept in {}",
         topology::dead_letter_queue(&ctx.model)
     );
-    let done = Done::failed(job, Error::DeadLettered(message));
+    let done = Answer::failed(job, Error::DeadLettered(message));
     tracker.spawn(finish(ctx.clone(), publisher.clone(), vec![done]));
 }
 

@@ -19,13 +19,13 @@ use crate::{Error, Result};
 
 /// A finished job, ready to be published and acked.
 #[derive(Debug)]
-pub struct Done {
+pub struct Answer {
     pub job: Job,
     pub outcome: Result<Outputs>,
     pub timing: Timing,
 }
 
-impl Done {
+impl Answer {
     /// A job answered with `error` before it reached the model.
     pub fn failed(job: Job, error: Error) -> Self {
         Self {
@@ -50,9 +50,9 @@ fn result_headers(model: &str, status: Status, traceparent: Option<&LongString>)
 /// Publishes the results of `done` (to `reply_to`, `ember.results`, and `ember.callbacks` when a
 /// callback was asked for), waits for every confirm, then acks each job; a job whose result was
 /// not confirmed, or whose failure is transient, is requeued.
-pub async fn finish(ctx: Arc<Context>, publisher: Channel, done: Vec<Done>) {
+pub async fn finish(ctx: Arc<Context>, publisher: Channel, done: Vec<Answer>) {
     let mut pending = Vec::with_capacity(done.len());
-    for Done {
+    for Answer {
         job,
         outcome,
         mut timing,
