@@ -5,9 +5,12 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use ember_testkit::process::Process;
+use ember_testkit::rabbitmq::Node;
+use ember_testkit::{free_port, root};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
@@ -21,68 +24,31 @@ const USER: &str = "ember-creds-user";
 const PASSWORD: &str = "Xq7-vL2pR9-unmistakable-93kT";
 const PATIENCE: Duration = Duration::from_secs(90);
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn rabbitmq_node(args: &[&str]) -> Output {
-    let out = Command::new(root().join("scripts/rabbitmq-node"))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "scripts/rabbitmq-node {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// The private node; stopped when dropped, also when the test fails.
-struct Node;
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = Command::new(root().join("scripts/rabbitmq-node"))
-            .args(["stop", NODE])
-            .output();
-    }
-}
-
 /// The autoscaler process, its stdout and stderr in one file; SIGTERM on drop.
-struct Autoscaler {
-    child: Child,
-    log: PathBuf,
-}
+struct Autoscaler(Process);
 
 impl Autoscaler {
     fn start(name: &str, envs: &[(&str, &str)]) -> Autoscaler {
         let log = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("amqp-creds-{name}.log"));
-        let file = std::fs::File::create(&log).unwrap();
-        let admin = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_ember-autoscaler"))
-            .current_dir(root())
-            .args(["--model-dir", "models/ssdlite-person"])
-            .args(["--model-name", &format!("creds-{name}")])
-            .args(["--min-replicas", "0", "--max-replicas", "0"])
-            .args(["--worker-bin", "/bin/true"])
-            .args(["--admin-addr", &admin.to_string()])
-            .args(["--amqp-min-backoff", "50ms", "--amqp-max-backoff", "500ms"])
-            .env("EMBER_LOG", "trace")
-            .envs(envs.iter().copied())
-            .stdout(Stdio::from(file.try_clone().unwrap()))
-            .stderr(Stdio::from(file))
-            .spawn()
-            .unwrap();
-        Autoscaler { child, log }
+        let admin = free_port();
+        let process = Process::spawn(
+            Command::new(env!("CARGO_BIN_EXE_ember-autoscaler"))
+                .current_dir(root())
+                .args(["--model-dir", "models/ssdlite-person"])
+                .args(["--model-name", &format!("creds-{name}")])
+                .args(["--min-replicas", "0", "--max-replicas", "0"])
+                .args(["--worker-bin", "/bin/true"])
+                .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+                .args(["--amqp-min-backoff", "50ms", "--amqp-max-backoff", "500ms"])
+                .env("EMBER_LOG", "trace")
+                .envs(envs.iter().copied()),
+            log,
+        );
+        Autoscaler(process.terminate_on_drop())
     }
 
     fn output(&self) -> String {
-        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+        self.0.log_text()
     }
 
     /// Waits until `needle` appears `times` times in the output.
@@ -100,24 +66,8 @@ impl Autoscaler {
 
     /// Stops it (SIGTERM) and returns everything it wrote.
     fn stop(mut self) -> String {
-        terminate(&mut self.child);
+        self.0.stop();
         self.output()
-    }
-}
-
-fn terminate(child: &mut Child) {
-    if !matches!(child.try_wait(), Ok(None)) {
-        return;
-    }
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
-}
-
-impl Drop for Autoscaler {
-    fn drop(&mut self) {
-        terminate(&mut self.child);
     }
 }
 
@@ -160,26 +110,9 @@ fn the_broker_password_never_appears_in_the_output() {
     std::fs::create_dir_all(&dir).unwrap();
     let ca = certificates(&dir);
     let ca = ca.to_str().unwrap();
-    rabbitmq_node(&[
-        "start",
-        NODE,
-        &AMQP_PORT.to_string(),
-        &TLS_PORT.to_string(),
-        dir.to_str().unwrap(),
-    ]);
-    let _node = Node;
-    rabbitmq_node(&["ctl", NODE, "add_user", USER, PASSWORD]);
-    rabbitmq_node(&[
-        "ctl",
-        NODE,
-        "set_permissions",
-        "-p",
-        "/",
-        USER,
-        ".*",
-        ".*",
-        ".*",
-    ]);
+    let node = Node::with_tls(NODE, AMQP_PORT, TLS_PORT, &dir);
+    node.ctl(&["add_user", USER, PASSWORD]);
+    node.ctl(&["set_permissions", "-p", "/", USER, ".*", ".*", ".*"]);
     let url = format!("amqps://{USER}:{PASSWORD}@127.0.0.1:{TLS_PORT}/%2f");
     let shown = format!("amqps://{USER}:***@127.0.0.1:{TLS_PORT}/%2f");
 
@@ -200,9 +133,9 @@ fn the_broker_password_never_appears_in_the_output() {
         &[("EMBER_AMQP_URL", &url), ("EMBER_AMQP_CA_FILE", ca)],
     );
     autoscaler.wait_for("connected to the broker", 1);
-    rabbitmq_node(&["ctl", NODE, "stop_app"]);
+    node.ctl(&["stop_app"]);
     autoscaler.wait_for("broker connection failed", 2);
-    rabbitmq_node(&["ctl", NODE, "start_app"]);
+    node.ctl(&["start_app"]);
     autoscaler.wait_for("connected to the broker", 2);
     let output = autoscaler.stop();
     assert!(output.contains(&shown), "{output}");

@@ -2,12 +2,11 @@
 //! emulator with a kubeconfig (tests/clients/kmock_cluster.py), and the real broker.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
 use std::process::Command;
 
 #[test]
 fn the_binary_takes_the_lease_scales_the_deployment_and_reports_through_a_kubeconfig() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = ember_testkit::root();
     let model = format!("kmock-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let output = Command::new(root.join(".venv/bin/python"))
         .current_dir(&root)

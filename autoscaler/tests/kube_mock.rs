@@ -363,8 +363,7 @@ async fn leader_election_creates_renews_respects_and_takes_over_the_lease() {
 
 #[test]
 fn the_crd_in_the_manifests_is_the_one_the_code_generates() {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../manifests/base/crd-inferencepool.yaml");
+    let path = ember_testkit::root().join("manifests/base/crd-inferencepool.yaml");
     let committed = std::fs::read_to_string(&path).unwrap();
     assert!(
         committed == kubernetes::crd_yaml(),

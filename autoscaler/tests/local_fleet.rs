@@ -4,39 +4,18 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ember_core::protocol::JobResult;
 use ember_core::topology::{self, QueueSettings};
+use ember_testkit::process::Process;
+use ember_testkit::{free_port, metric, root, unique_model};
 use futures_util::StreamExt;
-use lapin::options::{
-    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
-};
-use lapin::types::FieldTable;
-use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lapin::BasicProperties;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions};
 
 const PATIENCE: Duration = Duration::from_secs(180);
-
-/// The autoscaler process; on drop (a failed assertion included) it gets SIGTERM so that it
-/// stops the workers it started instead of leaving them running.
-struct Autoscaler(std::process::Child);
-
-impl Drop for Autoscaler {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status();
-        let _ = self.0.wait();
-    }
-}
-
-fn metric(text: &str, prefix: &str) -> Option<f64> {
-    text.lines()
-        .find(|line| line.starts_with(prefix))
-        .and_then(|line| line.rsplit(' ').next()?.parse().ok())
-}
 
 async fn metrics(port: u16) -> String {
     let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
@@ -53,65 +32,56 @@ async fn metrics(port: u16) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_burst_scales_from_zero_drains_and_returns_to_zero_losing_nothing() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = root();
     let worker = Path::new(env!("CARGO_BIN_EXE_ember-autoscaler")).with_file_name("ember-worker");
     assert!(
         worker.is_file(),
         "{} is missing: run the tests with --workspace (scripts/test does) so the worker is built",
         worker.display()
     );
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    let model = format!("scale-{}", &id[..8]);
-    let admin = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let model = unique_model("scale");
+    let admin = free_port();
     let log = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{model}-autoscaler.log"));
-    let autoscaler = Command::new(env!("CARGO_BIN_EXE_ember-autoscaler"))
-        .current_dir(&root)
-        .args([
-            "--model-dir",
-            "models/ssdlite-person",
-            "--model-name",
-            &model,
-        ])
-        .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
-        .args([
-            "--min-replicas",
-            "0",
-            "--max-replicas",
-            "3",
-            "--tick",
-            "200ms",
-        ])
-        .args(["--initial-service-rate", "5", "--target-drain-time", "2s"])
-        .args([
-            "--scale-down-window",
-            "2s",
-            "--idle-to-zero",
-            "3s",
-            "--scale-down-step",
-            "3",
-        ])
-        .args([
-            "--worker-arg",
-            "--intra-threads 1 --heartbeat-interval 200ms --max-batch 4",
-        ])
-        .env("EMBER_LOG", "info,ort=warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let mut autoscaler = Autoscaler(autoscaler);
-    let log_text = || std::fs::read_to_string(&log).unwrap_or_default();
-
-    let connection = Connection::connect(
-        "amqp://guest:guest@127.0.0.1:5672/%2f",
-        ConnectionProperties::default(),
+    // On drop (a failed assertion included) it gets SIGTERM, so that it stops the workers it
+    // started instead of leaving them running.
+    let mut autoscaler = Process::spawn(
+        Command::new(env!("CARGO_BIN_EXE_ember-autoscaler"))
+            .current_dir(&root)
+            .args([
+                "--model-dir",
+                "models/ssdlite-person",
+                "--model-name",
+                &model,
+            ])
+            .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+            .args([
+                "--min-replicas",
+                "0",
+                "--max-replicas",
+                "3",
+                "--tick",
+                "200ms",
+            ])
+            .args(["--initial-service-rate", "5", "--target-drain-time", "2s"])
+            .args([
+                "--scale-down-window",
+                "2s",
+                "--idle-to-zero",
+                "3s",
+                "--scale-down-step",
+                "3",
+            ])
+            .args([
+                "--worker-arg",
+                "--intra-threads 1 --heartbeat-interval 200ms --max-batch 4",
+            ])
+            .env("EMBER_LOG", "info,ort=warn"),
+        log,
     )
-    .await
-    .unwrap();
+    .terminate_on_drop();
+    let log_text = || autoscaler.log_text();
+
+    let connection = ember_testkit::amqp::connect().await;
     let channel = connection.create_channel().await.unwrap();
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -120,36 +90,11 @@ async fn a_burst_scales_from_zero_drains_and_returns_to_zero_losing_nothing() {
     topology::declare_model(&channel, &model, QueueSettings::default())
         .await
         .unwrap();
-    let reply = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let mut replies = channel
-        .basic_consume(
-            reply.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    // Idle at zero replicas first.
+    let (reply_queue, mut replies) = ember_testkit::amqp::reply_queue(&channel).await;
+    // Idle at zero replicas first: the gauge is there (the autoscaler has ticked) and says 0.
     let started = Instant::now();
-    while metric(
-        &metrics(admin).await,
-        &format!("ember_autoscaler_desired_replicas{{model=\"{model}\"}}"),
-    ) != Some(0.0)
-    {
+    let idle = format!("ember_autoscaler_desired_replicas{{model=\"{model}\"}} 0");
+    while !metrics(admin).await.lines().any(|line| line == idle) {
         assert!(
             started.elapsed() < PATIENCE,
             "autoscaler never ticked: {}",
@@ -176,7 +121,7 @@ async fn a_burst_scales_from_zero_drains_and_returns_to_zero_losing_nothing() {
                 BasicProperties::default()
                     .with_message_id(format!("job-{i}").as_str().into())
                     .with_correlation_id(format!("job-{i}").as_str().into())
-                    .with_reply_to(reply.name().clone())
+                    .with_reply_to(reply_queue.as_str().into())
                     .with_content_type("image/png".into())
                     .with_delivery_mode(2),
             )
@@ -201,7 +146,7 @@ async fn a_burst_scales_from_zero_drains_and_returns_to_zero_losing_nothing() {
             }
             () = tokio::time::sleep(Duration::from_millis(100)) => {
                 let text = metrics(admin).await;
-                let desired = metric(&text, &format!("ember_autoscaler_desired_replicas{{model=\"{model}\"}}")).unwrap_or(0.0);
+                let desired = metric(&text, &format!("ember_autoscaler_desired_replicas{{model=\"{model}\"}}"));
                 if desired > 0.0 {
                     first_decision.get_or_insert_with(|| burst_at.elapsed());
                 }
@@ -235,8 +180,8 @@ async fn a_burst_scales_from_zero_drains_and_returns_to_zero_losing_nothing() {
             &text,
             &format!("ember_autoscaler_ready_replicas{{model=\"{model}\"}}"),
         );
-        if desired == Some(0.0)
-            && ready == Some(0.0)
+        if desired == 0.0
+            && ready == 0.0
             && log_text().matches("worker drained and exited").count() >= peak as usize
         {
             break;
@@ -255,10 +200,8 @@ async fn a_burst_scales_from_zero_drains_and_returns_to_zero_losing_nothing() {
         first_result.unwrap(),
         drained_after
     );
-    let _ = Command::new("kill")
-        .args(["-TERM", &autoscaler.0.id().to_string()])
-        .status();
-    let status = autoscaler.0.wait().unwrap();
+    autoscaler.signal("TERM");
+    let status = autoscaler.wait_exit();
     assert!(status.success(), "{status:?}");
     for queue in topology::model_queues(&model) {
         let _ = channel

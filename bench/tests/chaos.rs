@@ -19,7 +19,7 @@ fn every_fault_loses_nothing_and_answers_nothing_twice() {
         );
     }
     let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("chaos");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = ember_testkit::root();
     let status = Command::new(bench)
         .current_dir(&root)
         .args(["--out", out.to_str().unwrap(), "chaos"])

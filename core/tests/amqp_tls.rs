@@ -4,10 +4,10 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use ember_core::amqp::{AmqpConfig, ConnectError, connect_once};
+use ember_testkit::rabbitmq::Node;
 use lapin::BasicProperties;
 use lapin::options::{
     BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions,
@@ -21,45 +21,6 @@ use rcgen::{
 const NODE: &str = "ember-amqp-tls";
 const AMQP_PORT: u16 = 5691;
 const TLS_PORT: u16 = 5692;
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn rabbitmq_node(args: &[&str]) -> std::process::Output {
-    Command::new(repo_root().join("scripts/rabbitmq-node"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-/// The private node; stopped when dropped, also when the test fails.
-struct Node;
-
-impl Node {
-    fn start(certs: &Path) -> Node {
-        let out = rabbitmq_node(&[
-            "start",
-            NODE,
-            &AMQP_PORT.to_string(),
-            &TLS_PORT.to_string(),
-            certs.to_str().unwrap(),
-        ]);
-        assert!(
-            out.status.success(),
-            "scripts/rabbitmq-node start failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Node
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = rabbitmq_node(&["stop", NODE]);
-    }
-}
 
 struct Ca {
     pem: String,
@@ -204,7 +165,7 @@ async fn amqps_connects_only_with_the_right_ca() {
     let stray_cert = write(&dir, "stray.pem", &stray_pem);
     let stray_key = write(&dir, "stray.key", &stray_key);
 
-    let _node = Node::start(&dir);
+    let _node = Node::with_tls(NODE, AMQP_PORT, TLS_PORT, &dir);
     let amqps = |host: &str| format!("amqps://guest:guest@{host}:{TLS_PORT}/%2f");
 
     // The right CA, by IP address and by host name: connects, and messages go through.

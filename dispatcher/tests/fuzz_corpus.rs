@@ -13,14 +13,14 @@ mod image;
 #[path = "../../fuzz/src/oip.rs"]
 mod oip;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use axum::http::StatusCode;
 use ember_core::protocol::content_type;
 use serde_json::json;
 
 fn fuzz_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
+    ember_testkit::root().join("fuzz")
 }
 
 fn inputs(target: &str) -> Vec<(String, Vec<u8>)> {

@@ -6,13 +6,14 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Dispatcher, InProcessWorker, Receiver, Reply, python};
+use common::{Dispatcher, InProcessWorker, python};
+use ember_testkit::callbacks::{Receiver, Reply};
 use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tritonclient_infers_the_person_in_astronaut_with_json_and_binary_tensors() {
     let _serial = common::serial().await;
-    let model = common::unique_model("triton");
+    let model = ember_testkit::unique_model("triton");
     let dispatcher = Dispatcher::start(&model, &[]).await;
     let _worker = InProcessWorker::start(&model);
     dispatcher.wait_model_ready(&model).await;
@@ -46,7 +47,7 @@ async fn tritonclient_infers_the_person_in_astronaut_with_json_and_binary_tensor
 #[tokio::test(flavor = "multi_thread")]
 async fn jobs_answer_inline_with_wait_and_by_polling() {
     let _serial = common::serial().await;
-    let model = common::unique_model("jobs");
+    let model = ember_testkit::unique_model("jobs");
     let dispatcher = Dispatcher::start(&model, &[]).await;
     let _worker = InProcessWorker::start(&model);
     dispatcher.wait_model_ready(&model).await;
@@ -54,7 +55,7 @@ async fn jobs_answer_inline_with_wait_and_by_polling() {
     let inline = dispatcher
         .post(&format!("/v1/models/{model}/jobs?wait=30s"))
         .header("content-type", "image/png")
-        .body(std::fs::read(common::root().join("tests/samples/camera.png")).unwrap())
+        .body(std::fs::read(ember_testkit::root().join("tests/samples/camera.png")).unwrap())
         .send()
         .await
         .unwrap();
@@ -124,7 +125,7 @@ async fn jobs_answer_inline_with_wait_and_by_polling() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_callback_arrives_once_and_verifies_with_the_standard_webhooks_library() {
     let _serial = common::serial().await;
-    let model = common::unique_model("callback");
+    let model = ember_testkit::unique_model("callback");
     let receiver = Receiver::start(vec![], None).await;
     let dispatcher = Dispatcher::start(&model, &[]).await;
     let _worker = InProcessWorker::start(&model);
@@ -175,7 +176,7 @@ async fn a_callback_arrives_once_and_verifies_with_the_standard_webhooks_library
 #[tokio::test(flavor = "multi_thread")]
 async fn a_receiver_failing_twice_gets_the_result_on_the_third_attempt() {
     let _serial = common::serial().await;
-    let model = common::unique_model("retry");
+    let model = ember_testkit::unique_model("retry");
     let receiver = Receiver::start(vec![Reply::Status(500), Reply::RetryAfter(503, 1)], None).await;
     let dispatcher = Dispatcher::start(&model, &[]).await;
     let _worker = InProcessWorker::start(&model);
@@ -203,15 +204,15 @@ async fn a_receiver_failing_twice_gets_the_result_on_the_third_attempt() {
     assert!(attempts[2].at.duration_since(attempts[1].at) >= Duration::from_millis(950));
     let metrics = dispatcher.metrics().await;
     assert_eq!(
-        common::metric(
+        ember_testkit::metric(
             &metrics,
             "ember_dispatcher_callbacks_total{outcome=\"delivered\"}"
         ),
         1.0
     );
-    assert!(common::metric(&metrics, "ember_dispatcher_callback_attempts_total") >= 3.0);
+    assert!(ember_testkit::metric(&metrics, "ember_dispatcher_callback_attempts_total") >= 3.0);
     assert!(
-        common::metric(
+        ember_testkit::metric(
             &metrics,
             "ember_dispatcher_http_requests_total{method=\"POST\",route=\"/v1/models/{model}/jobs\",status=\"202\"}"
         ) >= 1.0,
@@ -222,7 +223,7 @@ async fn a_receiver_failing_twice_gets_the_result_on_the_third_attempt() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_receiver_that_never_answers_ends_in_the_callback_dead_letter_queue() {
     let _serial = common::serial().await;
-    let model = common::unique_model("deadcb");
+    let model = ember_testkit::unique_model("deadcb");
     let receiver = Receiver::start(vec![], Some(Reply::Hang)).await;
     let dispatcher = Dispatcher::start(
         &model,
@@ -253,7 +254,7 @@ async fn a_receiver_that_never_answers_ends_in_the_callback_dead_letter_queue() 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_idempotency_key_gives_one_job_one_result_one_callback() {
     let _serial = common::serial().await;
-    let model = common::unique_model("idem");
+    let model = ember_testkit::unique_model("idem");
     let receiver = Receiver::start(vec![], None).await;
     let dispatcher = Dispatcher::start(&model, &[]).await;
     let _worker = InProcessWorker::start(&model);
@@ -331,7 +332,7 @@ async fn one_idempotency_key_gives_one_job_one_result_one_callback() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_requests_get_their_status_and_code() {
     let _serial = common::serial().await;
-    let model = common::unique_model("errors");
+    let model = ember_testkit::unique_model("errors");
     // No worker: the queue (max length 2) fills up.
     let dispatcher = Dispatcher::start(
         &model,
@@ -442,7 +443,7 @@ async fn bad_requests_get_their_status_and_code() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bearer_tokens_guard_the_api_but_not_health() {
     let _serial = common::serial().await;
-    let model = common::unique_model("auth");
+    let model = ember_testkit::unique_model("auth");
     let dispatcher = Dispatcher::start(&model, &["--auth-token", "s3cret,other"]).await;
     assert_eq!(
         dispatcher.get("/v2/health/live").await.unwrap().status(),
@@ -474,7 +475,7 @@ async fn bearer_tokens_guard_the_api_but_not_health() {
 #[tokio::test(flavor = "multi_thread")]
 async fn pending_callbacks_survive_a_dispatcher_restart() {
     let _serial = common::serial().await;
-    let model = common::unique_model("restart");
+    let model = ember_testkit::unique_model("restart");
     let receiver = Receiver::start(vec![], Some(Reply::Status(503))).await;
     let mut dispatcher = Dispatcher::start(&model, &["--callback-max-attempts", "1000"]).await;
     let _worker = InProcessWorker::start(&model);
@@ -513,7 +514,7 @@ async fn pending_callbacks_survive_a_dispatcher_restart() {
     let restarted = Dispatcher::start(&model, &["--callback-max-attempts", "1000"]).await;
     let started = std::time::Instant::now();
     loop {
-        let delivered = common::metric(
+        let delivered = ember_testkit::metric(
             &restarted.metrics().await,
             "ember_dispatcher_callbacks_total{outcome=\"delivered\"}",
         );
@@ -522,7 +523,7 @@ async fn pending_callbacks_survive_a_dispatcher_restart() {
             break;
         }
         assert!(
-            started.elapsed() < common::PATIENCE,
+            started.elapsed() < ember_testkit::PATIENCE,
             "{delivered} of {} delivered",
             ids.len()
         );
@@ -540,7 +541,7 @@ async fn pending_callbacks_survive_a_dispatcher_restart() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cancelled_job_is_skipped_and_reported_cancelled() {
     let _serial = common::serial().await;
-    let model = common::unique_model("cancel");
+    let model = ember_testkit::unique_model("cancel");
     let dispatcher = Dispatcher::start(&model, &[]).await;
     let _worker = InProcessWorker::start(&model);
     dispatcher.wait_model_ready(&model).await;
@@ -584,7 +585,7 @@ async fn a_cancelled_job_is_skipped_and_reported_cancelled() {
         if view.get("result").is_some() {
             break view;
         }
-        assert!(started.elapsed() < common::PATIENCE);
+        assert!(started.elapsed() < ember_testkit::PATIENCE);
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(view["status"], "cancelled", "{view}");
@@ -602,14 +603,14 @@ async fn a_cancelled_job_is_skipped_and_reported_cancelled() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_callback_host_that_rebinds_to_loopback_after_submit_is_never_connected_to() {
     let _serial = common::serial().await;
-    let model = common::unique_model("rebind");
+    let model = ember_testkit::unique_model("rebind");
     // The receiver the rebinding name points at: loopback, not allow-listed.
     let inside = Receiver::start(vec![], None).await;
     // A receiver that is allow-listed, reached through a name too: proves the names resolve
     // through the injected resolver when the client connects.
     let allowed = Receiver::start_on("127.0.0.2", vec![], None).await;
     let names = Arc::new(
-        common::ScriptedNames::default()
+        ember_testkit::resolver::ScriptedNames::default()
             .answer("rebind.test", &[&["203.0.113.7"], &["127.0.0.1"]])
             .answer("allowed.test", &[&["127.0.0.2"]]),
     );
@@ -676,10 +677,10 @@ async fn a_callback_host_that_rebinds_to_loopback_after_submit_is_never_connecte
 #[tokio::test(flavor = "multi_thread")]
 async fn store_failures_answer_a_code_and_an_error_id_but_never_the_store_error() {
     let _serial = common::serial().await;
-    let model = common::unique_model("leak");
-    let redis = common::FakeRedis::start().await;
+    let model = ember_testkit::unique_model("leak");
+    let redis = ember_testkit::fake_redis::FakeRedis::start().await;
     let dispatcher = Dispatcher::start(&model, &["--redis-url", &redis.url]).await;
-    let marker = common::FakeRedis::MARKER;
+    let marker = ember_testkit::fake_redis::FakeRedis::MARKER;
 
     let mut ids = Vec::new();
     let submitted = dispatcher.submit(&model, "coffee.png", &[]).await;
@@ -733,7 +734,7 @@ async fn store_failures_answer_a_code_and_an_error_id_but_never_the_store_error(
 #[tokio::test(flavor = "multi_thread")]
 async fn oversized_headers_get_431_and_a_token_over_its_rate_gets_429() {
     let _serial = common::serial().await;
-    let model = common::unique_model("limits");
+    let model = ember_testkit::unique_model("limits");
     let dispatcher = Dispatcher::start(
         &model,
         &[
@@ -826,7 +827,7 @@ async fn oversized_headers_get_431_and_a_token_over_its_rate_gets_429() {
     assert_eq!(wrong.headers()["www-authenticate"], "Bearer");
     let metrics = dispatcher.metrics().await;
     assert_eq!(
-        common::metric(
+        ember_testkit::metric(
             &metrics,
             "ember_dispatcher_http_requests_total{method=\"GET\",route=\"/v2/models/{model}\",status=\"429\"}"
         ),
@@ -838,7 +839,7 @@ async fn oversized_headers_get_431_and_a_token_over_its_rate_gets_429() {
 #[tokio::test(flavor = "multi_thread")]
 async fn without_auth_the_rate_limit_is_per_client_address() {
     let _serial = common::serial().await;
-    let model = common::unique_model("ratelimit");
+    let model = ember_testkit::unique_model("ratelimit");
     let dispatcher =
         Dispatcher::start(&model, &["--rate-limit", "2/h", "--rate-limit-burst", "2"]).await;
     let path = format!("/v2/models/{model}");
@@ -862,7 +863,7 @@ async fn without_auth_the_rate_limit_is_per_client_address() {
 #[test]
 fn an_empty_auth_token_is_a_startup_error() {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_ember-dispatcher"))
-        .current_dir(common::root())
+        .current_dir(ember_testkit::root())
         .args(["--listen", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
         .args(["--auth-token", "s3cret,"])
         .output()

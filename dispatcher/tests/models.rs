@@ -11,12 +11,13 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{Dispatcher, InProcessWorker, root};
+use common::{Dispatcher, InProcessWorker};
+use ember_testkit::root;
 use serde_json::{Value, json};
 
 /// A dispatcher and a worker of `model_dir` under a fresh name, the worker ready.
 async fn serve(test: &str, model_dir: &Path) -> (String, Dispatcher, InProcessWorker) {
-    let model = common::unique_model(test);
+    let model = ember_testkit::unique_model(test);
     let dispatcher = Dispatcher::start_with_dir(&model, model_dir, &[]).await;
     let worker = InProcessWorker::start_with_dir(&model, model_dir);
     dispatcher.wait_model_ready(&model).await;
@@ -51,7 +52,7 @@ async fn assert_metadata_is_the_graphs(dispatcher: &Dispatcher, model: &str, dir
 
 /// A random two-input graph no test knows, written by make_bare_model.py: its dir and seed.
 fn bare_model() -> (PathBuf, u32) {
-    let dir = common::tempdir("bare-model");
+    let dir = ember_testkit::tempdir!("bare-model");
     let seed = (uuid::Uuid::new_v4().as_u128() % 1_000_000_007) as u32;
     common::python(
         "make_bare_model.py",
@@ -70,7 +71,7 @@ async fn a_directory_with_only_an_onnx_file_no_test_knows_is_inferred_by_tritonc
  {
     let _serial = common::serial().await;
     let (dir, seed) = bare_model();
-    let model = common::unique_model("bare");
+    let model = ember_testkit::unique_model("bare");
     let dispatcher = Dispatcher::start_with_dir(&model, &dir, &[]).await;
 
     // Before any worker: the directory's name and version, no tensors yet.
@@ -140,7 +141,7 @@ async fn a_directory_with_only_an_onnx_file_no_test_knows_is_inferred_by_tritonc
 /// The iris rows of the known answers as one `[3, 4]` FP32 tensor, and per row the expected
 /// label and probabilities.
 fn iris_rows() -> (Vec<f64>, Vec<(String, Vec<f64>)>) {
-    let known = common::known_answers("iris-classifier");
+    let known = ember_testkit::known_answers("iris-classifier");
     let mut data = Vec::new();
     let mut expected = Vec::new();
     for case in known["cases"].as_array().unwrap() {
@@ -271,7 +272,7 @@ async fn the_text_line_classifier_reads_upright_and_turned_pngs_through_jobs_and
     let (model, dispatcher, _worker) = serve("textline", &dir).await;
     assert_metadata_is_the_graphs(&dispatcher, &model, &dir).await;
 
-    let known = common::known_answers("ppocr-textline-orientation");
+    let known = ember_testkit::known_answers("ppocr-textline-orientation");
     for case in known["cases"].as_array().unwrap() {
         let view = png_job(&dispatcher, &model, case["image"].as_str().unwrap()).await;
         let outputs = &view["result"]["outputs"];
@@ -318,7 +319,7 @@ async fn the_ssd_finds_the_known_people_in_pngs_through_jobs_and_its_metadata_is
     assert_eq!(meta["inputs"][0]["datatype"], "UINT8");
     assert_eq!(meta["outputs"].as_array().unwrap().len(), 4);
 
-    let known = common::known_answers("ssdlite-person");
+    let known = ember_testkit::known_answers("ssdlite-person");
     let cases = known["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 4);
     for case in cases {
@@ -517,7 +518,7 @@ async fn bad_tensors_get_400_invalid_input_saying_what_was_expected_and_the_work
 async fn the_versioned_routes_answer_for_a_version_a_worker_reports_and_404_for_others() {
     let _serial = common::serial().await;
     let dir = root().join("models/iris-classifier");
-    let model = common::unique_model("versions");
+    let model = ember_testkit::unique_model("versions");
     let dispatcher = Dispatcher::start_with_dir(&model, &dir, &[]).await;
     // Before any worker: the directory's version is known but not ready; others are not found.
     let response = dispatcher
@@ -586,7 +587,7 @@ async fn the_versioned_routes_answer_for_a_version_a_worker_reports_and_404_for_
     }
     let metrics = dispatcher.metrics().await;
     assert_eq!(
-        common::metric(&metrics, "ember_dispatcher_publish_confirm_seconds_count"),
+        ember_testkit::metric(&metrics, "ember_dispatcher_publish_confirm_seconds_count"),
         1.0,
         "only the versioned infer of a served version was published"
     );
@@ -595,7 +596,7 @@ async fn the_versioned_routes_answer_for_a_version_a_worker_reports_and_404_for_
 /// A directory holding a one-node graph, `y = Log(x)`, FP32 `[-1]`: Log(0) is -inf, which the
 /// worker's JSON result cannot carry (it writes `null`).
 fn log_model() -> PathBuf {
-    let dir = common::tempdir("log-model");
+    let dir = ember_testkit::tempdir!("log-model");
     let script = r#"
 import sys, onnx
 from onnx import TensorProto, helper
@@ -670,7 +671,7 @@ async fn a_result_that_does_not_parse_is_a_500_at_once_not_a_timeout_nor_queued_
             break (status, body);
         }
         assert!(
-            started.elapsed() < common::PATIENCE,
+            started.elapsed() < ember_testkit::PATIENCE,
             "job {job_id} stayed queued"
         );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;

@@ -8,9 +8,10 @@ use std::collections::HashSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{JobOptions, Worker, metric};
+use common::{JobOptions, Worker};
 use ember_core::protocol::JobResult;
 use ember_core::topology;
+use ember_testkit::metric;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
@@ -34,7 +35,7 @@ impl Drop for RestoreBroker {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_worker_reconnects_after_a_broker_restart_and_every_confirmed_job_is_answered() {
-    let model = common::unique_model("restart");
+    let model = ember_testkit::unique_model("restart");
     let results_queue = format!("{model}.results");
     let _restore = RestoreBroker;
     let client = common::Client::new(&model).await;
@@ -87,7 +88,7 @@ async fn the_worker_reconnects_after_a_broker_restart_and_every_confirmed_job_is
     let started = Instant::now();
     while metric(&worker.metrics(), "ember_worker_jobs_total") < 5.0 {
         assert!(
-            started.elapsed() < common::PATIENCE,
+            started.elapsed() < ember_testkit::PATIENCE,
             "the worker never got going"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -98,7 +99,7 @@ async fn the_worker_reconnects_after_a_broker_restart_and_every_confirmed_job_is
     rabbitmqctl(&["start_app"]);
     rabbitmqctl(&["await_startup"]);
 
-    let connection = common::connect().await;
+    let connection = ember_testkit::amqp::connect().await;
     let channel = connection.create_channel().await.unwrap();
     let mut consumer = channel
         .basic_consume(
@@ -110,7 +111,7 @@ async fn the_worker_reconnects_after_a_broker_restart_and_every_confirmed_job_is
         .await
         .unwrap();
     let mut answered = HashSet::new();
-    let deadline = Instant::now() + common::PATIENCE;
+    let deadline = Instant::now() + ember_testkit::PATIENCE;
     while !ids.is_subset(&answered) {
         let remaining = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(remaining, consumer.next()).await {

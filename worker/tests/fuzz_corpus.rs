@@ -28,7 +28,7 @@ mod oip {
 #[path = "../../fuzz/src/tensor.rs"]
 mod tensor;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use ember_core::protocol::ErrorCode;
 use ember_worker::Error;
@@ -37,7 +37,7 @@ use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 
 fn fuzz_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz")
+    ember_testkit::root().join("fuzz")
 }
 
 fn inputs(target: &str) -> Vec<(String, Vec<u8>)> {
@@ -230,9 +230,7 @@ fn jpeg_claiming(width: u16, height: u16) -> Vec<u8> {
 
 /// A sample photo from tests/samples shrunk to `size x size` RGB.
 fn sample(name: &str, size: u32) -> Vec<u8> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/samples")
-        .join(name);
+    let path = ember_testkit::root().join("tests/samples").join(name);
     let image = ::image::open(path).unwrap().into_rgb8();
     ::image::imageops::resize(&image, size, size, ::image::imageops::FilterType::Triangle)
         .into_raw()

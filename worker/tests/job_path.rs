@@ -6,16 +6,17 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Client, JobOptions, Worker, metric, root};
+use common::{Client, JobOptions, Worker};
 use ember_core::protocol::{ErrorCode, Status};
 use ember_core::topology;
+use ember_testkit::{metric, root};
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_sample_photos_give_their_known_answers() {
-    let model = common::unique_model("samples");
+    let model = ember_testkit::unique_model("samples");
     let worker = Worker::start(&model, &[]);
     let mut client = Client::new(&model).await;
     let mut ids = Vec::new();
@@ -84,7 +85,7 @@ fn python_client(model: &str, extra: &[&str]) -> Vec<serde_json::Value> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_plain_pika_rpc_client_gets_detections_with_a_reply_queue_and_with_direct_reply_to() {
-    let model = common::unique_model("pika");
+    let model = ember_testkit::unique_model("pika");
     let worker = Worker::start(&model, &[]);
     // The worker declared the topology; the Python client only publishes and waits.
     for extra in [&[][..], &["--direct-reply-to"][..]] {
@@ -140,7 +141,7 @@ fn png_header_claiming(width: u32, height: u32) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_malformed_job_gets_its_error_code_and_the_worker_keeps_serving() {
-    let model = common::unique_model("malformed");
+    let model = ember_testkit::unique_model("malformed");
     let worker = Worker::start(&model, &["--max-input-bytes", "1000000"]);
     let mut client = Client::new(&model).await;
     let astronaut = common::sample("astronaut.png");
@@ -268,7 +269,7 @@ async fn every_malformed_job_gets_its_error_code_and_the_worker_keeps_serving() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn batches_larger_than_one_form_under_load() {
-    let model = common::unique_model("batching");
+    let model = ember_testkit::unique_model("batching");
     // Jobs are published before the worker starts, so a full prefetch is waiting for it.
     let mut client = Client::new(&model).await;
     let names = ["astronaut.png", "camera.png", "chelsea.png", "coffee.png"];
@@ -319,7 +320,7 @@ async fn batches_larger_than_one_form_under_load() {
 
 async fn wait_in_flight(worker: &Worker) {
     let started = std::time::Instant::now();
-    while started.elapsed() < common::PATIENCE {
+    while started.elapsed() < ember_testkit::PATIENCE {
         if metric(&worker.metrics(), "ember_worker_jobs_in_flight") > 0.0 {
             return;
         }
@@ -330,7 +331,7 @@ async fn wait_in_flight(worker: &Worker) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sigkilled_worker_loses_nothing_a_second_worker_answers_every_job() {
-    let model = common::unique_model("sigkill");
+    let model = ember_testkit::unique_model("sigkill");
     let mut client = Client::new(&model).await;
     let mut first = Worker::start(&model, &["--max-batch", "4"]);
     let mut ids = Vec::new();
@@ -366,7 +367,7 @@ async fn a_sigkilled_worker_loses_nothing_a_second_worker_answers_every_job() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_during_load_answers_the_jobs_in_hand_exits_0_and_loses_nothing() {
-    let model = common::unique_model("sigterm");
+    let model = ember_testkit::unique_model("sigterm");
     let mut client = Client::new(&model).await;
     let mut first = Worker::start(&model, &["--max-batch", "4"]);
     let mut ids = Vec::new();
@@ -407,7 +408,7 @@ async fn sigterm_during_load_answers_the_jobs_in_hand_exits_0_and_loses_nothing(
 async fn a_job_that_keeps_failing_is_dead_lettered_by_the_delivery_limit() {
     // The queue's own guarantee: a consumer that requeues a job again and again (as the worker
     // does on a transient failure) sees it dead-lettered after the delivery limit.
-    let model = common::unique_model("poison");
+    let model = ember_testkit::unique_model("poison");
     let client = Client::new(&model).await;
     let id = client.submit_png("coffee.png").await;
     let channel = client.connection.create_channel().await.unwrap();
@@ -463,7 +464,7 @@ async fn a_job_that_keeps_failing_is_dead_lettered_by_the_delivery_limit() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn asking_for_cuda_without_a_gpu_is_a_startup_error_unless_fallback_is_asked_for() {
-    let model = common::unique_model("cuda");
+    let model = ember_testkit::unique_model("cuda");
     let mut refused = Worker::spawn(&model, &["--device", "cuda:0"]);
     let status = refused.wait_exit();
     assert!(!status.success());
@@ -500,7 +501,7 @@ async fn asking_for_cuda_without_a_gpu_is_a_startup_error_unless_fallback_is_ask
         "{metrics}"
     );
     assert!(!metrics.contains("ember_worker_gpu_"), "{metrics}");
-    let delivery = tokio::time::timeout(common::PATIENCE, consumer.next())
+    let delivery = tokio::time::timeout(ember_testkit::PATIENCE, consumer.next())
         .await
         .expect("a heartbeat comes")
         .unwrap()
@@ -520,7 +521,7 @@ async fn asking_for_cuda_without_a_gpu_is_a_startup_error_unless_fallback_is_ask
 
 #[test]
 fn a_missing_onnx_runtime_library_is_a_clear_startup_error() {
-    let model = common::unique_model("noort");
+    let model = ember_testkit::unique_model("noort");
     let mut worker = Worker::spawn(
         &model,
         &["--ort-dylib-path", "/nonexistent/libonnxruntime.so"],
@@ -536,7 +537,7 @@ fn a_missing_onnx_runtime_library_is_a_clear_startup_error() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_worker_publishes_a_heartbeat_every_interval() {
-    let model = common::unique_model("heartbeat");
+    let model = ember_testkit::unique_model("heartbeat");
     let client = Client::new(&model).await;
     let mut consumer = common::heartbeats(&client.channel, &model).await;
     let worker = Worker::start(
@@ -550,7 +551,7 @@ async fn the_worker_publishes_a_heartbeat_every_interval() {
     );
     let id = client.submit_png("coffee.png").await;
     // Read heartbeats until one shows the job completed.
-    let deadline = std::time::Instant::now() + common::PATIENCE;
+    let deadline = std::time::Instant::now() + ember_testkit::PATIENCE;
     let mut seen = 0;
     loop {
         let remaining = deadline.saturating_duration_since(std::time::Instant::now());
@@ -586,7 +587,7 @@ async fn the_worker_publishes_a_heartbeat_every_interval() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_oip_tensor_job_gets_the_raw_output_tensors() {
-    let model = common::unique_model("tensor");
+    let model = ember_testkit::unique_model("tensor");
     let worker = Worker::start(&model, &[]);
     let mut client = Client::new(&model).await;
     let image = image::load_from_memory(&common::sample("astronaut.png"))

@@ -9,16 +9,11 @@ mod common;
 
 use std::process::Command;
 
-use common::{Client, JobOptions, Worker, metric, root};
+use common::{Client, JobOptions, Worker};
 use ember_core::protocol::oip::TensorData;
 use ember_core::protocol::{ErrorCode, JobResult, Status};
+use ember_testkit::{metric, root};
 use serde_json::{Value, json};
-
-fn known(model: &str) -> Value {
-    let text = std::fs::read_to_string(root().join("tests/known_answers.json")).unwrap();
-    let all: Value = serde_json::from_str(&text).unwrap();
-    all["models"][model].clone()
-}
 
 fn json_job(request: &Value) -> (Vec<u8>, JobOptions<'static>) {
     let options = JobOptions {
@@ -30,7 +25,7 @@ fn json_job(request: &Value) -> (Vec<u8>, JobOptions<'static>) {
 
 /// The iris rows of the known answers as one `[3, 4]` FP32 tensor, and their expectations.
 fn iris_rows() -> (Vec<f32>, Vec<(String, Vec<f64>)>) {
-    let cases = known("iris-classifier")["cases"]
+    let cases = ember_testkit::known_answers("iris-classifier")["cases"]
         .as_array()
         .unwrap()
         .clone();
@@ -92,7 +87,7 @@ fn assert_iris(result: &JobResult, expected: &[(String, Vec<f64>)]) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_iris_classifier_answers_json_and_binary_tensor_jobs_with_its_known_answers() {
-    let model = common::unique_model("iris");
+    let model = ember_testkit::unique_model("iris");
     let worker = Worker::start(&model, &["--model-dir", "models/iris-classifier"]);
     let mut client = Client::new(&model).await;
     let (rows, expected) = iris_rows();
@@ -151,7 +146,7 @@ async fn the_iris_classifier_answers_json_and_binary_tensor_jobs_with_its_known_
 
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_tensors_of_every_kind_are_answered_and_the_worker_keeps_serving() {
-    let model = common::unique_model("badtensor");
+    let model = ember_testkit::unique_model("badtensor");
     let worker = Worker::start(
         &model,
         &[
@@ -296,13 +291,13 @@ async fn bad_tensors_of_every_kind_are_answered_and_the_worker_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_text_line_classifier_reads_upright_and_turned_text_from_png_jobs() {
-    let model = common::unique_model("textline");
+    let model = ember_testkit::unique_model("textline");
     let worker = Worker::start(
         &model,
         &["--model-dir", "models/ppocr-textline-orientation"],
     );
     let mut client = Client::new(&model).await;
-    let cases = known("ppocr-textline-orientation")["cases"]
+    let cases = ember_testkit::known_answers("ppocr-textline-orientation")["cases"]
         .as_array()
         .unwrap()
         .clone();
@@ -347,13 +342,13 @@ async fn the_text_line_classifier_reads_upright_and_turned_text_from_png_jobs() 
 /// batching on (the graph's first dimensions are dynamic), every output returned.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_directory_with_only_model_onnx_is_served_as_raw_tensors() {
-    let dir = tempdir("bare");
+    let dir = ember_testkit::tempdir!("bare");
     std::fs::copy(
         root().join("models/iris-classifier/model.onnx"),
         dir.join("model.onnx"),
     )
     .unwrap();
-    let model = common::unique_model("bare");
+    let model = ember_testkit::unique_model("bare");
     let dir_arg = dir.to_str().unwrap().to_string();
     let worker = Worker::start(&model, &["--model-dir", &dir_arg]);
     let mut client = Client::new(&model).await;
@@ -392,13 +387,6 @@ async fn a_directory_with_only_model_onnx_is_served_as_raw_tensors() {
     std::fs::remove_dir_all(dir).ok();
 }
 
-fn tempdir(name: &str) -> std::path::PathBuf {
-    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("{name}-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 fn check(dir: &std::path::Path) -> (bool, Value) {
     let output = Command::new(env!("CARGO_BIN_EXE_ember-worker"))
         .current_dir(root())
@@ -422,7 +410,7 @@ fn check_gives_a_verdict_naming_the_graph_and_both_sides_of_a_mismatch() {
     assert_eq!(verdict["outputs"].as_array().unwrap().len(), 4);
     assert_eq!(verdict["batching"], true);
 
-    let dir = tempdir("mismatch");
+    let dir = ember_testkit::tempdir!("mismatch");
     std::fs::copy(
         root().join("models/iris-classifier/model.onnx"),
         dir.join("model.onnx"),

@@ -2,12 +2,10 @@
 //! broker — what the GPU check runs on a lent GPU machine. Here on CPU, with the real model.
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use ember_testkit::root;
 
 fn offline(args: &[&str]) -> (Output, Option<serde_json::Value>) {
     let out = Path::new(env!("CARGO_TARGET_TMPDIR"))

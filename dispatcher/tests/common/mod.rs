@@ -1,21 +1,18 @@
-//! Helpers for the dispatcher's end-to-end tests: the real dispatcher binary, a real worker (in
-//! this process, through the same `ember_worker::run` its binary calls), RabbitMQ, Redis, and a
-//! scripted callback receiver on 127.0.0.1.
+//! The dispatcher's own test glue: the real dispatcher binary (or the dispatcher in this
+//! process), a real worker in this process (through the same `ember_worker::run` its binary
+//! calls), the Python clients, RabbitMQ and Redis. What other crates' tests share too (the callback
+//! receiver, the fake Redis, the scripted resolver, processes) is in `ember-testkit`.
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::IntoResponse;
 use clap::Parser;
+use ember_testkit::process::Process;
+use ember_testkit::{PATIENCE, free_port, root};
 use tokio_util::sync::CancellationToken;
-
-pub const PATIENCE: Duration = Duration::from_secs(120);
 
 /// Every dispatcher consumes the one shared `ember.callbacks` queue (that is the design: any
 /// replica delivers any callback), so a test's callbacks could be taken by another test's
@@ -26,30 +23,12 @@ pub async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
 }
 pub const SECRET: &str = "whsec_dGVzdC1zZWNyZXQtZm9yLWVtYmVyLWNhbGxiYWNrcw==";
 
-pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-pub fn unique_model(test: &str) -> String {
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    format!("http-{test}-{}", &id[..8])
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The dispatcher as a process serving a model directory under `model`.
 pub struct Dispatcher {
-    pub child: Child,
+    process: Process,
     pub url: String,
     pub port: u16,
     pub admin_port: u16,
-    pub log: PathBuf,
     pub http: reqwest::Client,
 }
 
@@ -67,32 +46,30 @@ impl Dispatcher {
             "{model}-dispatcher-{}.log",
             uuid::Uuid::new_v4().simple()
         ));
-        let child = Command::new(env!("CARGO_BIN_EXE_ember-dispatcher"))
-            .current_dir(root())
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
-            .arg("--model-dir")
-            .arg(model_dir)
-            .args(["--model-name", model])
-            .args(["--callback-allow-net", "127.0.0.1/32"])
-            .args([
-                "--callback-initial-backoff",
-                "100ms",
-                "--callback-secret",
-                SECRET,
-            ])
-            .args(extra)
-            .env("EMBER_LOG", "info,ember_dispatcher=debug")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
+        let process = Process::spawn(
+            Command::new(env!("CARGO_BIN_EXE_ember-dispatcher"))
+                .current_dir(root())
+                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
+                .arg("--model-dir")
+                .arg(model_dir)
+                .args(["--model-name", model])
+                .args(["--callback-allow-net", "127.0.0.1/32"])
+                .args([
+                    "--callback-initial-backoff",
+                    "100ms",
+                    "--callback-secret",
+                    SECRET,
+                ])
+                .args(extra)
+                .env("EMBER_LOG", "info,ember_dispatcher=debug"),
+            log,
+        );
         let dispatcher = Self {
-            child,
+            process,
             url: format!("http://127.0.0.1:{port}"),
             port,
             admin_port,
-            log,
             http: reqwest::Client::new(),
         };
         let started = Instant::now();
@@ -112,7 +89,7 @@ impl Dispatcher {
     }
 
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.log_text()
     }
 
     pub async fn get(&self, path: &str) -> reqwest::Result<reqwest::Response> {
@@ -190,34 +167,12 @@ impl Dispatcher {
 
     /// SIGTERM, then the exit status (bounded by PATIENCE).
     pub async fn terminate(&mut self) -> std::process::ExitStatus {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                started.elapsed() < PATIENCE,
-                "dispatcher did not exit: {}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.process.signal("TERM");
+        self.process.exited().await
     }
 
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Dispatcher {
-    fn drop(&mut self) {
-        self.kill();
+        self.process.stop();
     }
 }
 
@@ -270,132 +225,6 @@ impl Drop for InProcessWorker {
             task.abort();
         }
     }
-}
-
-/// What a callback receiver does with one request.
-#[derive(Debug, Clone, Copy)]
-pub enum Reply {
-    Status(u16),
-    /// Status with a Retry-After header (seconds).
-    RetryAfter(u16, u64),
-    /// Never answers.
-    Hang,
-}
-
-#[derive(Debug, Clone)]
-pub struct Delivery {
-    pub headers: HeaderMap,
-    pub body: String,
-    pub at: Instant,
-}
-
-#[derive(Default)]
-struct ReceiverState {
-    plan: Vec<Reply>,
-    default: Option<Reply>,
-    deliveries: Vec<Delivery>,
-}
-
-/// A callback receiver on 127.0.0.1 that answers by a script (then 200) and records everything.
-#[derive(Clone)]
-pub struct Receiver {
-    state: Arc<Mutex<ReceiverState>>,
-    pub addr: SocketAddr,
-}
-
-async fn receive(
-    State(state): State<Arc<Mutex<ReceiverState>>>,
-    headers: HeaderMap,
-    body: String,
-) -> axum::response::Response {
-    let reply = {
-        let mut state = state.lock().unwrap();
-        state.deliveries.push(Delivery {
-            headers,
-            body,
-            at: Instant::now(),
-        });
-        if state.plan.is_empty() {
-            state.default.unwrap_or(Reply::Status(200))
-        } else {
-            state.plan.remove(0)
-        }
-    };
-    match reply {
-        Reply::Status(code) => StatusCode::from_u16(code).unwrap().into_response(),
-        Reply::RetryAfter(code, seconds) => (
-            StatusCode::from_u16(code).unwrap(),
-            [("retry-after", seconds.to_string())],
-        )
-            .into_response(),
-        Reply::Hang => {
-            tokio::time::sleep(Duration::from_secs(3600)).await;
-            StatusCode::OK.into_response()
-        }
-    }
-}
-
-impl Receiver {
-    pub async fn start(plan: Vec<Reply>, default: Option<Reply>) -> Self {
-        Self::start_on("127.0.0.1", plan, default).await
-    }
-
-    /// On another loopback address (all of 127/8 is loopback on Linux).
-    pub async fn start_on(ip: &str, plan: Vec<Reply>, default: Option<Reply>) -> Self {
-        let state = Arc::new(Mutex::new(ReceiverState {
-            plan,
-            default,
-            deliveries: Vec::new(),
-        }));
-        let app = axum::Router::new()
-            .route("/hook", axum::routing::post(receive))
-            .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        Self { state, addr }
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://{}/hook", self.addr)
-    }
-
-    pub fn set_default(&self, reply: Reply) {
-        self.state.lock().unwrap().default = Some(reply);
-    }
-
-    pub fn deliveries(&self) -> Vec<Delivery> {
-        self.state.lock().unwrap().deliveries.clone()
-    }
-
-    /// Deliveries whose body is the result of `job_id`.
-    pub fn for_job(&self, job_id: &str) -> Vec<Delivery> {
-        self.deliveries()
-            .into_iter()
-            .filter(|d| {
-                serde_json::from_str::<serde_json::Value>(&d.body)
-                    .map(|v| v["job_id"] == job_id)
-                    .unwrap_or(false)
-            })
-            .collect()
-    }
-
-    /// Waits until `done(deliveries)` holds.
-    pub async fn wait_until(&self, what: &str, done: impl Fn(&[Delivery]) -> bool) {
-        let started = Instant::now();
-        while !done(&self.deliveries()) {
-            assert!(started.elapsed() < PATIENCE, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-}
-
-/// Sum of a metric's samples whose line starts with `prefix`.
-pub fn metric(text: &str, prefix: &str) -> f64 {
-    text.lines()
-        .filter(|line| line.starts_with(prefix))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 /// Runs a Python client from tests/clients with the project's venv.
@@ -463,21 +292,6 @@ print(json.dumps({"inputs": [d(a) for a in s.get_inputs()],
     serde_json::from_slice(&output.stdout).unwrap()
 }
 
-/// The known answers of a bundled model (tests/known_answers.json, by ONNX Runtime in Python).
-pub fn known_answers(model: &str) -> serde_json::Value {
-    let text = std::fs::read_to_string(root().join("tests/known_answers.json")).unwrap();
-    let all: serde_json::Value = serde_json::from_str(&text).unwrap();
-    all["models"][model].clone()
-}
-
-/// A fresh directory under the target's temporary directory.
-pub fn tempdir(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("{name}-{}", uuid::Uuid::new_v4().simple()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// astronaut.png resized to 300x300 RGB, as raw bytes.
 pub fn astronaut_300() -> Vec<u8> {
     image::open(root().join("tests/samples/astronaut.png"))
@@ -492,12 +306,7 @@ pub fn astronaut_300() -> Vec<u8> {
 pub async fn dead_lettered_callback(job_id: &str) -> lapin::message::Delivery {
     use futures_util::StreamExt;
     use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions};
-    let connection = lapin::Connection::connect(
-        "amqp://guest:guest@127.0.0.1:5672/%2f",
-        lapin::ConnectionProperties::default(),
-    )
-    .await
-    .unwrap();
+    let connection = ember_testkit::amqp::connect().await;
     let channel = connection.create_channel().await.unwrap();
     let mut consumer = channel
         .basic_consume(
@@ -623,133 +432,4 @@ impl Drop for InProcessDispatcher {
             task.abort();
         }
     }
-}
-
-/// A resolver playing DNS: each name answers its script in turn, the last answer from then on.
-#[derive(Default)]
-pub struct ScriptedNames {
-    answers: Mutex<std::collections::HashMap<String, Vec<Vec<std::net::IpAddr>>>>,
-    pub lookups: Mutex<Vec<String>>,
-}
-
-impl ScriptedNames {
-    pub fn answer(self, name: &str, script: &[&[&str]]) -> Self {
-        let script = script
-            .iter()
-            .map(|ips| ips.iter().map(|ip| ip.parse().unwrap()).collect())
-            .collect();
-        self.answers
-            .lock()
-            .unwrap()
-            .insert(name.to_string(), script);
-        self
-    }
-}
-
-impl reqwest::dns::Resolve for ScriptedNames {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        self.lookups.lock().unwrap().push(name.as_str().to_string());
-        let answer: Option<Vec<std::net::IpAddr>> = {
-            let mut answers = self.answers.lock().unwrap();
-            answers.get_mut(name.as_str()).map(|script| {
-                if script.len() > 1 {
-                    script.remove(0)
-                } else {
-                    script[0].clone()
-                }
-            })
-        };
-        let host = name.as_str().to_string();
-        Box::pin(async move {
-            let ips = answer.ok_or_else(|| format!("no such name: {host}"))?;
-            let addrs: Vec<SocketAddr> = ips.into_iter().map(|ip| SocketAddr::new(ip, 0)).collect();
-            Ok(Box::new(addrs.into_iter()) as reqwest::dns::Addrs)
-        })
-    }
-}
-
-/// A "Redis" on 127.0.0.1 that answers PING and the connection set-up like Redis, and every
-/// other command with an error carrying `FakeRedis::MARKER`: internal text that must not reach
-/// API clients.
-pub struct FakeRedis {
-    pub url: String,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl FakeRedis {
-    pub const MARKER: &str = "fake-redis-internal-detail 10.11.12.13:6379";
-
-    pub async fn start() -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("redis://{}/", listener.local_addr().unwrap());
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(fake_redis_connection(stream));
-            }
-        });
-        Self { url, task }
-    }
-}
-
-impl Drop for FakeRedis {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn fake_redis_connection(mut stream: tokio::net::TcpStream) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buffer = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
-        }
-        let mut replies = Vec::new();
-        while let Some((command, used)) = parse_resp_command(&buffer) {
-            buffer.drain(..used);
-            let name = command
-                .first()
-                .map(|c| c.to_ascii_uppercase())
-                .unwrap_or_default();
-            match name.as_slice() {
-                b"PING" => replies.extend_from_slice(b"+PONG\r\n"),
-                b"CLIENT" | b"SELECT" => replies.extend_from_slice(b"+OK\r\n"),
-                _ => {
-                    replies.extend_from_slice(format!("-ERR {}\r\n", FakeRedis::MARKER).as_bytes())
-                }
-            }
-        }
-        if stream.write_all(&replies).await.is_err() {
-            return;
-        }
-    }
-}
-
-/// One RESP command (`*N` then N bulk strings) from the front of `buffer`, and its length.
-fn parse_resp_command(buffer: &[u8]) -> Option<(Vec<Vec<u8>>, usize)> {
-    fn line(buffer: &[u8], at: usize) -> Option<(&[u8], usize)> {
-        let end = buffer[at..].windows(2).position(|w| w == b"\r\n")? + at;
-        Some((&buffer[at..end], end + 2))
-    }
-    let (header, mut at) = line(buffer, 0)?;
-    let count: usize = std::str::from_utf8(header.strip_prefix(b"*")?)
-        .ok()?
-        .parse()
-        .ok()?;
-    let mut parts = Vec::with_capacity(count);
-    for _ in 0..count {
-        let (length, next) = line(buffer, at)?;
-        let length: usize = std::str::from_utf8(length.strip_prefix(b"$")?)
-            .ok()?
-            .parse()
-            .ok()?;
-        if buffer.len() < next + length + 2 {
-            return None;
-        }
-        parts.push(buffer[next..next + length].to_vec());
-        at = next + length + 2;
-    }
-    Some((parts, at))
 }

@@ -5,44 +5,26 @@
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::ops::{Deref, DerefMut};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ember_core::protocol::{JobResult, header};
 use ember_core::topology::{self, QueueSettings};
+use ember_testkit::amqp::{self, AMQP_URL, connect};
+use ember_testkit::process::Process;
+use ember_testkit::{PATIENCE, free_port, root};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, Consumer};
-
-pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-/// Bound on every wait in these tests; a wait that runs out fails the test with what it saw.
-pub const PATIENCE: Duration = Duration::from_secs(120);
-
-pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use lapin::{BasicProperties, Channel, Connection, Consumer};
 
 pub fn sample(name: &str) -> Vec<u8> {
     std::fs::read(root().join("tests/samples").join(name)).unwrap()
-}
-
-/// A model name no other test uses, so each test has its own queues.
-pub fn unique_model(test: &str) -> String {
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    format!("test-{test}-{}", &id[..8])
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// `GET path` on 127.0.0.1:port: (status, body), or None if nothing answers.
@@ -57,19 +39,24 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((status, body))
 }
 
-/// Sum of a metric's samples whose line starts with `prefix` (e.g. `ember_worker_batch_size_count`).
-pub fn metric(body: &str, prefix: &str) -> f64 {
-    body.lines()
-        .filter(|line| line.starts_with(prefix))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+/// A running `ember-worker` process (its [`Process`]: log, signals, exit); killed on drop.
+pub struct Worker {
+    process: Process,
+    pub admin_port: u16,
 }
 
-/// A running `ember-worker` process; killed on drop.
-pub struct Worker {
-    pub child: Child,
-    pub admin_port: u16,
-    pub log: PathBuf,
+impl Deref for Worker {
+    type Target = Process;
+
+    fn deref(&self) -> &Process {
+        &self.process
+    }
+}
+
+impl DerefMut for Worker {
+    fn deref_mut(&mut self) -> &mut Process {
+        &mut self.process
+    }
 }
 
 impl Worker {
@@ -85,27 +72,20 @@ impl Worker {
         let admin_port = free_port();
         let log = Path::new(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("{model}-{}.log", uuid::Uuid::new_v4().simple()));
-        let log_file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_ember-worker"))
-            .current_dir(root())
-            .args(["--model-name", model, "--intra-threads", "1"])
-            .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
-            .args(["--amqp-url", AMQP_URL])
-            .args(extra)
-            .env("EMBER_LOG", "info,ort=warn")
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .unwrap();
-        Self {
-            child,
-            admin_port,
+        let process = Process::spawn(
+            Command::new(env!("CARGO_BIN_EXE_ember-worker"))
+                .current_dir(root())
+                .args(["--model-name", model, "--intra-threads", "1"])
+                .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
+                .args(["--amqp-url", AMQP_URL])
+                .args(extra)
+                .env("EMBER_LOG", "info,ort=warn"),
             log,
+        );
+        Self {
+            process,
+            admin_port,
         }
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn wait_ready(&self) {
@@ -124,33 +104,6 @@ impl Worker {
             .map(|(_, body)| body)
             .unwrap_or_default()
     }
-
-    pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{signal}"), &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success(), "kill -{signal} failed");
-    }
-
-    /// Waits for the process to exit, bounded by PATIENCE.
-    pub fn wait_exit(&mut self) -> ExitStatus {
-        let started = Instant::now();
-        while started.elapsed() < PATIENCE {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("worker did not exit in time; log:\n{}", self.log_text());
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A test client: publishes jobs with confirms and collects results from its own reply queue.
@@ -161,20 +114,6 @@ pub struct Client {
     pub reply_queue: String,
     replies: Consumer,
     pub results: HashMap<String, Vec<JobResult>>,
-}
-
-pub async fn connect() -> Connection {
-    let started = Instant::now();
-    loop {
-        match Connection::connect(AMQP_URL, ConnectionProperties::default()).await {
-            Ok(connection) => return connection,
-            Err(error) if started.elapsed() < PATIENCE => {
-                eprintln!("broker not reachable yet: {error}");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(error) => panic!("broker not reachable: {error}"),
-        }
-    }
 }
 
 /// Properties of a job message.
@@ -197,31 +136,7 @@ impl Client {
         topology::declare_model(&channel, model, QueueSettings::default())
             .await
             .unwrap();
-        let reply = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        let reply_queue = reply.name().to_string();
-        let replies = channel
-            .basic_consume(
-                reply_queue.as_str().into(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..BasicConsumeOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
+        let (reply_queue, replies) = amqp::reply_queue(&channel).await;
         Self {
             connection,
             channel,
