@@ -138,21 +138,8 @@ const PNG_MAGIC: &[u8] = b"\x89PNG\r\n\x1a\n";
 const JPEG_MAGIC: &[u8] = b"\xff\xd8\xff";
 
 impl Pipeline {
-    /// Resolves `spec` against the graph: a name, type or rank that disagrees is an error that
-    /// names both sides.
-    pub fn new(
-        spec: &ModelSpec,
-        signature: Signature,
-        limits: InputLimits,
-        max_rows: usize,
-    ) -> Result<Self, Error> {
-        signature.check(spec)?;
-        let input = match &spec.input {
-            InputSpec::Tensor => Input::Tensor,
-            InputSpec::Image(image) => Input::Image(image::ImageProcessor {
-                spec: image.clone(),
-            }),
-        };
+    /// The output processor, its tensors resolved to graph output indices.
+    fn output(spec: &OutputSpec, signature: &Signature) -> Result<Output, Error> {
         let index = |name: &str| {
             signature
                 .outputs
@@ -165,7 +152,7 @@ impl Pipeline {
                 .resolve_output(tensor.as_deref())
                 .and_then(|p| index(&p.name))
         };
-        let output = match &spec.output {
+        let output = match spec {
             OutputSpec::Tensor => Output::Tensor,
             OutputSpec::Ssd {
                 num_detections,
@@ -207,6 +194,25 @@ impl Pipeline {
                 },
             },
         };
+        Ok(output)
+    }
+
+    /// Resolves `spec` against the graph: a name, type or rank that disagrees is an error that
+    /// names both sides.
+    pub fn new(
+        spec: &ModelSpec,
+        signature: Signature,
+        limits: InputLimits,
+        max_rows: usize,
+    ) -> Result<Self, Error> {
+        signature.check(spec)?;
+        let input = match &spec.input {
+            InputSpec::Tensor => Input::Tensor,
+            InputSpec::Image(image) => Input::Image(image::ImageProcessor {
+                spec: image.clone(),
+            }),
+        };
+        let output = Self::output(&spec.output, &signature)?;
         if matches!(input, Input::Tensor)
             && matches!(output, Output::Ssd { .. } | Output::Detection { .. })
         {
