@@ -13,6 +13,7 @@ COPY worker worker
 COPY dispatcher dispatcher
 COPY autoscaler autoscaler
 COPY bench bench
+COPY testkit testkit
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked -p ember-worker \
