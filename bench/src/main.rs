@@ -213,11 +213,7 @@ async fn bare(jobs: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     let prepared = prepared.ok_or_else(|| anyhow::anyhow!("no jobs"))?;
     let mut run = Vec::with_capacity(jobs);
     for _ in 0..jobs {
-        let mut job = ember_worker::process::Prepared {
-            inputs: prepared.inputs.clone(),
-            rows: prepared.rows,
-            shape: prepared.shape.clone(),
-        };
+        let mut job = prepared.clone();
         let output = engine.infer(vec![&mut job]).await?;
         run.push(output.inference.as_secs_f64());
     }

@@ -100,11 +100,7 @@ async fn bare(dir: &Path, job: &Body, jobs: usize) -> anyhow::Result<f64> {
             .prepare(Some(job.content_type), header.as_deref(), &job.bytes)?;
     let mut runs = Vec::with_capacity(jobs);
     for _ in 0..jobs {
-        let mut one = ember_worker::process::Prepared {
-            inputs: prepared.inputs.clone(),
-            rows: prepared.rows,
-            shape: prepared.shape.clone(),
-        };
+        let mut one = prepared.clone();
         runs.push(engine.infer(vec![&mut one]).await?.inference.as_secs_f64());
     }
     Ok(summarise(&runs).p50)

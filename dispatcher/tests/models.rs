@@ -138,34 +138,6 @@ async fn a_directory_with_only_an_onnx_file_no_test_knows_is_inferred_by_tritonc
     std::fs::remove_dir_all(dir).ok();
 }
 
-/// The iris rows of the known answers as one `[3, 4]` FP32 tensor, and per row the expected
-/// label and probabilities.
-fn iris_rows() -> (Vec<f64>, Vec<(String, Vec<f64>)>) {
-    let known = ember_testkit::known_answers("iris-classifier");
-    let mut data = Vec::new();
-    let mut expected = Vec::new();
-    for case in known["cases"].as_array().unwrap() {
-        data.extend(
-            case["input"]["data"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap()),
-        );
-        let probabilities = case["probabilities"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p.as_f64().unwrap())
-            .collect();
-        expected.push((
-            case["expected_label"].as_str().unwrap().to_string(),
-            probabilities,
-        ));
-    }
-    (data, expected)
-}
-
 fn output<'a>(response: &'a Value, name: &str) -> &'a Value {
     response["outputs"]
         .as_array()
@@ -196,7 +168,7 @@ async fn the_iris_classifier_answers_its_known_answers_over_oip_json_and_its_met
     assert_eq!(meta["parameters"]["decoder"], "classification");
     assert_eq!(meta["parameters"]["labels"]["2"], "virginica");
 
-    let (rows, expected) = iris_rows();
+    let (rows, expected) = ember_testkit::iris_rows();
     let response = dispatcher
         .post(&format!("/v2/models/{model}/infer"))
         .json(&json!({
@@ -496,7 +468,7 @@ async fn bad_tensors_get_400_invalid_input_saying_what_was_expected_and_the_work
     assert!(message.contains("FP32 [-1, 4]"), "{message}");
 
     // The worker keeps serving: a good request after all that.
-    let (rows, expected) = iris_rows();
+    let (rows, expected) = ember_testkit::iris_rows();
     let response = dispatcher
         .post(&format!("/v2/models/{model}/infer"))
         .json(&request("input", "FP32", json!([3, 4]), json!(rows)))
@@ -546,7 +518,7 @@ async fn the_versioned_routes_answer_for_a_version_a_worker_reports_and_404_for_
     assert_eq!(body["version"], "1");
     assert_eq!(body["workers"], 1);
 
-    let (rows, expected) = iris_rows();
+    let (rows, expected) = ember_testkit::iris_rows();
     let request =
         json!({"inputs": [{"name": "input", "shape": [3, 4], "datatype": "FP32", "data": rows}]});
     let response = dispatcher

@@ -70,6 +70,30 @@ pub fn known_answers(model: &str) -> serde_json::Value {
     all["models"][model].clone()
 }
 
+/// The iris rows of the known answers (one per class) as the values of one `[3, 4]` FP32
+/// tensor, and per row the expected label and ONNX Runtime's probabilities.
+pub fn iris_rows() -> (Vec<f32>, Vec<(String, Vec<f64>)>) {
+    let known = known_answers("iris-classifier");
+    let mut data = Vec::new();
+    let mut expected = Vec::new();
+    for case in known["cases"].as_array().unwrap() {
+        for v in case["input"]["data"].as_array().unwrap() {
+            data.push(v.as_f64().unwrap() as f32);
+        }
+        let probabilities = case["probabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_f64().unwrap())
+            .collect();
+        expected.push((
+            case["expected_label"].as_str().unwrap().to_string(),
+            probabilities,
+        ));
+    }
+    (data, expected)
+}
+
 /// A fresh directory `<name>-<uuid>` under the calling test's `CARGO_TARGET_TMPDIR` (a macro:
 /// cargo sets that variable for integration tests only, not for this library).
 #[macro_export]

@@ -23,32 +23,6 @@ fn json_job(request: &Value) -> (Vec<u8>, JobOptions<'static>) {
     (serde_json::to_vec(request).unwrap(), options)
 }
 
-/// The iris rows of the known answers as one `[3, 4]` FP32 tensor, and their expectations.
-fn iris_rows() -> (Vec<f32>, Vec<(String, Vec<f64>)>) {
-    let cases = ember_testkit::known_answers("iris-classifier")["cases"]
-        .as_array()
-        .unwrap()
-        .clone();
-    let mut data = Vec::new();
-    let mut expected = Vec::new();
-    for case in cases {
-        for v in case["input"]["data"].as_array().unwrap() {
-            data.push(v.as_f64().unwrap() as f32);
-        }
-        let probabilities = case["probabilities"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p.as_f64().unwrap())
-            .collect();
-        expected.push((
-            case["expected_label"].as_str().unwrap().to_string(),
-            probabilities,
-        ));
-    }
-    (data, expected)
-}
-
 fn assert_iris(result: &JobResult, expected: &[(String, Vec<f64>)]) {
     assert_eq!(result.status, Status::Ok, "{result:?}");
     let outputs = result.outputs.as_ref().unwrap();
@@ -90,7 +64,7 @@ async fn the_iris_classifier_answers_json_and_binary_tensor_jobs_with_its_known_
     let model = ember_testkit::unique_model("iris");
     let worker = Worker::start(&model, &["--model-dir", "models/iris-classifier"]);
     let mut client = Client::new(&model).await;
-    let (rows, expected) = iris_rows();
+    let (rows, expected) = ember_testkit::iris_rows();
 
     let (body, options) = json_job(&json!({
         "inputs": [{"name": "input", "shape": [3, 4], "datatype": "FP32", "data": rows}]
@@ -256,7 +230,7 @@ async fn bad_tensors_of_every_kind_are_answered_and_the_worker_keeps_serving() {
         ErrorCode::InvalidInput,
     ));
 
-    let (rows, expected) = iris_rows();
+    let (rows, expected) = ember_testkit::iris_rows();
     let (body, options) = json_job(&json!({
         "inputs": [{"name": "input", "shape": [3, 4], "datatype": "FP32", "data": rows}]
     }));
@@ -352,7 +326,7 @@ async fn a_directory_with_only_model_onnx_is_served_as_raw_tensors() {
     let dir_arg = dir.to_str().unwrap().to_string();
     let worker = Worker::start(&model, &["--model-dir", &dir_arg]);
     let mut client = Client::new(&model).await;
-    let (rows, expected) = iris_rows();
+    let (rows, expected) = ember_testkit::iris_rows();
     let (body, options) = json_job(&json!({
         "inputs": [{"name": "input", "shape": [3, 4], "datatype": "FP32", "data": rows}]
     }));

@@ -71,7 +71,7 @@ pub struct JobShape {
 }
 
 /// A job ready for the model: its tensors in graph order, `rows` along the batch axis.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Prepared {
     pub inputs: Vec<Tensor>,
     pub rows: usize,
