@@ -127,14 +127,9 @@ pub async fn declare_quorum_queue(channel: &Channel, name: &str) -> lapin::Resul
         .map(|_| ())
 }
 
-/// A queue of the caller's own (server-named, exclusive, deleted with its channel) bound to
-/// `exchange` with `routing_key`, consumed without acks: for transient broadcasts each process
-/// must see (heartbeats, cancellations), which need no redelivery.
-pub async fn exclusive_consumer(
-    channel: &Channel,
-    exchange: &str,
-    routing_key: &str,
-) -> lapin::Result<lapin::Consumer> {
+/// A queue of the caller's own (server-named, exclusive, deleted with its channel), consumed
+/// without acks: its name (a `reply_to`, or what to bind) and its consumer.
+pub async fn private_queue(channel: &Channel) -> lapin::Result<(String, lapin::Consumer)> {
     let queue = channel
         .queue_declare(
             "".into(),
@@ -146,18 +141,34 @@ pub async fn exclusive_consumer(
             FieldTable::default(),
         )
         .await?;
+    let consumer = consume_without_acks(channel, queue.name().as_str()).await?;
+    Ok((queue.name().to_string(), consumer))
+}
+
+/// A [`private_queue`] bound to `exchange` with `routing_key`: for transient broadcasts each
+/// process must see (heartbeats, cancellations), which need no redelivery.
+pub async fn exclusive_consumer(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+) -> lapin::Result<lapin::Consumer> {
+    let (queue, consumer) = private_queue(channel).await?;
     channel
         .queue_bind(
-            queue.name().clone(),
+            queue.as_str().into(),
             exchange.into(),
             routing_key.into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
         .await?;
+    Ok(consumer)
+}
+
+async fn consume_without_acks(channel: &Channel, queue: &str) -> lapin::Result<lapin::Consumer> {
     channel
         .basic_consume(
-            queue.name().clone(),
+            queue.into(),
             "".into(),
             BasicConsumeOptions {
                 no_ack: true,
@@ -175,17 +186,7 @@ pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
 /// The replies to what this channel publishes with `reply_to` [`DIRECT_REPLY_TO`], consumed
 /// without acks (Direct Reply-to allows no other mode); must be consumed before publishing.
 pub async fn direct_reply_consumer(channel: &Channel) -> lapin::Result<lapin::Consumer> {
-    channel
-        .basic_consume(
-            DIRECT_REPLY_TO.into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
+    consume_without_acks(channel, DIRECT_REPLY_TO).await
 }
 
 /// Every heartbeat of every worker: an [`exclusive_consumer`] of [`TELEMETRY_EXCHANGE`] with `#`.

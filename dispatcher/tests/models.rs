@@ -138,6 +138,20 @@ async fn a_directory_with_only_an_onnx_file_no_test_knows_is_inferred_by_tritonc
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// A 400 `invalid_input` whose message names each of `names` (what the model expects).
+async fn assert_invalid_input(what: &str, response: reqwest::Response, names: &[&str]) {
+    let (status, body) = json_of(response).await;
+    assert_eq!(status, 400, "{what}: {body}");
+    let (code, message) = oip_error(&body);
+    assert_eq!(code, "invalid_input", "{what}: {body}");
+    for name in names {
+        assert!(
+            message.contains(name),
+            "{what}: `{message}` does not name {name}"
+        );
+    }
+}
+
 fn output<'a>(response: &'a Value, name: &str) -> &'a Value {
     response["outputs"]
         .as_array()
@@ -391,16 +405,7 @@ async fn bad_tensors_get_400_invalid_input_saying_what_was_expected_and_the_work
             .send()
             .await
             .unwrap();
-        let (status, body) = json_of(response).await;
-        assert_eq!(status, 400, "{what}: {body}");
-        let (code, message) = oip_error(&body);
-        assert_eq!(code, "invalid_input", "{what}: {body}");
-        for name in names {
-            assert!(
-                message.contains(name),
-                "{what}: `{message}` does not name {name}"
-            );
-        }
+        assert_invalid_input(what, response, names).await;
     }
 
     // Binary tensors the dispatcher passes on as they came: the worker's check answers.
@@ -441,16 +446,7 @@ async fn bad_tensors_get_400_invalid_input_saying_what_was_expected_and_the_work
             .send()
             .await
             .unwrap();
-        let (status, body) = json_of(response).await;
-        assert_eq!(status, 400, "{what}: {body}");
-        let (code, message) = oip_error(&body);
-        assert_eq!(code, "invalid_input", "{what}: {body}");
-        for name in names {
-            assert!(
-                message.contains(name),
-                "{what}: `{message}` does not name {name}"
-            );
-        }
+        assert_invalid_input(what, response, &names).await;
     }
 
     // The same through the jobs API: a failed job, 400, its error saying what was expected.

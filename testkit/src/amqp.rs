@@ -2,8 +2,6 @@
 
 use std::time::Instant;
 
-use lapin::options::{BasicConsumeOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use lapin::{Channel, Connection, ConnectionProperties, Consumer};
 
 use crate::PATIENCE;
@@ -25,32 +23,9 @@ pub async fn connect() -> Connection {
     }
 }
 
-/// A queue of the test's own for its jobs' results (server-named, exclusive, deleted with its
-/// channel), consumed without acks: its name (the jobs' `reply_to`) and its consumer.
+/// A queue of the test's own for its jobs' results (`topology::private_queue`: server-named,
+/// exclusive, deleted with its channel, consumed without acks): its name (the jobs' `reply_to`)
+/// and its consumer.
 pub async fn reply_queue(channel: &Channel) -> (String, Consumer) {
-    let queue = channel
-        .queue_declare(
-            "".into(),
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    let consumer = channel
-        .basic_consume(
-            queue.name().clone(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    (queue.name().to_string(), consumer)
+    ember_core::topology::private_queue(channel).await.unwrap()
 }

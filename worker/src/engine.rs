@@ -218,31 +218,22 @@ fn run_batch(
 ) -> Result<BatchOutput> {
     let inputs = stack(jobs)?;
     let total: usize = rows.iter().sum();
-    let names: Vec<String> = loaded
-        .signature()
-        .inputs
-        .iter()
-        .map(|p| p.name.clone())
-        .collect();
-    let output_names: Vec<String> = loaded
-        .signature()
-        .outputs
-        .iter()
-        .map(|p| p.name.clone())
-        .collect();
     let started = Instant::now();
-    let outputs = loaded.with_session(|session| {
-        let values = names
+    let outputs = loaded.with_session(|session, signature| {
+        let values = signature
+            .inputs
             .iter()
             .zip(&inputs)
-            .map(|(name, t)| Ok((name.as_str(), t.as_input()?)))
+            .map(|(port, t)| Ok((port.name.as_str(), t.as_input()?)))
             .collect::<Result<Vec<_>>>()?;
         let outputs = session
             .run(values)
             .map_err(|e| Error::Model(e.to_string()))?;
-        output_names
+        signature
+            .outputs
             .iter()
-            .map(|name| {
+            .map(|port| {
+                let name = &port.name;
                 let value = outputs
                     .get(name.as_str())
                     .ok_or_else(|| Error::Model(format!("the model gave no output `{name}`")))?;

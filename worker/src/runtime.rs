@@ -267,17 +267,21 @@ impl ResidentSession {
         &self.signature
     }
 
-    /// Runs `f` on the resident session, or on a freshly loaded one with reload-per-job.
-    pub fn with_session<T>(&mut self, f: impl FnOnce(&mut Session) -> Result<T>) -> Result<T> {
+    /// Runs `f` on the resident session, or on a freshly loaded one with reload-per-job, with
+    /// the graph's signature beside it.
+    pub fn with_session<T>(
+        &mut self,
+        f: impl FnOnce(&mut Session, &Signature) -> Result<T>,
+    ) -> Result<T> {
         if self.reload_per_job {
             let (mut session, _) = load_session(&self.env, &self.options)?;
-            return f(&mut session);
+            return f(&mut session, &self.signature);
         }
         let session = self
             .session
             .as_mut()
             .ok_or_else(|| Error::Internal("no session".into()))?;
-        f(session)
+        f(session, &self.signature)
     }
 }
 

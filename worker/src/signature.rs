@@ -291,7 +291,7 @@ impl Signature {
                     port.name
                 )));
             }
-            rows.get_or_insert((port.name.clone(), n));
+            rows.get_or_insert((port.name.as_str(), n));
             arranged.push(tensor);
         }
         if arranged.first().is_some_and(|t| t.rows() == 0) {

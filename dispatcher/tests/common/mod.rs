@@ -229,18 +229,9 @@ impl Drop for InProcessWorker {
 
 /// Runs a Python client from tests/clients with the project's venv.
 pub fn python(script: &str, args: &[&str]) -> String {
-    let output = Command::new(root().join(".venv/bin/python"))
-        .current_dir(root())
-        .arg(root().join("tests/clients").join(script))
-        .args(args)
-        .output()
-        .expect("run scripts/setup first: it creates .venv");
-    assert!(
-        output.status.success(),
-        "{script} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).unwrap()
+    let (ok, stdout, stderr) = python_verdict(script, args);
+    assert!(ok, "{script} failed: {stderr}");
+    stdout
 }
 
 /// Runs a Python client from tests/clients with the project's venv: whether it exited 0, its

@@ -79,12 +79,15 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// Jobs with equal keys can share a run: the non-batch dimensions of every input.
-    pub fn batch_key(&self) -> Vec<&[i64]> {
-        self.inputs
-            .iter()
-            .map(|t| t.shape.get(1..).unwrap_or(&[]))
-            .collect()
+    /// Whether `other` can share a run with this job: the non-batch dimensions of every input
+    /// are equal.
+    pub fn batches_with(&self, other: &Prepared) -> bool {
+        self.inputs.len() == other.inputs.len()
+            && self
+                .inputs
+                .iter()
+                .zip(&other.inputs)
+                .all(|(a, b)| a.shape.get(1..) == b.shape.get(1..))
     }
 }
 

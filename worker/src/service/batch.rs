@@ -64,7 +64,7 @@ pub fn buckets<J>(
         let open = batching
             .then(|| {
                 buckets.iter_mut().find(|(used, bucket)| {
-                    used + rows <= max_rows && bucket[0].1.batch_key() == prepared.batch_key()
+                    used + rows <= max_rows && bucket[0].1.batches_with(&prepared)
                 })
             })
             .flatten();

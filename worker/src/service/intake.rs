@@ -182,18 +182,18 @@ async fn prepare(
     envelope: &Envelope,
     body: Vec<u8>,
 ) -> Result<Prepared, Error> {
+    // Small bodies decode in microseconds: a hop to the blocking pool costs more than that.
+    if body.len() <= INLINE_DECODE_BYTES {
+        return ctx.engine.pipeline.prepare(
+            envelope.content_type.as_deref(),
+            envelope.header_length.as_deref(),
+            &body,
+        );
+    }
     let (content_type, header_length) = (
         envelope.content_type.clone(),
         envelope.header_length.clone(),
     );
-    // Small bodies decode in microseconds: a hop to the blocking pool costs more than that.
-    if body.len() <= INLINE_DECODE_BYTES {
-        return ctx.engine.pipeline.prepare(
-            content_type.as_deref(),
-            header_length.as_deref(),
-            &body,
-        );
-    }
     let pipeline = ctx.engine.pipeline.clone();
     tokio::task::spawn_blocking(move || {
         pipeline.prepare(content_type.as_deref(), header_length.as_deref(), &body)
