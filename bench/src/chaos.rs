@@ -243,6 +243,7 @@ fn dispatcher_args(args: &ChaosArgs, model: &str, api: u16, admin: u16, url: &st
         url,
         "--redis-url",
         &args.redis_url,
+        "--insecure-no-auth",
         "--callback-allow-net",
         "127.0.0.1/32",
         "--callback-timeout",

@@ -198,6 +198,8 @@ pub fn dispatcher(model: &str, model_dir: &Path) -> anyhow::Result<(Proc, u16)> 
         format!("127.0.0.1:{admin}"),
         "--listen".into(),
         format!("127.0.0.1:{api}"),
+        // A benchmark on loopback: no tokens.
+        "--insecure-no-auth".into(),
     ];
     Ok((Proc::start("ember-dispatcher", &args, admin)?, api))
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::from_fn_with_state;
 use axum::response::{IntoResponse, Response};
@@ -23,9 +23,10 @@ use tokio::sync::oneshot;
 
 use crate::broker::{Broker, ModelReport, OutgoingJob, PublishError};
 use crate::error::{ApiError, OipError};
-use crate::limits::{RateLimiter, Tokens};
+use crate::limits::RateLimiter;
 use crate::metrics::Metrics;
 use crate::store::{Claim, JobRecord, JobState, Store};
+use crate::tenants::{Caller, Tenants};
 use crate::{middleware, oip_binary, ssrf};
 
 /// A heartbeat older than this does not count a worker as alive.
@@ -40,7 +41,7 @@ pub struct AppState {
     pub models: HashMap<String, ModelSpec>,
     pub infer_timeout: Duration,
     pub max_wait: Duration,
-    pub tokens: Tokens,
+    pub tenants: Arc<Tenants>,
     pub callback_guard: ssrf::CallbackGuard,
     pub limits: Limits,
 }
@@ -51,8 +52,13 @@ pub struct Limits {
     pub max_body_bytes: usize,
     pub max_header_bytes: usize,
     pub max_headers: usize,
-    /// Per token, or per client address without auth; none: no rate limit.
+    /// Per client address without auth (a tenant has its own); none: no rate limit.
     pub rate: Option<RateLimiter>,
+    /// Wrong tokens, per client address.
+    pub auth_failures: RateLimiter,
+    /// Peers whose `client_ip_header` is believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub client_ip_header: axum::http::HeaderName,
 }
 
 /// The API router.
@@ -106,11 +112,26 @@ async fn server_ready(
     Ok(Json(json!({"ready": true})))
 }
 
-fn model<'a>(state: &'a AppState, name: &str) -> Result<&'a ModelSpec, ApiError> {
-    state
+/// The model `name`, if it is served here and the caller's tenant may use it (403
+/// `model_forbidden` otherwise, counted).
+fn model<'a>(state: &'a AppState, caller: &Caller, name: &str) -> Result<&'a ModelSpec, ApiError> {
+    let spec = state
         .models
         .get(name)
-        .ok_or_else(|| ApiError::unknown_model(name))
+        .ok_or_else(|| ApiError::unknown_model(name))?;
+    if !caller.may_use(name) {
+        state
+            .metrics
+            .tenant_jobs
+            .with_label_values(&[caller.label(), name, "model_forbidden"])
+            .inc();
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "model_forbidden",
+            format!("this token may not use model `{name}`"),
+        ));
+    }
+    Ok(spec)
 }
 
 /// `GET /v2/models/{model}`: the graph's inputs and outputs as the freshest worker heartbeat
@@ -118,9 +139,10 @@ fn model<'a>(state: &'a AppState, name: &str) -> Result<&'a ModelSpec, ApiError>
 /// model directory's name and version, and no tensors yet.
 async fn model_metadata(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, OipError> {
-    let spec = model(&state, &name)?;
+    let spec = model(&state, &caller, &name)?;
     let report = state
         .broker
         .heartbeats
@@ -132,9 +154,10 @@ async fn model_metadata(
 /// for a version no worker reported (nor the model directory, before any worker has).
 async fn model_version_metadata(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path((name, version)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>, OipError> {
-    let spec = model(&state, &name)?;
+    let spec = model(&state, &caller, &name)?;
     let report = served_version(&state, &name, spec, &version)?;
     Ok(Json(metadata(&name, spec, report.as_ref())))
 }
@@ -200,9 +223,10 @@ const NO_WORKER_YET: &str = "no worker of this model has started yet: the graph'
 
 async fn model_ready(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
 ) -> Result<Json<serde_json::Value>, OipError> {
-    model(&state, &name)?;
+    model(&state, &caller, &name)?;
     Ok(Json(ready(&state, &name, None)?))
 }
 
@@ -210,9 +234,10 @@ async fn model_ready(
 /// ready; 404 for a version no worker reported (see [`served_version`]).
 async fn model_version_ready(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path((name, version)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>, OipError> {
-    let spec = model(&state, &name)?;
+    let spec = model(&state, &caller, &name)?;
     let report = served_version(&state, &name, spec, &version)?;
     // Before any worker has reported its version, any ready worker is the directory's version.
     let of_version = report.is_some().then_some(version.as_str());
@@ -338,12 +363,13 @@ fn header_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 async fn infer(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OipError> {
-    let spec = model(&state, &name)?;
-    run_infer(&state, name, spec, &headers, body).await
+    let spec = model(&state, &caller, &name)?;
+    run_infer(&state, &caller, name, spec, &headers, body).await
 }
 
 /// `POST /v2/models/{model}/versions/{version}/infer`: for a version a worker reports (404
@@ -352,17 +378,19 @@ async fn infer(
 /// response says which did.
 async fn infer_version(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path((name, version)): Path<(String, String)>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OipError> {
-    let spec = model(&state, &name)?;
+    let spec = model(&state, &caller, &name)?;
     served_version(&state, &name, spec, &version)?;
-    run_infer(&state, name, spec, &headers, body).await
+    run_infer(&state, &caller, name, spec, &headers, body).await
 }
 
 async fn run_infer(
     state: &AppState,
+    caller: &Caller,
     name: String,
     spec: &ModelSpec,
     headers: &HeaderMap,
@@ -385,7 +413,9 @@ async fn run_infer(
         traceparent: header_value(headers, "traceparent"),
         reply: !respond_async,
     };
-    let receiver = enqueue(state, job).await.map_err(|e| e.into_api(&name))?;
+    let receiver = enqueue(state, caller, job)
+        .await
+        .map_err(|e| e.into_api(&name))?;
     let Some(receiver) = receiver else {
         return Ok(accepted(&job_id));
     };
@@ -450,6 +480,8 @@ fn model_version(state: &AppState, name: &str, spec: &ModelSpec, worker: &str) -
 enum EnqueueError {
     /// Its record could not be written.
     Store(redis::RedisError),
+    /// Its tenant has this many jobs of the model outstanding already.
+    Share(u32),
     /// The broker did not take it.
     Publish(PublishError),
 }
@@ -458,33 +490,84 @@ impl EnqueueError {
     fn into_api(self, model: &str) -> ApiError {
         match self {
             EnqueueError::Store(error) => error.into(),
+            EnqueueError::Share(cap) => ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "tenant_queue_full",
+                    format!(
+                        "this tenant has {cap} jobs of `{model}` waiting or running, its share; \
+                         retry when one is answered"
+                    ),
+                )
+            },
             EnqueueError::Publish(error) => publish_error(error, model),
         }
     }
 }
 
-/// The one way in for a job, from either API: its record in the store (so that its status is
-/// `queued` from now on), then the publish with confirms. With `job.reply`, the receiver of its
-/// result.
+/// The one way in for a job, from either API: its tenant's share of the model's queue (when it
+/// has one), its record in the store (so that its status is `queued` from now on, and it is the
+/// tenant's), then the publish with confirms. With `job.reply`, the receiver of its result.
 async fn enqueue(
     state: &AppState,
+    caller: &Caller,
     job: OutgoingJob<'_>,
 ) -> Result<Option<oneshot::Receiver<Vec<u8>>>, EnqueueError> {
-    state
+    let tenant = caller.0.as_deref();
+    let (model, job_id) = (job.model, job.job_id);
+    let count = |outcome: &str| {
+        state
+            .metrics
+            .tenant_jobs
+            .with_label_values(&[caller.label(), model, outcome])
+            .inc();
+    };
+    let share = tenant.and_then(|t| t.max_outstanding.map(|cap| (t.name.as_str(), cap)));
+    if let Some((tenant, cap)) = share
+        && !state
+            .store
+            .admit(tenant, model, job_id, cap)
+            .await
+            .map_err(EnqueueError::Store)?
+    {
+        count("tenant_queue_full");
+        return Err(EnqueueError::Share(cap));
+    }
+    let release = || async {
+        if let Some((tenant, _)) = share {
+            state.store.release(tenant, model, job_id).await;
+        }
+    };
+    let recorded = state
         .store
         .put_job(&JobRecord {
-            job_id: job.job_id.to_string(),
-            model: job.model.to_string(),
+            job_id: job_id.to_string(),
+            model: model.to_string(),
             submitted_at_ms: unix_ms(),
             cancelled: false,
+            expired: false,
+            tenant: tenant.map(|t| t.name.clone()),
         })
-        .await
-        .map_err(EnqueueError::Store)?;
-    state
-        .broker
-        .publish(job, &state.metrics)
-        .await
-        .map_err(EnqueueError::Publish)
+        .await;
+    if let Err(error) = recorded {
+        release().await;
+        return Err(EnqueueError::Store(error));
+    }
+    match state.broker.publish(job, &state.metrics).await {
+        Ok(receiver) => {
+            count("accepted");
+            Ok(receiver)
+        }
+        Err(error) => {
+            release().await;
+            count(match error {
+                PublishError::QueueFull => "queue_full",
+                _ => "unavailable",
+            });
+            Err(EnqueueError::Publish(error))
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -535,8 +618,20 @@ enum Keyed {
     Committed(String),
 }
 
+/// Whose an idempotency key is: a tenant's, for one model (two tenants using the same key get
+/// two jobs, and neither learns of the other's).
+#[derive(Debug, Clone, Copy)]
+struct KeyScope<'a> {
+    tenant: &'a str,
+    model: &'a str,
+}
+
 /// Claims the submit's idempotency key, if it has one, for a fresh job id.
-async fn claim_key(state: &AppState, model: &str, key: Option<&str>) -> Result<Keyed, ApiError> {
+async fn claim_key(
+    state: &AppState,
+    scope: KeyScope<'_>,
+    key: Option<&str>,
+) -> Result<Keyed, ApiError> {
     let job_id = uuid::Uuid::new_v4().to_string();
     let Some(key) = key else {
         return Ok(Keyed::Publish {
@@ -553,7 +648,7 @@ async fn claim_key(state: &AppState, model: &str, key: Option<&str>) -> Result<K
     Ok(
         match state
             .store
-            .claim_idempotency_key(model, key, &job_id)
+            .claim_idempotency_key(scope.tenant, scope.model, key, &job_id)
             .await?
         {
             Claim::New => Keyed::Publish {
@@ -575,15 +670,20 @@ async fn claim_key(state: &AppState, model: &str, key: Option<&str>) -> Result<K
 /// of its job if that got published meanwhile.
 async fn unclaim_key(
     state: &AppState,
-    model: &str,
+    scope: KeyScope<'_>,
     key: &str,
     job_id: &str,
     claimed: bool,
 ) -> Option<String> {
     if claimed {
-        state.store.release_idempotency_key(model, key).await;
-    } else if let Ok(Claim::Committed(existing)) =
-        state.store.claim_idempotency_key(model, key, job_id).await
+        state
+            .store
+            .release_idempotency_key(scope.tenant, scope.model, key)
+            .await;
+    } else if let Ok(Claim::Committed(existing)) = state
+        .store
+        .claim_idempotency_key(scope.tenant, scope.model, key, job_id)
+        .await
     {
         return Some(existing);
     }
@@ -592,13 +692,14 @@ async fn unclaim_key(
 
 async fn submit(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(name): Path<String>,
     query: Result<Query<SubmitQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
-    model(&state, &name)?;
+    model(&state, &caller, &name)?;
     let body = body_or_error(body, state.limits.max_body_bytes)?;
     if body.is_empty() {
         return Err(ApiError::bad_request("invalid_input", "the body is empty"));
@@ -610,7 +711,11 @@ async fn submit(
         state.callback_guard.check_url(url).await?;
     }
     let idempotency_key = header_value(&headers, "idempotency-key");
-    let (job_id, claimed) = match claim_key(&state, &name, idempotency_key).await? {
+    let scope = KeyScope {
+        tenant: caller.name(),
+        model: &name,
+    };
+    let (job_id, claimed) = match claim_key(&state, scope, idempotency_key).await? {
         Keyed::Publish { job_id, claimed } => (job_id, claimed),
         Keyed::Committed(existing) => return Ok(accepted(&existing)),
     };
@@ -625,11 +730,11 @@ async fn submit(
         traceparent: header_value(&headers, "traceparent"),
         reply: wait.is_some(),
     };
-    let receiver = match enqueue(&state, job).await {
+    let receiver = match enqueue(&state, &caller, job).await {
         Ok(receiver) => receiver,
         Err(EnqueueError::Publish(error)) => {
             if let Some(key) = idempotency_key
-                && let Some(existing) = unclaim_key(&state, &name, key, &job_id, claimed).await
+                && let Some(existing) = unclaim_key(&state, scope, key, &job_id, claimed).await
             {
                 // The first request with this key got its job published meanwhile.
                 return Ok(accepted(&existing));
@@ -642,7 +747,7 @@ async fn submit(
         // The job is on the queue: later requests with this key get it without publishing.
         if let Err(error) = state
             .store
-            .commit_idempotency_key(&name, key, &job_id)
+            .commit_idempotency_key(scope.tenant, scope.model, key, &job_id)
             .await
         {
             tracing::warn!(%error, %job_id, "cannot commit the idempotency key; a retry would publish the job again (same id)");
@@ -676,6 +781,13 @@ fn job_view(job_id: &str, state: &JobState) -> serde_json::Value {
         JobState::Cancelled(record) => {
             json!({"job_id": job_id, "model": record.model, "status": "cancelled"})
         }
+        JobState::Expired(record) => json!({
+            "job_id": job_id,
+            "model": record.model,
+            "status": "expired",
+            "message": "the job ran, but its result was dropped from ember.results.store \
+                        (its length bound or message TTL) before a dispatcher stored it",
+        }),
         // `job_status` answers 500 for it instead; a result that does not parse has no view.
         JobState::Unreadable(_) => json!({"job_id": job_id, "status": "failed"}),
         JobState::Finished(result) => {
@@ -696,15 +808,21 @@ fn job_view(job_id: &str, state: &JobState) -> serde_json::Value {
     }
 }
 
+/// The job `id` if the caller may see it: another tenant's job is the same 404 as an unknown
+/// one.
+async fn visible_job(state: &AppState, caller: &Caller, id: &str) -> Result<JobState, ApiError> {
+    match state.store.job(id).await? {
+        Some(job) if caller.owns(job.owner.as_deref()) => Ok(job.state),
+        _ => Err(ApiError::job_not_found(id)),
+    }
+}
+
 async fn job_status(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let job = state
-        .store
-        .job(&id)
-        .await?
-        .ok_or_else(|| ApiError::job_not_found(&id))?;
+    let job = visible_job(&state, &caller, &id).await?;
     if let JobState::Unreadable(why) = &job {
         return Err(ApiError::internal(format!(
             "job {id}: its stored result does not parse: {why}"
@@ -715,20 +833,16 @@ async fn job_status(
 
 async fn cancel(
     State(state): State<Arc<AppState>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    match state
-        .store
-        .job(&id)
-        .await?
-        .ok_or_else(|| ApiError::job_not_found(&id))?
-    {
+    match visible_job(&state, &caller, &id).await? {
         JobState::Finished(result) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "job_finished",
             format!("job `{id}` already ran ({})", result.status.as_str()),
         )),
-        JobState::Unreadable(..) => Err(ApiError::new(
+        JobState::Unreadable(..) | JobState::Expired(..) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "job_finished",
             format!("job `{id}` already ran"),

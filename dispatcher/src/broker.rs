@@ -13,7 +13,7 @@ use ember_core::topology::{self, QueueSettings};
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueBindOptions,
+    ConfirmSelectOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Confirmation, Connection};
@@ -29,6 +29,18 @@ use crate::store::Store;
 pub const DIRECT_REPLY_TO: &str = topology::DIRECT_REPLY_TO;
 /// The shared queue the dispatchers store results from (competing consumers).
 pub const RESULTS_STORE_QUEUE: &str = "ember.results.store";
+/// Where results dropped from [`RESULTS_STORE_QUEUE`] (its length bound, its TTL) go, for the
+/// dispatchers to mark their jobs `expired`.
+pub const RESULTS_EXPIRED_QUEUE: &str = "ember.results.expired";
+
+/// Bounds of the results store queue: what it holds while no dispatcher takes results in.
+#[derive(Debug, Clone, Copy)]
+pub struct ResultsStoreSettings {
+    /// `x-max-length`, with `drop-head` (the oldest go to [`RESULTS_EXPIRED_QUEUE`]).
+    pub max_length: u32,
+    /// `x-message-ttl`: the job records' TTL (a result kept longer has no record to answer).
+    pub ttl: Duration,
+}
 
 /// Why a job could not be published.
 #[derive(Debug)]
@@ -210,6 +222,7 @@ pub struct BrokerContext {
     pub amqp: AmqpConfig,
     pub models: Vec<String>,
     pub queue: QueueSettings,
+    pub results: ResultsStoreSettings,
     pub store: Store,
     pub metrics: Metrics,
     pub callbacks: Arc<CallbackSender>,
@@ -383,15 +396,23 @@ impl Broker {
         for model in &context.models {
             topology::declare_model(&channel, model, context.queue).await?;
         }
-        declare_results_store(&channel).await?;
+        declare_results_store(&channel, context.results).await?;
         let mut replies = topology::direct_reply_consumer(&channel).await?;
         let link = Arc::new(Link {
             channel,
             pending: Mutex::new(HashMap::new()),
         });
         let session = CancellationToken::new();
-        let store_task = tokio::spawn(store_results(
+        let store_task = tokio::spawn(take_results(
             connection.create_channel().await?,
+            Take::Store,
+            context.store.clone(),
+            context.metrics.clone(),
+            session.clone(),
+        ));
+        let expired_task = tokio::spawn(take_results(
+            connection.create_channel().await?,
+            Take::Expired,
             context.store.clone(),
             context.metrics.clone(),
             session.clone(),
@@ -438,6 +459,7 @@ impl Broker {
         };
         session.cancel();
         let _ = store_task.await;
+        let _ = expired_task.await;
         // The callback consumer stops by itself on shutdown or when the connection fails.
         let _ = callback_task.await;
         // Waiters of this link will not get their replies; dropping them ends their waits.
@@ -469,8 +491,47 @@ fn job_headers(job: &OutgoingJob<'_>, now_ms: u64) -> FieldTable {
     headers.into_table()
 }
 
-async fn declare_results_store(channel: &Channel) -> lapin::Result<()> {
-    topology::declare_quorum_queue(channel, RESULTS_STORE_QUEUE).await?;
+/// Arguments of [`RESULTS_STORE_QUEUE`] (`dead_letter`) and of [`RESULTS_EXPIRED_QUEUE`]: both
+/// bounded in length (oldest dropped first) and in age.
+pub fn results_queue_arguments(settings: ResultsStoreSettings, dead_letter: bool) -> FieldTable {
+    let mut args = Headers::new();
+    args.text("x-queue-type", "quorum")
+        .text("x-overflow", "drop-head")
+        .uint("x-max-length", u64::from(settings.max_length))
+        .uint(
+            "x-message-ttl",
+            u64::try_from(settings.ttl.as_millis()).unwrap_or(u64::MAX),
+        );
+    if dead_letter {
+        // The default exchange, by queue name; at-most-once (what drop-head allows).
+        args.text("x-dead-letter-exchange", "")
+            .text("x-dead-letter-routing-key", RESULTS_EXPIRED_QUEUE);
+    }
+    args.into_table()
+}
+
+async fn declare_results_store(
+    channel: &Channel,
+    settings: ResultsStoreSettings,
+) -> lapin::Result<()> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    channel
+        .queue_declare(
+            RESULTS_EXPIRED_QUEUE.into(),
+            durable,
+            results_queue_arguments(settings, false),
+        )
+        .await?;
+    channel
+        .queue_declare(
+            RESULTS_STORE_QUEUE.into(),
+            durable,
+            results_queue_arguments(settings, true),
+        )
+        .await?;
     channel
         .queue_bind(
             RESULTS_STORE_QUEUE.into(),
@@ -482,13 +543,33 @@ async fn declare_results_store(channel: &Channel) -> lapin::Result<()> {
         .await
 }
 
-/// Moves results from the shared queue into the store; acks after the store has them.
-async fn store_results(channel: Channel, store: Store, metrics: Metrics, done: CancellationToken) {
+/// Which results queue [`take_results`] consumes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Take {
+    /// Results: into the store.
+    Store,
+    /// Results dropped before they were stored: their jobs marked expired.
+    Expired,
+}
+
+/// Takes results in (into the store, or marking their jobs expired), and stops counting each
+/// job among its tenant's outstanding ones; acks after the store has it.
+async fn take_results(
+    channel: Channel,
+    take: Take,
+    store: Store,
+    metrics: Metrics,
+    done: CancellationToken,
+) {
+    let queue = match take {
+        Take::Store => RESULTS_STORE_QUEUE,
+        Take::Expired => RESULTS_EXPIRED_QUEUE,
+    };
     let consumer = async {
         channel.basic_qos(64, BasicQosOptions::default()).await?;
         channel
             .basic_consume(
-                RESULTS_STORE_QUEUE.into(),
+                queue.into(),
                 "".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
@@ -499,7 +580,7 @@ async fn store_results(channel: Channel, store: Store, metrics: Metrics, done: C
     let mut consumer = match consumer {
         Ok(consumer) => consumer,
         Err(error) => {
-            tracing::warn!(%error, "cannot consume results");
+            tracing::warn!(%error, queue, "cannot consume results");
             return;
         }
     };
@@ -516,31 +597,29 @@ async fn store_results(channel: Channel, store: Store, metrics: Metrics, done: C
             .message_id()
             .as_ref()
             .map(|id| id.to_string());
-        let stored = match &job_id {
-            Some(id) => store.put_result(id, &delivery.data).await.map(Some),
-            None => Ok(None),
+        let taken = match (&job_id, take) {
+            (None, _) => Ok(("no_job_id", None)),
+            (Some(id), Take::Store) => store
+                .put_result(id, &delivery.data)
+                .await
+                .map(|(stored, record)| (if stored { "stored" } else { "duplicate" }, record)),
+            (Some(id), Take::Expired) => store
+                .mark_expired(id)
+                .await
+                .map(|record| ("expired", record)),
         };
-        match stored {
-            Ok(Some(true)) => {
-                metrics.results_stored.with_label_values(&["stored"]).inc();
-                let _ = delivery.ack(BasicAckOptions::default()).await;
-            }
-            Ok(Some(false)) => {
-                metrics
-                    .results_stored
-                    .with_label_values(&["duplicate"])
-                    .inc();
-                let _ = delivery.ack(BasicAckOptions::default()).await;
-            }
-            Ok(None) => {
-                metrics
-                    .results_stored
-                    .with_label_values(&["no_job_id"])
-                    .inc();
+        match taken {
+            Ok((outcome, record)) => {
+                if let (Some(id), Some(record)) = (&job_id, record)
+                    && let Some(tenant) = &record.tenant
+                {
+                    store.release(tenant, &record.model, id).await;
+                }
+                metrics.results_stored.with_label_values(&[outcome]).inc();
                 let _ = delivery.ack(BasicAckOptions::default()).await;
             }
             Err(error) => {
-                tracing::warn!(%error, "cannot store a result; it goes back to the queue");
+                tracing::warn!(%error, queue, "cannot store a result; it goes back to the queue");
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 let _ = delivery
                     .nack(BasicNackOptions {

@@ -82,6 +82,24 @@ pub fn sign(key: &[u8], id: &str, timestamp: u64, body: &[u8]) -> String {
     format!("v1,{}", BASE64.encode(mac.finalize().into_bytes()))
 }
 
+/// Every key's signature, space-separated, as Standard Webhooks lists several: a receiver
+/// accepts the message when any of them verifies with its secret.
+pub fn sign_all(keys: &[Vec<u8>], id: &str, timestamp: u64, body: &[u8]) -> String {
+    keys.iter()
+        .map(|key| sign(key, id, timestamp, body))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The callback secrets of a secrets file: one per line, blank lines and `#` comments skipped.
+pub fn parse_secrets(text: &str) -> Vec<Vec<u8>> {
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(signing_key)
+        .collect()
+}
+
 /// An error with its causes, `a: b: c`, for the dead-letter header and the log.
 fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
@@ -100,7 +118,8 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 /// Delivers callbacks.
 pub struct CallbackSender {
     pub client: reqwest::Client,
-    pub key: Vec<u8>,
+    /// Signing keys: each signs every callback (several while a secret is rotated).
+    pub keys: Vec<Vec<u8>>,
     pub policy: RetryPolicy,
     pub guard: CallbackGuard,
     pub store: Store,
@@ -136,7 +155,10 @@ impl CallbackSender {
             .header("content-type", "application/json")
             .header("webhook-id", id)
             .header("webhook-timestamp", timestamp.to_string())
-            .header("webhook-signature", sign(&self.key, id, timestamp, body))
+            .header(
+                "webhook-signature",
+                sign_all(&self.keys, id, timestamp, body),
+            )
             .body(body.to_vec())
             .send()
             .await;
@@ -378,5 +400,24 @@ mod tests {
         let body = br#"{"test": 2432232314}"#;
         let signature = sign(&key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body);
         assert_eq!(signature, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+
+    #[test]
+    fn a_secrets_file_signs_with_each_of_its_secrets() {
+        let keys = parse_secrets(
+            "# rotating: the new secret first\n\nwhsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw\n  raw-old  \n",
+        );
+        assert_eq!(keys.len(), 2);
+        assert_eq!(keys[1], b"raw-old".to_vec());
+        let body = br#"{"test": 2432232314}"#;
+        let all = sign_all(&keys, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body);
+        let listed: Vec<&str> = all.split(' ').collect();
+        assert_eq!(
+            listed,
+            [
+                "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=".to_string(),
+                sign(b"raw-old", "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body)
+            ]
+        );
     }
 }

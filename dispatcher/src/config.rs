@@ -46,6 +46,11 @@ pub struct Config {
     )]
     pub redis_url: String,
 
+    /// File holding the Redis URL (with its password: `redis://:PASSWORD@host:6379/0`, or
+    /// `rediss://` for TLS), e.g. a mounted Secret; overrides --redis-url.
+    #[arg(long, env = "EMBER_DISPATCHER_REDIS_URL_FILE", value_name = "PATH")]
+    pub redis_url_file: Option<std::path::PathBuf>,
+
     /// How long job records and results are kept.
     #[arg(long, env = "EMBER_DISPATCHER_RESULT_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub result_ttl: Duration,
@@ -87,7 +92,51 @@ pub struct Config {
     #[arg(long, env = "EMBER_DISPATCHER_MAX_WAIT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub max_wait: Duration,
 
-    /// Bearer tokens accepted on the API (none: no auth). Comma-separated.
+    /// Tenants (TOML: token digests, models, rate, queue share; see `ember_dispatcher::tenants`),
+    /// e.g. a mounted Secret. Re-read when it changes: tokens are added and revoked without a
+    /// restart.
+    #[arg(long, env = "EMBER_DISPATCHER_TENANTS_FILE", value_name = "PATH")]
+    pub tenants_file: Option<std::path::PathBuf>,
+
+    /// How often the tenants file is checked for changes.
+    #[arg(long, env = "EMBER_DISPATCHER_TENANTS_RELOAD_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub tenants_reload_interval: Duration,
+
+    /// Serve without tokens: anyone who reaches the port may submit jobs and read every job's
+    /// result. Without this flag, a dispatcher with neither --tenants-file nor --auth-token
+    /// refuses to start. For a laptop, never for a shared cluster.
+    #[arg(long, env = "EMBER_DISPATCHER_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
+
+    /// Requests with a wrong token allowed per client address before all of that address's
+    /// requests are refused (429) until its bucket refills; counted before the token is checked.
+    #[arg(
+        long,
+        env = "EMBER_DISPATCHER_AUTH_FAILURE_LIMIT",
+        default_value = "20/min"
+    )]
+    pub auth_failure_limit: crate::limits::Rate,
+
+    /// Proxies (CIDRs) whose `--client-ip-header` names the client; from any other peer the
+    /// header is ignored and the peer's address is the client's. Comma-separated.
+    #[arg(
+        long = "trusted-proxy",
+        env = "EMBER_DISPATCHER_TRUSTED_PROXIES",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+
+    /// The header a trusted proxy puts the client's address in (a comma-separated chain, the
+    /// nearest proxy's addition last, as X-Forwarded-For).
+    #[arg(
+        long,
+        env = "EMBER_DISPATCHER_CLIENT_IP_HEADER",
+        default_value = "x-forwarded-for"
+    )]
+    pub client_ip_header: axum::http::HeaderName,
+
+    /// Bearer tokens accepted on the API, all of one tenant `default` allowed every model
+    /// (--tenants-file is the way to give several teams their own). Comma-separated.
     #[arg(
         long = "auth-token",
         env = "EMBER_DISPATCHER_AUTH_TOKENS",
@@ -96,14 +145,20 @@ pub struct Config {
     )]
     pub auth_tokens: Vec<String>,
 
-    /// Standard Webhooks signing secret (`whsec_<base64>`, or raw text).
+    /// Standard Webhooks signing secret (`whsec_<base64>`, or raw text). Without it and
+    /// --callback-secret-file, only --insecure-no-auth starts, with a development secret.
+    #[arg(long, env = "EMBER_DISPATCHER_CALLBACK_SECRET", hide_env_values = true)]
+    pub callback_secret: Option<String>,
+
+    /// File holding the callback signing secrets, one per line: callbacks are signed with each
+    /// (Standard Webhooks lists several signatures), so a new secret can be added, given to the
+    /// receivers, and the old one removed. Overrides --callback-secret.
     #[arg(
         long,
-        env = "EMBER_DISPATCHER_CALLBACK_SECRET",
-        hide_env_values = true,
-        default_value = "whsec_ZW1iZXItZGV2ZWxvcG1lbnQtc2VjcmV0"
+        env = "EMBER_DISPATCHER_CALLBACK_SECRET_FILE",
+        value_name = "PATH"
     )]
-    pub callback_secret: String,
+    pub callback_secret_file: Option<std::path::PathBuf>,
 
     /// Networks callback URLs may point into despite being loopback/private/link-local
     /// (e.g. 127.0.0.1/32). Comma-separated CIDRs.
@@ -157,6 +212,16 @@ pub struct Config {
         default_value_t = 10_000
     )]
     pub queue_max_length: u32,
+
+    /// Most results `ember.results.store` holds while no dispatcher takes them in; beyond it
+    /// the oldest are dropped from it (`drop-head`: still routed to any other queue bound to
+    /// `ember.results`) and their jobs read `expired`. Its message TTL is --result-ttl.
+    #[arg(
+        long,
+        env = "EMBER_DISPATCHER_RESULTS_STORE_MAX_LENGTH",
+        default_value_t = 100_000
+    )]
+    pub results_store_max_length: u32,
 
     /// On SIGTERM, how long in-flight requests and callbacks may take before exiting.
     #[arg(long, env = "EMBER_DISPATCHER_DRAIN_TIMEOUT", default_value = "20s", value_parser = humantime::parse_duration)]

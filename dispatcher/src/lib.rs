@@ -9,8 +9,9 @@
 //!
 //! - [`config`]: flags and `EMBER_DISPATCHER_*` variables.
 //! - [`api`]: the routes, and the one path by which a job is enqueued (record, then publish).
-//! - [`middleware`]: request metrics, header limits, bearer auth and the rate limit, in front of
-//!   every route; [`limits`]: what they enforce (header limits, tokens, token buckets).
+//! - [`middleware`]: request metrics, header limits, bearer auth and the rate limits, in front of
+//!   every route; [`limits`]: what they enforce (header limits, token buckets, the client's
+//!   address); [`tenants`]: whose a token is, what it may use, reloaded from its file.
 //! - [`oip_binary`]: the binary tensor extension: requests checked by their JSON header and
 //!   passed on as they came, responses in each datatype's binary form.
 //! - [`broker`]: the RabbitMQ link (publish with confirms, Direct Reply-to, result storing), and
@@ -32,6 +33,7 @@ pub mod middleware;
 pub mod oip_binary;
 pub mod ssrf;
 pub mod store;
+pub mod tenants;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -76,6 +78,108 @@ fn load_models(config: &Config) -> Result<HashMap<String, ModelSpec>, Error> {
     Ok(models)
 }
 
+/// The development callback secret, used only with `--insecure-no-auth` when none is given.
+const DEVELOPMENT_CALLBACK_SECRET: &str = "whsec_ZW1iZXItZGV2ZWxvcG1lbnQtc2VjcmV0";
+
+/// What the dispatcher's security settings come to at startup: the tenants, the callback
+/// signing keys and the Redis URL, read from their files.
+struct Security {
+    tenants: Arc<tenants::Tenants>,
+    callback_keys: Vec<Vec<u8>>,
+    redis_url: String,
+}
+
+fn read_secret(flag: &str, path: &std::path::Path) -> Result<String, Error> {
+    std::fs::read_to_string(path)
+        .map_err(|e| Error::Config(format!("{flag} {}: {e}", path.display())))
+}
+
+impl Security {
+    /// Refuses to start without tokens (unless `--insecure-no-auth`) and without a callback
+    /// secret of the operator's own (the built-in one is public).
+    fn load(config: &Config) -> Result<Self, Error> {
+        if config.auth_tokens.iter().any(String::is_empty) {
+            return Err(Error::Config(
+                "an empty --auth-token (a stray comma?) would let requests without a token in"
+                    .into(),
+            ));
+        }
+        let defaults = tenants::Defaults {
+            rate: config.rate_limit,
+            burst: config.rate_limit_burst,
+        };
+        let directory = match (&config.tenants_file, config.auth_tokens.is_empty()) {
+            (Some(_), false) => {
+                return Err(Error::Config(
+                    "give tokens either in --tenants-file or with --auth-token, not both".into(),
+                ));
+            }
+            (Some(path), true) => tenants::Tenants::load(path, defaults).map_err(Error::Config)?,
+            (None, _) => tenants::Directory::from_tokens(&config.auth_tokens, defaults),
+        };
+        let has_tokens = config.tenants_file.is_some() || !directory.is_empty();
+        if config.insecure_no_auth && has_tokens {
+            return Err(Error::Config(
+                "--insecure-no-auth contradicts the tokens given (--tenants-file, --auth-token)"
+                    .into(),
+            ));
+        }
+        if !config.insecure_no_auth && !has_tokens {
+            return Err(Error::Config(
+                "no tokens: give --tenants-file (or --auth-token), or run with \
+                 --insecure-no-auth to let anyone who reaches the port in"
+                    .into(),
+            ));
+        }
+        if config.insecure_no_auth {
+            tracing::warn!(
+                "--insecure-no-auth: no tokens are asked for; anyone who reaches the API may \
+                 submit jobs and read every job's result"
+            );
+        }
+        let callback_keys = match (&config.callback_secret_file, &config.callback_secret) {
+            (Some(path), _) => {
+                let keys = callbacks::parse_secrets(&read_secret("--callback-secret-file", path)?);
+                if keys.is_empty() {
+                    return Err(Error::Config(format!(
+                        "--callback-secret-file {}: holds no secret",
+                        path.display()
+                    )));
+                }
+                keys
+            }
+            (None, Some(secret)) if !secret.trim().is_empty() => {
+                vec![callbacks::signing_key(secret.trim())]
+            }
+            _ if config.insecure_no_auth => {
+                vec![callbacks::signing_key(DEVELOPMENT_CALLBACK_SECRET)]
+            }
+            _ => {
+                return Err(Error::Config(
+                    "no callback secret: give --callback-secret-file (the built-in development \
+                     secret is public, for --insecure-no-auth only)"
+                        .into(),
+                ));
+            }
+        };
+        let redis_url = match &config.redis_url_file {
+            Some(path) => read_secret("--redis-url-file", path)?.trim().to_string(),
+            None => config.redis_url.clone(),
+        };
+        let tenants = tenants::Tenants::new(
+            directory,
+            !config.insecure_no_auth,
+            config.tenants_file.clone(),
+            defaults,
+        );
+        Ok(Self {
+            tenants: Arc::new(tenants),
+            callback_keys,
+            redis_url,
+        })
+    }
+}
+
 /// Runs the dispatcher until `shutdown`; then stops taking requests, lets the ones in flight
 /// finish, and hands the callbacks in hand back to the queue.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Error> {
@@ -91,24 +195,20 @@ pub async fn run_with_resolver(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let models = load_models(&config)?;
-    if config.auth_tokens.iter().any(String::is_empty) {
-        return Err(Error::Config(
-            "an empty --auth-token (a stray comma?) would let requests without a token in".into(),
-        ));
-    }
+    let security = Security::load(&config)?;
     let registry = Registry::new();
     let metrics = metrics::Metrics::register(&registry)
         .map_err(|e| Error::Config(format!("metrics: {e}")))?;
     let admin = Admin::start(config.model.admin_addr, registry).await?;
 
-    let store = store::Store::connect(&config.redis_url, config.result_ttl).await?;
+    let store = store::Store::connect(&security.redis_url, config.result_ttl).await?;
     let callback_guard = ssrf::CallbackGuard::new(config.callback_allow_nets.clone(), names);
     let client = callback_guard
         .http_client(config.callback_timeout)
         .map_err(|e| Error::Config(format!("http client: {e}")))?;
     let callbacks = Arc::new(callbacks::CallbackSender {
         client,
-        key: callbacks::signing_key(&config.callback_secret),
+        keys: security.callback_keys,
         policy: callbacks::RetryPolicy {
             max_attempts: config.callback_max_attempts.max(1),
             max_age: config.callback_max_age,
@@ -129,6 +229,10 @@ pub async fn run_with_resolver(
                 delivery_limit: config.delivery_limit,
                 max_length: config.queue_max_length,
             },
+            results: broker::ResultsStoreSettings {
+                max_length: config.results_store_max_length,
+                ttl: config.result_ttl,
+            },
             store: store.clone(),
             metrics: metrics.clone(),
             callbacks,
@@ -145,7 +249,7 @@ pub async fn run_with_resolver(
         models,
         infer_timeout: config.infer_timeout,
         max_wait: config.max_wait,
-        tokens: limits::Tokens::new(&config.auth_tokens),
+        tenants: security.tenants.clone(),
         callback_guard,
         limits: api::Limits {
             max_body_bytes: config.max_body_bytes,
@@ -154,8 +258,20 @@ pub async fn run_with_resolver(
             rate: config
                 .rate_limit
                 .map(|rate| limits::RateLimiter::new(rate, config.rate_limit_burst)),
+            auth_failures: limits::RateLimiter::new(config.auth_failure_limit, None),
+            trusted_proxies: config.trusted_proxies.clone(),
+            client_ip_header: config.client_ip_header.clone(),
         },
     });
+    state
+        .metrics
+        .tenants
+        .set(security.tenants.current().len() as i64);
+    let tenants_watch = tokio::spawn(security.tenants.clone().watch(
+        config.tenants_reload_interval,
+        state.metrics.clone(),
+        shutdown.clone(),
+    ));
     let listener = tokio::net::TcpListener::bind(config.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "API listening");
     let ready_probe = {
@@ -195,6 +311,7 @@ pub async fn run_with_resolver(
         }
     };
     let _ = ready_probe.await;
+    let _ = tenants_watch.await;
     admin.stop();
     outcome.map_err(Error::Io)
 }

@@ -1,5 +1,6 @@
-//! Request limits of the API: header size and count, bearer tokens (compared in constant time),
-//! and a per-token (or, without auth, per-client) token-bucket request rate.
+//! Request limits of the API: header size and count, token-bucket request rates (per tenant, per
+//! client address without auth, and for wrong tokens per client address), and the client's
+//! address behind trusted proxies.
 
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
@@ -10,8 +11,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
-use sha2::{Digest, Sha256};
-use subtle::{ConditionallySelectable, ConstantTimeEq};
+use ipnet::IpNet;
 
 /// A request rate: `count` requests per `period`, e.g. `50/s`, `3000/min`, `5/10s`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -49,8 +49,8 @@ impl FromStr for Rate {
     }
 }
 
-/// Whom a bucket belongs to: a bearer token (by its index in the configured list) or, without
-/// auth, a client address (IPv6 by its /64, what one host usually holds).
+/// Whom a bucket belongs to: a tenant's one bucket (`Token(0)` in its own limiter) or a client
+/// address (IPv6 by its /64, what one host usually holds).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Client {
     Token(usize),
@@ -108,6 +108,15 @@ impl RateLimiter {
     /// Takes one token from `client`'s bucket at `now`; when there is none, how long until
     /// there is (for Retry-After).
     pub fn check(&self, client: Client, now: Instant) -> Result<(), Duration> {
+        self.take(client, now, true)
+    }
+
+    /// Whether `client`'s bucket holds a token at `now`, without taking it.
+    pub fn available(&self, client: Client, now: Instant) -> Result<(), Duration> {
+        self.take(client, now, false)
+    }
+
+    fn take(&self, client: Client, now: Instant, consume: bool) -> Result<(), Duration> {
         let shard = self.hasher.hash_one(client) as usize % SHARDS;
         let Ok(mut buckets) = self.shards[shard].lock() else {
             // A panic while holding the lock cannot leave a bucket half-written (plain
@@ -128,7 +137,9 @@ impl RateLimiter {
         bucket.tokens = (bucket.tokens + elapsed * self.per_second).min(self.burst);
         bucket.at = now;
         if bucket.tokens >= 1.0 {
-            bucket.tokens -= 1.0;
+            if consume {
+                bucket.tokens -= 1.0;
+            }
             Ok(())
         } else {
             Err(Duration::from_secs_f64(
@@ -138,42 +149,42 @@ impl RateLimiter {
     }
 }
 
-/// The configured bearer tokens, kept as SHA-256 digests: a presented token is hashed and
-/// compared with every digest in constant time, so neither a token's bytes nor its length (nor
-/// which one matched) shows in the time taken.
-#[derive(Debug, Default)]
-pub struct Tokens {
-    digests: Vec<[u8; 32]>,
-}
-
-impl Tokens {
-    pub fn new(tokens: &[String]) -> Self {
-        Self {
-            digests: tokens
-                .iter()
-                .filter(|t| !t.is_empty())
-                .map(|t| Sha256::digest(t.as_bytes()).into())
-                .collect(),
+/// The client's address: the TCP peer's, unless the peer is a trusted proxy; then the nearest
+/// address in `header` (a comma-separated chain, each proxy appending the address it saw) that
+/// is not itself a trusted proxy. An entry that does not parse ends the walk: what lies left of
+/// it cannot be trusted, so the address right of it (a proxy's) is taken.
+pub fn client_ip(
+    peer: IpAddr,
+    headers: &HeaderMap,
+    header: &axum::http::HeaderName,
+    trusted: &[IpNet],
+) -> IpAddr {
+    let trusted_ip = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !trusted_ip(&peer) {
+        return peer;
+    }
+    let chain: Vec<&str> = headers
+        .get_all(header)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .collect();
+    let mut client = peer;
+    for entry in chain.iter().rev() {
+        let entry = entry.trim();
+        let parsed = entry
+            .parse::<IpAddr>()
+            .ok()
+            .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|s| s.ip()));
+        let Some(ip) = parsed else {
+            return client;
+        };
+        client = ip;
+        if !trusted_ip(&ip) {
+            return ip;
         }
     }
-
-    /// Whether auth is on.
-    pub fn required(&self) -> bool {
-        !self.digests.is_empty()
-    }
-
-    /// The index of the token presented, if it is one of them.
-    pub fn find(&self, presented: &str) -> Option<usize> {
-        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-        let mut found = subtle::Choice::from(0);
-        let mut index = 0u64;
-        for (i, candidate) in self.digests.iter().enumerate() {
-            let equal = candidate.ct_eq(&digest);
-            index = u64::conditional_select(&index, &(i as u64), equal);
-            found |= equal;
-        }
-        bool::from(found).then_some(index as usize)
-    }
+    client
 }
 
 /// Whether a request's headers fit: at most `max_count` fields and `max_bytes` bytes (each
@@ -300,16 +311,69 @@ mod tests {
     }
 
     #[test]
-    fn tokens_are_found_by_value_whatever_their_length() {
-        let tokens = Tokens::new(&["s3cret".into(), "other".into(), String::new()]);
-        assert!(tokens.required());
-        assert_eq!(tokens.find("s3cret"), Some(0));
-        assert_eq!(tokens.find("other"), Some(1));
-        for wrong in ["", "s3cre", "s3cret ", "S3CRET", "othe"] {
-            assert_eq!(tokens.find(wrong), None, "{wrong:?}");
+    fn available_looks_without_taking() {
+        let limiter = RateLimiter::new(
+            Rate {
+                count: 1,
+                period: Duration::from_secs(60),
+            },
+            Some(1),
+        );
+        let now = Instant::now();
+        let client = Client::Token(0);
+        for _ in 0..3 {
+            assert_eq!(limiter.available(client, now), Ok(()));
         }
-        assert!(!Tokens::new(&[]).required());
-        assert!(!Tokens::new(&[String::new()]).required());
+        assert_eq!(limiter.check(client, now), Ok(()));
+        assert!(limiter.available(client, now).is_err());
+    }
+
+    #[test]
+    fn the_client_address_comes_from_a_trusted_proxy_only() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap_or(IpAddr::from([0u8; 4]));
+        let trusted: Vec<IpNet> = ["10.0.0.0/8", "fd00::/8"]
+            .iter()
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        let header = axum::http::HeaderName::from_static("x-forwarded-for");
+        let table: [(&str, &[&str], &str); 9] = [
+            // An untrusted peer's header is ignored, whatever it says.
+            ("203.0.113.9", &["198.51.100.1"], "203.0.113.9"),
+            // A trusted proxy: the nearest untrusted address.
+            ("10.0.0.2", &["198.51.100.1"], "198.51.100.1"),
+            // A client cannot push itself further left: the proxy appended the real peer.
+            ("10.0.0.2", &["1.1.1.1, 198.51.100.1"], "198.51.100.1"),
+            // Through two trusted proxies.
+            ("10.0.0.2", &["198.51.100.1, 10.0.0.7"], "198.51.100.1"),
+            // Repeated header fields are one chain.
+            ("10.0.0.2", &["198.51.100.1", "10.0.0.7"], "198.51.100.1"),
+            // No header: the proxy itself.
+            ("10.0.0.2", &[], "10.0.0.2"),
+            // Garbage ends the walk at the last address to its right.
+            (
+                "10.0.0.2",
+                &["198.51.100.1, nonsense, 10.0.0.7"],
+                "10.0.0.7",
+            ),
+            // Ports and IPv6.
+            ("fd00::1", &["[2001:db8::5]:4431"], "2001:db8::5"),
+            ("10.0.0.2", &["198.51.100.1:5000"], "198.51.100.1"),
+        ];
+        for (peer, values, want) in table {
+            let mut headers = HeaderMap::new();
+            for value in values {
+                headers.append(
+                    &header,
+                    axum::http::HeaderValue::from_str(value)
+                        .unwrap_or(axum::http::HeaderValue::from_static("")),
+                );
+            }
+            assert_eq!(
+                client_ip(ip(peer), &headers, &header, &trusted),
+                ip(want),
+                "{peer} {values:?}"
+            );
+        }
     }
 
     #[test]

@@ -19,6 +19,18 @@ pub struct Metrics {
     pub callbacks_pending: IntGauge,
     pub results_stored: IntCounterVec,
     pub broker_reconnects: IntCounter,
+    /// Requests refused for their token: `unauthorized` (a wrong token, counted against the
+    /// client address) and `locked_out` (an address out of tries).
+    pub auth_failures: IntCounterVec,
+    /// Requests over their tenant's rate (`none`: without auth, over a client address's).
+    pub tenant_rate_limited: IntCounterVec,
+    /// Jobs by tenant, model and outcome (accepted, tenant_queue_full, queue_full, unavailable,
+    /// model_forbidden). Labels are bounded: the configured tenants (plus `none`) times the
+    /// served models.
+    pub tenant_jobs: IntCounterVec,
+    /// Tenants in force.
+    pub tenants: IntGauge,
+    pub tenant_reloads: IntCounterVec,
 }
 
 fn seconds(name: &str, help: &str) -> HistogramOpts {
@@ -90,7 +102,8 @@ impl Metrics {
                 IntCounterVec::new(
                     Opts::new(
                         "ember_dispatcher_results_stored_total",
-                        "Results taken into the store (stored, duplicate, no_job_id)",
+                        "Results taken in: stored, duplicate, no_job_id, and expired (dropped from \
+                         ember.results.store before a dispatcher took them; their jobs read expired)",
                     ),
                     &["outcome"],
                 )?,
@@ -100,6 +113,51 @@ impl Metrics {
                 IntCounter::new(
                     "ember_dispatcher_broker_reconnects_total",
                     "Times the broker connection was lost and made again",
+                )?,
+            )?,
+            auth_failures: register(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "ember_dispatcher_auth_failures_total",
+                        "Requests refused for their token (unauthorized, locked_out)",
+                    ),
+                    &["outcome"],
+                )?,
+            )?,
+            tenant_rate_limited: register(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "ember_dispatcher_tenant_rate_limited_total",
+                        "Requests over their tenant's request rate",
+                    ),
+                    &["tenant"],
+                )?,
+            )?,
+            tenant_jobs: register(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "ember_dispatcher_tenant_jobs_total",
+                        "Jobs by tenant, model and outcome (accepted, tenant_queue_full, \
+                         queue_full, unavailable, model_forbidden)",
+                    ),
+                    &["tenant", "model", "outcome"],
+                )?,
+            )?,
+            tenants: register(
+                registry,
+                IntGauge::new("ember_dispatcher_tenants", "Tenants in force")?,
+            )?,
+            tenant_reloads: register(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "ember_dispatcher_tenant_reloads_total",
+                        "Reloads of the tenants file (ok, error: the previous tenants stay)",
+                    ),
+                    &["outcome"],
                 )?,
             )?,
         })

@@ -1,5 +1,5 @@
 //! The API's middleware, outermost first: request metrics ([`observe`]), header limits
-//! ([`limit_headers`]), then bearer auth and the rate limit ([`authorize`]). What they enforce
+//! ([`limit_headers`]), then bearer auth (tenants) and the rate limits ([`authorize`]). What they enforce
 //! is in [`crate::limits`]; an error they answer takes the format of the route it stopped.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use crate::api::AppState;
 use crate::error::{ApiError, OipError};
 use crate::limits::{self, Client};
+use crate::tenants::Caller;
 
 /// An error answered by a middleware, in the format of the route it stopped: the protocol's on
 /// `/v2/`, the jobs' elsewhere.
@@ -89,27 +90,72 @@ pub async fn limit_headers(
     }
 }
 
-/// Bearer auth (when tokens are configured), then the rate limit: per token, or per client
-/// address without auth. Health routes are exempt from both.
+fn too_many(path: &str, code: &'static str, wait: std::time::Duration, what: &str) -> Response {
+    let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+    reject(
+        path,
+        ApiError {
+            retry_after: Some(seconds),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                code,
+                format!("{what}; retry in {seconds} s"),
+            )
+        },
+    )
+}
+
+/// Bearer auth, then the rate limit; health routes are exempt from both. With tenants, the
+/// token names the caller's tenant and its bucket; wrong tokens are counted per client address,
+/// and an address out of tries is refused before its token is even looked at (so guessing
+/// cannot go on at any speed). Without auth (`--insecure-no-auth`), the bucket is the client
+/// address's. The client address is the TCP peer's, or a trusted proxy's header's.
 pub async fn authorize(
     State(state): State<Arc<AppState>>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     let path = request.uri().path();
     if exempt(path) {
         return next.run(request).await;
     }
-    let client = if state.tokens.required() {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let limits = &state.limits;
+    let address = Client::address(limits::client_ip(
+        peer,
+        request.headers(),
+        &limits.client_ip_header,
+        &limits.trusted_proxies,
+    ));
+    let now = Instant::now();
+    let caller = if state.tenants.required {
+        if let Err(wait) = limits.auth_failures.available(address, now) {
+            state
+                .metrics
+                .auth_failures
+                .with_label_values(&["locked_out"])
+                .inc();
+            return too_many(path, "auth_rate_limited", wait, "too many wrong tokens");
+        }
         let presented = request
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
-        match state.tokens.find(presented) {
-            Some(index) => Client::Token(index),
+        match state.tenants.current().find(presented) {
+            Some(tenant) => Caller(Some(tenant)),
             None => {
+                let _ = limits.auth_failures.check(address, now);
+                state
+                    .metrics
+                    .auth_failures
+                    .with_label_values(&["unauthorized"])
+                    .inc();
                 let mut response = reject(
                     path,
                     ApiError::new(
@@ -125,28 +171,23 @@ pub async fn authorize(
             }
         }
     } else {
-        let ip = request
-            .extensions()
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|c| c.0.ip())
-            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-        Client::address(ip)
+        Caller(None)
     };
-    if let Some(limiter) = &state.limits.rate
-        && let Err(wait) = limiter.check(client, Instant::now())
-    {
-        let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
-        return reject(
-            path,
-            ApiError {
-                retry_after: Some(seconds),
-                ..ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
-                    format!("over the request rate limit; retry in {seconds} s"),
-                )
-            },
-        );
+    let limited = match &caller.0 {
+        Some(tenant) => tenant
+            .rate
+            .as_ref()
+            .map(|bucket| bucket.check(Client::Token(0), now)),
+        None => limits.rate.as_ref().map(|rate| rate.check(address, now)),
+    };
+    if let Some(Err(wait)) = limited {
+        state
+            .metrics
+            .tenant_rate_limited
+            .with_label_values(&[caller.label()])
+            .inc();
+        return too_many(path, "rate_limited", wait, "over the request rate limit");
     }
+    request.extensions_mut().insert(caller);
     next.run(request).await
 }

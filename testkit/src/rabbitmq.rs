@@ -42,6 +42,25 @@ impl Node {
         }
     }
 
+    /// Starts node `name` with plain AMQP on `amqp_port` and RabbitMQ's Prometheus endpoint on
+    /// `prometheus_port` (127.0.0.1), and waits until it serves.
+    pub fn with_prometheus(name: &str, amqp_port: u16, prometheus_port: u16) -> Node {
+        let out = Command::new(root().join("scripts/rabbitmq-node"))
+            .args(["start", name, &amqp_port.to_string()])
+            .env("EMBER_NODE_PROMETHEUS_PORT", prometheus_port.to_string())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "scripts/rabbitmq-node start {name} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Node {
+            name: name.to_string(),
+        }
+    }
+
     /// `rabbitmqctl args…` against this node (stop_app, start_app, add_user, …).
     pub fn ctl(&self, args: &[&str]) -> Output {
         let mut all = vec!["ctl", self.name.as_str()];

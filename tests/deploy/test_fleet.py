@@ -114,7 +114,7 @@ def fleet(tmp_path_factory):
                                   "--admin-addr", f"127.0.0.1:{ports['worker']}", "--log", "warn"])
         disp = start("dispatcher", [str(BIN / "ember-dispatcher"), "--model-dir", str(model_dir), "--model-name", model,
                                     "--listen", f"127.0.0.1:{ports['api']}", "--admin-addr", f"127.0.0.1:{ports['dispatcher']}",
-                                    "--callback-allow-net", "127.0.0.1/32", "--callback-max-attempts", "2",
+                                    "--insecure-no-auth", "--callback-allow-net", "127.0.0.1/32", "--callback-max-attempts", "2",
                                     "--callback-initial-backoff", "100ms", "--callback-max-backoff", "200ms", "--log", "info"])
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
@@ -287,7 +287,7 @@ def test_dispatcher_api_outlives_its_drain_timeout(tmp_path):
     shutil.copy(ROOT / "models/ssdlite-person/model.toml", model_dir)
     api, admin = free_port(), free_port()
     p = subprocess.Popen([str(BIN / "ember-dispatcher"), "--model-dir", str(model_dir), "--model-name", f"drain-{uuid.uuid4().hex[:8]}",
-                          "--listen", f"127.0.0.1:{api}", "--admin-addr", f"127.0.0.1:{admin}", "--drain-timeout", "2s", "--log", "warn"],
+                          "--listen", f"127.0.0.1:{api}", "--admin-addr", f"127.0.0.1:{admin}", "--drain-timeout", "2s", "--insecure-no-auth", "--log", "warn"],
                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{api}/v2/health/live", proc=p)

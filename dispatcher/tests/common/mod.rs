@@ -61,6 +61,7 @@ impl Dispatcher {
                     "--callback-secret",
                     SECRET,
                 ])
+                .args(insecure_unless_tokens(extra))
                 .args(extra)
                 .env("EMBER_LOG", "info,ember_dispatcher=debug"),
             log,
@@ -190,7 +191,12 @@ impl InProcessWorker {
 
     /// Serving `model_dir` under `model`.
     pub fn start_with_dir(model: &str, model_dir: &Path) -> Self {
-        let config = ember_worker::Config::try_parse_from([
+        Self::start_with_args(model, model_dir, &[])
+    }
+
+    /// Serving `model_dir` under `model`, with more flags (e.g. `--amqp-url`).
+    pub fn start_with_args(model: &str, model_dir: &Path, extra: &[&str]) -> Self {
+        let mut args = vec![
             "ember-worker",
             "--model-dir",
             model_dir.to_str().unwrap(),
@@ -202,8 +208,9 @@ impl InProcessWorker {
             "1",
             "--heartbeat-interval",
             "200ms",
-        ])
-        .unwrap();
+        ];
+        args.extend_from_slice(extra);
+        let config = ember_worker::Config::try_parse_from(args).unwrap();
         let stop = CancellationToken::new();
         let token = stop.clone();
         let task = tokio::spawn(async move {
@@ -366,6 +373,7 @@ impl InProcessDispatcher {
             "--callback-secret",
             SECRET,
         ];
+        args.extend_from_slice(insecure_unless_tokens(extra));
         args.extend_from_slice(extra);
         let config = ember_dispatcher::Config::try_parse_from(args).unwrap();
         let stop = CancellationToken::new();
@@ -422,5 +430,17 @@ impl Drop for InProcessDispatcher {
         if let Some(task) = self.task.take() {
             task.abort();
         }
+    }
+}
+
+/// `--insecure-no-auth` for a dispatcher started without tokens (it refuses to start otherwise).
+pub fn insecure_unless_tokens(extra: &[&str]) -> &'static [&'static str] {
+    if extra
+        .iter()
+        .any(|a| matches!(*a, "--auth-token" | "--tenants-file"))
+    {
+        &[]
+    } else {
+        &["--insecure-no-auth"]
     }
 }
