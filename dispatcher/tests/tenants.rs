@@ -580,6 +580,60 @@ async fn a_tenant_is_held_to_its_share_of_a_models_queue() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn each_tenant_has_its_own_request_rate() {
+    let _serial = common::serial().await;
+    let model = ember_testkit::unique_model("tenant-rate");
+    let dir = ember_testkit::tempdir!("tenant-rate");
+    let file = dir.join("tenants.toml");
+    write_tenants(
+        &file,
+        &[
+            tenant(
+                "team-a",
+                &["alpha", "alpha-2"],
+                &["*"],
+                "rate_limit = \"2/h\"",
+            ),
+            tenant("team-b", &["bravo"], &["*"], "rate_limit = \"2/h\""),
+        ],
+    );
+    let dispatcher =
+        Dispatcher::start_with_dir(&model, &iris(), &["--tenants-file", file.to_str().unwrap()])
+            .await;
+    let status = |token: &'static str| {
+        let request = request(
+            &dispatcher,
+            reqwest::Method::GET,
+            &format!("/v2/models/{model}"),
+            token,
+        );
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status("alpha").await, 200);
+    // A tenant's tokens share its bucket.
+    assert_eq!(status("alpha-2").await, 200);
+    assert_eq!(status("alpha").await, 429);
+    assert_eq!(status("alpha-2").await, 429);
+    // Another tenant's bucket is its own.
+    assert_eq!(status("bravo").await, 200);
+    let metrics = dispatcher.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "ember_dispatcher_tenant_rate_limited_total{tenant=\"team-a\"}"
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "ember_dispatcher_tenant_rate_limited_total{tenant=\"team-b\"}"
+        ),
+        0.0
+    );
+}
+
 /// `rabbitmq_queue_messages` of `queue` on the node's Prometheus endpoint (per-object metrics).
 async fn queue_messages_metric(port: u16, queue: &str) -> Option<f64> {
     let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics/per-object"))
