@@ -16,15 +16,17 @@ listed = subprocess.run(["rabbitmqctl", "list_queues", "name", "-q", "--no-table
 if listed.returncode != 0:
     sys.exit(f"rabbitmqctl list_queues failed: {listed.stderr.strip()}")
 names = [n.strip() for n in listed.stdout.splitlines() if TEST_QUEUE.match(n.strip())]
-# ember.results.store as declared before it had a bound (issue 18): a dispatcher now declares it
-# with x-max-length and x-message-ttl, which RabbitMQ refuses for a queue declared without them.
+# Queues as declared before they had a bound (issue 18): ember.results.store, the callbacks' and
+# the dead-letter queues are now declared with x-max-length (and the store with x-message-ttl),
+# which RabbitMQ refuses for a queue declared without them.
 # Only results of earlier test runs are in it on a test machine (docs/security.md says what to do
 # on a real broker).
 arguments = subprocess.run(["rabbitmqctl", "list_queues", "name", "arguments", "-q", "--no-table-headers"],
                            capture_output=True, text=True, timeout=120)
+BOUNDED_SINCE_ISSUE_18 = re.compile(r"^ember\.(results\.store|callbacks|callbacks\.dead|dead\..+|deadnotice\..+)$")
 for line in arguments.stdout.splitlines():
     name, _, args = line.strip().partition("\t")
-    if name == "ember.results.store" and "x-max-length" not in args:
+    if BOUNDED_SINCE_ISSUE_18.match(name) and "x-max-length" not in args and name not in names:
         names.append(name)
 if names:
     connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672))

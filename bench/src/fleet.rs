@@ -185,11 +185,21 @@ pub fn worker(model: &str, model_dir: &Path, extra: &[&str]) -> anyhow::Result<P
     Proc::start("ember-worker", &args, admin)
 }
 
-/// A dispatcher serving `model`; returns it and its API port.
+/// A dispatcher serving `model` without tokens (a benchmark on loopback); returns it and its API
+/// port.
 pub fn dispatcher(model: &str, model_dir: &Path) -> anyhow::Result<(Proc, u16)> {
+    dispatcher_with(model, model_dir, &["--insecure-no-auth"])
+}
+
+/// A dispatcher serving `model` with `extra` flags (which must say how it authenticates).
+pub fn dispatcher_with(
+    model: &str,
+    model_dir: &Path,
+    extra: &[&str],
+) -> anyhow::Result<(Proc, u16)> {
     let admin = free_port();
     let api = free_port();
-    let args: Vec<String> = vec![
+    let mut args: Vec<String> = vec![
         "--model-dir".into(),
         model_dir.display().to_string(),
         "--model-name".into(),
@@ -198,9 +208,8 @@ pub fn dispatcher(model: &str, model_dir: &Path) -> anyhow::Result<(Proc, u16)> 
         format!("127.0.0.1:{admin}"),
         "--listen".into(),
         format!("127.0.0.1:{api}"),
-        // A benchmark on loopback: no tokens.
-        "--insecure-no-auth".into(),
     ];
+    args.extend(extra.iter().map(|s| s.to_string()));
     Ok((Proc::start("ember-dispatcher", &args, admin)?, api))
 }
 

@@ -7,6 +7,7 @@ mod client;
 mod fleet;
 mod models;
 mod stats;
+mod tenants;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -94,6 +95,8 @@ enum Scenario {
     },
     /// Faults one at a time under load, every job accounted for (docs/chaos.md).
     Chaos(chaos::ChaosArgs),
+    /// Two tenants on a saturated model: the small one's latency alone and beside a 10x one.
+    Tenants(tenants::TenantsArgs),
     /// Process memory idle, under load, and over a soak.
     Memory {
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
@@ -842,5 +845,6 @@ async fn main() -> anyhow::Result<()> {
             save(&args.out, "models", doc)
         }
         Scenario::Chaos(chaos) => chaos::run(&args.out, chaos).await,
+        Scenario::Tenants(tenants) => tenants::run(&args.out, args.rounds, tenants).await,
     }
 }

@@ -99,10 +99,41 @@ pub fn jobs_queue_arguments(settings: QueueSettings) -> FieldTable {
     args.into_table()
 }
 
-fn quorum_arguments() -> FieldTable {
+/// Most callbacks `ember.callbacks` holds (waiting for a dispatcher to deliver them); beyond it
+/// a worker's publish is refused (`reject-publish`) and its job goes back to its queue to be
+/// answered later: backpressure, not a callback lost.
+pub const CALLBACKS_MAX_LENGTH: u32 = 100_000;
+
+/// Most dead letters kept per queue for operators (`ember.dead.<model>`, the notices, and
+/// `ember.callbacks.dead`): the newest stay, the oldest are dropped (`drop-head`), so a poison
+/// flood cannot fill the broker's disk.
+pub const DEAD_LETTERS_MAX_LENGTH: u32 = 100_000;
+
+/// A durable quorum queue's arguments with a length bound and what happens past it
+/// (`reject-publish` or `drop-head`).
+pub fn bounded_queue_arguments(max_length: u32, overflow: &str) -> FieldTable {
     let mut args = Headers::new();
-    args.text("x-queue-type", "quorum");
+    args.text("x-queue-type", "quorum")
+        .text("x-overflow", overflow)
+        .uint("x-max-length", u64::from(max_length));
     args.into_table()
+}
+
+/// Declares a durable quorum queue bounded to `max_length` messages, `overflow` past it.
+pub async fn declare_bounded_queue(
+    channel: &Channel,
+    name: &str,
+    max_length: u32,
+    overflow: &str,
+) -> lapin::Result<()> {
+    channel
+        .queue_declare(
+            name.into(),
+            durable_queue(),
+            bounded_queue_arguments(max_length, overflow),
+        )
+        .await
+        .map(|_| ())
 }
 
 fn durable_exchange() -> ExchangeDeclareOptions {
@@ -117,14 +148,6 @@ fn durable_queue() -> QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
     }
-}
-
-/// Declares a durable quorum queue (idempotent).
-pub async fn declare_quorum_queue(channel: &Channel, name: &str) -> lapin::Result<()> {
-    channel
-        .queue_declare(name.into(), durable_queue(), quorum_arguments())
-        .await
-        .map(|_| ())
 }
 
 /// A queue of the caller's own (server-named, exclusive, deleted with its channel), consumed
@@ -252,7 +275,13 @@ pub async fn declare_shared(channel: &Channel) -> lapin::Result<()> {
             FieldTable::default(),
         )
         .await?;
-    declare_quorum_queue(channel, CALLBACKS_QUEUE).await
+    declare_bounded_queue(
+        channel,
+        CALLBACKS_QUEUE,
+        CALLBACKS_MAX_LENGTH,
+        "reject-publish",
+    )
+    .await
 }
 
 /// Declares everything a model needs: the shared parts, its job queue bound to
@@ -292,7 +321,7 @@ pub async fn declare_model(
         )
         .await?;
     for queue in [dead, dead_notice_queue(model)] {
-        declare_quorum_queue(channel, &queue).await?;
+        declare_bounded_queue(channel, &queue, DEAD_LETTERS_MAX_LENGTH, "drop-head").await?;
         channel
             .queue_bind(
                 queue.as_str().into(),
@@ -313,6 +342,18 @@ mod tests {
 
     fn long_string(value: &str) -> AMQPValue {
         AMQPValue::LongString(LongString::from(value))
+    }
+
+    #[test]
+    fn bounded_queues_carry_their_bound_and_overflow() {
+        let args = bounded_queue_arguments(DEAD_LETTERS_MAX_LENGTH, "drop-head");
+        let get = |key: &str| args.inner().get(key).cloned();
+        assert_eq!(get("x-queue-type"), Some(long_string("quorum")));
+        assert_eq!(get("x-overflow"), Some(long_string("drop-head")));
+        assert_eq!(
+            get("x-max-length"),
+            Some(AMQPValue::LongLongInt(i64::from(DEAD_LETTERS_MAX_LENGTH)))
+        );
     }
 
     #[test]

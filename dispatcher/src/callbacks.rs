@@ -318,7 +318,13 @@ pub async fn consume(
     tracker: TaskTracker,
 ) {
     let setup = async {
-        topology::declare_quorum_queue(&channel, CALLBACKS_DEAD_QUEUE).await?;
+        topology::declare_bounded_queue(
+            &channel,
+            CALLBACKS_DEAD_QUEUE,
+            topology::DEAD_LETTERS_MAX_LENGTH,
+            "drop-head",
+        )
+        .await?;
         channel
             .basic_qos(concurrency.max(1), BasicQosOptions::default())
             .await?;
