@@ -11,12 +11,24 @@ import pytest
 import yaml
 
 from conftest import K8S_VERSIONS, NODE_MODULES, OVERLAYS, ROOT, find, pod_spec, render, render_text, run, tool
+from secure_defaults import Endpoint, Network, k8s_violations
 
 # Kinds kubernetes-validate has no schema for; each is validated against its CRD schema below.
 CRD_KINDS = {"InferencePool", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
 MONITORING_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
-# Secrets the manifests reference but do not contain: docs/deploy.md has the user create them.
-REQUIRED_SECRETS = {"ember-rabbitmq": {"username", "password"}, "ember-callback": {"secret"}}
+# Secrets the manifests reference (mounted as files, never env) but do not contain: docs/deploy.md
+# has the user create them.
+REQUIRED_SECRETS = {
+    "ember-tenants": {"tenants.toml"},
+    "ember-callback": {"secret"},
+    "ember-redis": {"password", "url"},
+    "ember-rabbitmq-admin": {"password"},
+    "ember-amqp-dispatcher": {"password", "url"},
+    "ember-amqp-worker": {"password", "url"},
+    "ember-amqp-autoscaler": {"password", "url"},
+}
+# Pods of the user's own that the dispatcher's NetworkPolicy admits (none in the manifests).
+CLIENT_LABEL = {"ember.dev/client": "true"}
 # The one container allowed to run as root: NVIDIA's device plugin writes its socket into the
 # kubelet's hostPath directory (upstream runs it as root too).
 ROOT_EXEMPT = {("kube-system", "nvidia-device-plugin-daemonset")}
@@ -273,11 +285,11 @@ def test_selectors_match_pod_labels(overlay):
         assert matching(ns(pdb), pdb["spec"]["selector"]["matchLabels"]), f"PDB {pdb['metadata']['name']}"
     for np in (o for o in objs if o["kind"] == "NetworkPolicy"):
         sel = np["spec"]["podSelector"].get("matchLabels", {})
-        assert matching(ns(np), sel), f"NetworkPolicy {np['metadata']['name']} selects no pods"
-        for rule in np["spec"].get("ingress", []):
-            for peer in rule.get("from", []):
-                if "podSelector" in peer and "namespaceSelector" not in peer:
-                    assert matching(ns(np), peer["podSelector"].get("matchLabels", {})), np["metadata"]["name"]
+        assert sel == CLIENT_LABEL or matching(ns(np), sel), f"NetworkPolicy {np['metadata']['name']} selects no pods"
+        rules = np["spec"].get("ingress", []) + np["spec"].get("egress", [])
+        for peer in (p for rule in rules for p in rule.get("from", []) + rule.get("to", [])):
+            if "podSelector" in peer and "namespaceSelector" not in peer and peer["podSelector"].get("matchLabels") != CLIENT_LABEL:
+                assert matching(ns(np), peer["podSelector"].get("matchLabels", {})), np["metadata"]["name"]
     # Every Ember component has a PDB.
     pdb_names = {o["metadata"]["name"] for o in objs if o["kind"] == "PodDisruptionBudget"}
     assert {"ember-dispatcher", "ember-autoscaler", "ember-worker-ssdlite-person"} <= pdb_names
@@ -335,7 +347,8 @@ def test_config_and_secret_references_resolve(overlay):
     assert not [o for o in objs if o["kind"] == "Secret"], "no credentials in the manifests"
     used_secrets = {}
     for obj in workloads(objs):
-        for c in containers(pod_spec(obj)):
+        spec = pod_spec(obj)
+        for c in containers(spec):
             defined = set()
             for e in c.get("env", []):
                 for ref in re.findall(r"\$\((\w+)\)", e.get("value", "")):
@@ -344,16 +357,31 @@ def test_config_and_secret_references_resolve(overlay):
                 if "configMapKeyRef" in src:
                     r = src["configMapKeyRef"]
                     assert r["key"] in configmaps.get((ns(obj), r["name"]), {}), f"{c['name']}: {r}"
-                if "secretKeyRef" in src:
-                    r = src["secretKeyRef"]
-                    used_secrets.setdefault(r["name"], set()).add(r["key"])
+                assert "secretKeyRef" not in src, f"{c['name']}: {e['name']} reads a Secret into env"
                 defined.add(e["name"])
+            mounted = {m["name"] for m in c.get("volumeMounts", [])}
+            for v in spec.get("volumes", []):
+                if v["name"] not in mounted:
+                    continue
+                sources = [v] if "secret" in v or "configMap" in v else v.get("projected", {}).get("sources", [])
+                for s in sources:
+                    if "configMap" in s:
+                        r = s["configMap"]
+                        data = configmaps.get((ns(obj), r["name"]))
+                        assert data is not None, f"{c['name']}: no ConfigMap {r['name']}"
+                        assert {i["key"] for i in r.get("items", [])} <= set(data), f"{c['name']}: {r}"
+                    if "secret" in s:
+                        r = s["secret"]
+                        # Each Secret's keys are named, so the test (and the reader) know what it holds.
+                        assert r.get("items"), f"{c['name']}: Secret {r.get('secretName', r.get('name'))} mounted without items"
+                        name = r.get("secretName", r.get("name"))
+                        used_secrets.setdefault(name, set()).update(i["key"] for i in r["items"])
     assert used_secrets == REQUIRED_SECRETS
     docs = (ROOT / "docs/deploy.md").read_text()
     for name, keys in REQUIRED_SECRETS.items():
         assert f"create secret generic {name}" in docs, f"docs/deploy.md must say how to create {name}"
         for key in keys:
-            assert f"--from-literal={key}=" in docs
+            assert f"--from-literal={key}=" in docs or f"--from-file={key}=" in docs, f"{name}: key {key}"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -388,3 +416,167 @@ def test_rabbitmq_plugins_agree_between_cluster_and_compose():
     assert cm["data"]["enabled_plugins"] == compose
     assert "rabbitmq_prometheus" in compose and "rabbitmq_management" in compose
     assert "prometheus.tcp.port = 15692" in cm["data"]["rabbitmq.conf"]
+
+
+# --- secure defaults (issue 18) -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_overlay_keeps_the_secure_defaults(overlay):
+    """Tokens required, no secret in env or on a command line, Secrets mounted as updatable
+    directories, Redis with a password, no dispatcher without auth behind a LoadBalancer."""
+    assert k8s_violations(render(overlay)) == []
+
+
+def _container(objs, name):
+    (dep,) = [o for o in objs if o["kind"] == "Deployment" and o["metadata"]["name"] == name]
+    return dep, dep["spec"]["template"]["spec"]["containers"][0]
+
+
+def _drop_env(c, name):
+    before = len(c["env"])
+    c["env"] = [e for e in c["env"] if e["name"] != name]
+    assert len(c["env"]) == before - 1, name
+
+
+def _set_env(c, name, value=None, **source):
+    c["env"] = [e for e in c["env"] if e["name"] != name] + [{"name": name, **({"value": value} if value is not None else source)}]
+
+
+def _insecure(objs):
+    _, c = _container(objs, "ember-dispatcher")
+    _drop_env(c, "EMBER_DISPATCHER_TENANTS_FILE")
+    c["args"] = ["--insecure-no-auth"]
+
+
+def _service(objs, kind):
+    (svc,) = [o for o in objs if o["kind"] == "Service" and o["metadata"]["name"] == "ember-dispatcher"]
+    svc["spec"]["type"] = kind
+
+
+def _subpath(objs):
+    dep, c = _container(objs, "ember-dispatcher")
+    c["volumeMounts"] = [{"name": "ember-secrets", "mountPath": "/var/run/secrets/ember/tenants.toml", "subPath": "tenants.toml", "readOnly": True}]
+
+
+def _tenants_from_configmap(objs):
+    dep, _ = _container(objs, "ember-dispatcher")
+    (vol,) = dep["spec"]["template"]["spec"]["volumes"]
+    vol["projected"]["sources"][0] = {"configMap": {"name": "ember-config", "items": [{"key": "tenants.toml", "path": "tenants.toml"}]}}
+
+
+# What each mutation of a rendered overlay breaks, and the words the check must say about it.
+MUTATIONS = {
+    "dispatcher without --tenants-file": (lambda o: _drop_env(_container(o, "ember-dispatcher")[1], "EMBER_DISPATCHER_TENANTS_FILE"), "dispatcher without tokens"),
+    "insecure and tokens at once": (lambda o: _container(o, "ember-dispatcher")[1].update(args=["--insecure-no-auth"]), "refuses to start"),
+    "env from a Secret": (lambda o: _set_env(_container(o, "ember-worker-ssdlite-person")[1], "X", valueFrom={"secretKeyRef": {"name": "ember-redis", "key": "password"}}), "is read from Secret ember-redis"),
+    "AMQP URL with a password in env": (lambda o: _set_env(_container(o, "ember-autoscaler")[1], "EMBER_AMQP_URL", "amqp://ember-autoscaler:hunter2@ember-rabbitmq:5672/%2f"), "carries credentials in a URL"),
+    "Redis URL with a password in env": (lambda o: _set_env(_container(o, "ember-dispatcher")[1], "EMBER_DISPATCHER_REDIS_URL", "redis://:hunter2@ember-redis:6379/0"), "carries credentials in a URL"),
+    "callback secret in env": (lambda o: _set_env(_container(o, "ember-dispatcher")[1], "EMBER_DISPATCHER_CALLBACK_SECRET", "whsec_aGVsbG8="), "env EMBER_DISPATCHER_CALLBACK_SECRET carries a secret"),
+    "tokens in env": (lambda o: _set_env(_container(o, "ember-dispatcher")[1], "EMBER_DISPATCHER_AUTH_TOKENS", "t0ken"), "env EMBER_DISPATCHER_AUTH_TOKENS carries a secret"),
+    "a token on the command line": (lambda o: _container(o, "ember-dispatcher")[1].update(args=["--auth-token", "t0ken"]), "--auth-token puts a secret on the command line"),
+    "worker AMQP URL not from a file": (lambda o: _drop_env(_container(o, "ember-worker-ssdlite-person")[1], "EMBER_AMQP_URL_FILE"), "AMQP credentials are not from a mounted Secret"),
+    "tenants Secret mounted with subPath": (_subpath, "mounted with subPath"),
+    "tenants file from a ConfigMap": (_tenants_from_configmap, "the tenants file /var/run/secrets/ember/tenants.toml is not a file of a mounted Secret"),
+    "no auth behind a LoadBalancer": (lambda o: (_insecure(o), _service(o, "LoadBalancer")), "of type LoadBalancer exposes a dispatcher without auth"),
+    "no auth behind a NodePort": (lambda o: (_insecure(o), _service(o, "NodePort")), "of type NodePort exposes a dispatcher without auth"),
+    "Redis without requirepass": (lambda o: _container(o, "ember-redis")[1].update(command=["redis-server"], args=[]), "Redis without a password"),
+}
+
+
+@pytest.mark.parametrize("mutation", MUTATIONS)
+def test_the_secure_defaults_check_fails_a_broken_manifest(mutation):
+    """Negative controls: each rule reports the breach it exists for."""
+    objs = copy.deepcopy(render("overlays/gpu-monitoring"))
+    mutate, expected = MUTATIONS[mutation]
+    mutate(objs)
+    problems = k8s_violations(objs)
+    assert any(expected in p for p in problems), problems
+
+
+def test_the_secure_defaults_check_allows_what_is_safe():
+    """Insecure mode inside the cluster only, and a LoadBalancer in front of a dispatcher with
+    tokens, are not breaches."""
+    objs = copy.deepcopy(render("overlays/cpu"))
+    _insecure(objs)
+    assert k8s_violations(objs) == []
+    objs = copy.deepcopy(render("overlays/cpu"))
+    _service(objs, "LoadBalancer")
+    assert k8s_violations(objs) == []
+
+
+def _pods(objs):
+    pods = {}
+    for o in workloads(objs):
+        if ns(o) == "ember":
+            spec = pod_spec(o)
+            ports = {p["name"]: p["containerPort"] for c in spec["containers"] for p in c.get("ports", []) if "name" in p}
+            pods[o["metadata"]["name"]] = Endpoint(o["metadata"]["name"], "ember", o["spec"]["template"]["metadata"]["labels"], "10.1.0.%d" % (len(pods) + 10), ports)
+    return pods
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_admit_only_what_each_part_needs(overlay):
+    objs = render(overlay)
+    net = Network(objs)
+    pods = _pods(objs)
+    dispatcher, worker, autoscaler = pods["ember-dispatcher"], pods["ember-worker-ssdlite-person"], pods["ember-autoscaler"]
+    rabbitmq, redis = pods["ember-rabbitmq"], pods["ember-redis"]
+    ingress = Endpoint("ingress-nginx controller", "ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"}, "10.1.1.2")
+    prometheus = Endpoint("prometheus", "monitoring", {"app.kubernetes.io/name": "prometheus"}, "10.1.1.3")
+    client = Endpoint("labelled client", "ember", CLIENT_LABEL, "10.1.1.4")
+    stranger = Endpoint("pod of another namespace", "default", {"app": "x"}, "10.1.1.5")
+    unlabelled = Endpoint("unlabelled pod here", "ember", {"app": "x"}, "10.1.1.6")
+    dns = Endpoint("kube-dns", "kube-system", {"k8s-app": "kube-dns"}, "10.96.0.10")
+    internet = Endpoint("callback receiver", ip="203.0.113.7")
+    internet6 = Endpoint("callback receiver (IPv6)", ip="2001:db8::7")
+    metadata = Endpoint("cloud metadata", ip="169.254.169.254")
+    private = Endpoint("private address", ip="192.168.1.20")
+    apiserver = Endpoint("API server", ip="172.20.0.1")
+    every_pod = list(pods.values())
+    cases = [
+        # The API: from the ingress controller and labelled clients only.
+        (ingress, dispatcher, 8080, True), (client, dispatcher, 8080, True),
+        (stranger, dispatcher, 8080, False), (unlabelled, dispatcher, 8080, False), (worker, dispatcher, 8080, False),
+        # Metrics: from the monitoring namespace only.
+        (prometheus, dispatcher, 9200, True), (ingress, dispatcher, 9200, False), (client, dispatcher, 9200, False),
+        (prometheus, worker, 9100, True), (stranger, worker, 9100, False),
+        (prometheus, autoscaler, 9300, True), (client, autoscaler, 9300, False),
+        (prometheus, rabbitmq, 15692, True), (stranger, rabbitmq, 15692, False),
+        # The broker: AMQP from the three parts; the management UI from nobody (port-forward).
+        (dispatcher, rabbitmq, 5672, True), (worker, rabbitmq, 5672, True), (autoscaler, rabbitmq, 5672, True),
+        (client, rabbitmq, 5672, False), (redis, rabbitmq, 5672, False), (stranger, rabbitmq, 5672, False),
+        (client, rabbitmq, 15672, False), (prometheus, rabbitmq, 15672, False),
+        # The result store: the dispatcher only.
+        (dispatcher, redis, 6379, True), (worker, redis, 6379, False), (autoscaler, redis, 6379, False), (client, redis, 6379, False),
+        # Out: the worker reaches the broker and nothing else.
+        (worker, internet, 443, False), (worker, apiserver, 443, False), (worker, dispatcher, 8080, False),
+        # The autoscaler: the broker and the API server's ports.
+        (autoscaler, apiserver, 443, True), (autoscaler, apiserver, 6443, True), (autoscaler, internet, 80, False),
+        # The dispatcher: callbacks to public addresses on any port, not into private ranges.
+        (dispatcher, internet, 443, True), (dispatcher, internet, 8443, True), (dispatcher, internet6, 443, True),
+        (dispatcher, metadata, 80, False), (dispatcher, private, 443, False), (dispatcher, worker, 9100, False),
+        # The broker and Redis connect nowhere.
+        (rabbitmq, internet, 443, False), (redis, internet, 443, False), (rabbitmq, redis, 6379, False),
+    ]
+    wrong = [f"{s} -> {d}:{port} {'denied' if want else 'allowed'}" for s, d, port, want in cases if net.allows(s, d, port) != want]
+    for pod in every_pod:
+        if not net.allows(pod, dns, 53, "UDP") or not net.allows(pod, dns, 53, "TCP"):
+            wrong.append(f"{pod} cannot resolve names")
+        if net.allows(pod, dns, 80):
+            wrong.append(f"{pod} reaches kube-dns beyond port 53")
+    assert wrong == []
+    # Every pod here is isolated both ways: nothing that is not listed above gets through.
+    for pod in every_pod:
+        assert net._selecting(pod, "Ingress") and net._selecting(pod, "Egress"), pod
+
+
+def test_the_network_check_fails_a_policy_left_open():
+    """Negative control: the evaluator notices an allow-all rule."""
+    objs = copy.deepcopy(render("base"))
+    (np,) = [o for o in objs if o["kind"] == "NetworkPolicy" and o["metadata"]["name"] == "ember-redis"]
+    np["spec"]["ingress"].append({})
+    redis = _pods(objs)["ember-redis"]
+    stranger = Endpoint("pod of another namespace", "default", {"app": "x"}, "10.1.1.5")
+    assert Network(objs).allows(stranger, redis, 6379)
+    assert not Network(render("base")).allows(stranger, redis, 6379)
