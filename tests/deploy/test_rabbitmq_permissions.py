@@ -170,11 +170,15 @@ def jobs_arguments(**extra):
             "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish", "x-max-length": 10000, **extra}
 
 
+def bounded(overflow):
+    return {"x-queue-type": "quorum", "x-overflow": overflow, "x-max-length": 100000}
+
+
 def declare_shared(ch):
     for name, kind in (("ember.jobs", "direct"), ("ember.dlx", "direct"), ("ember.results", "topic"), ("ember.cancel", "topic")):
         ch.exchange_declare(name, kind, durable=True)
     ch.exchange_declare("ember.telemetry", "topic", durable=False)
-    ch.queue_declare("ember.callbacks", durable=True, arguments={"x-queue-type": "quorum"})
+    ch.queue_declare("ember.callbacks", durable=True, arguments=bounded("reject-publish"))
 
 
 def declare_model(ch, model):
@@ -183,7 +187,7 @@ def declare_model(ch, model):
     ch.queue_bind(f"ember.jobs.{model}", "ember.jobs", model)
     ch.queue_declare(f"ember.retry.{model}", durable=True, arguments=jobs_arguments(**{"x-dead-letter-routing-key": model}))
     for queue in (f"ember.dead.{model}", f"ember.deadnotice.{model}"):
-        ch.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+        ch.queue_declare(queue, durable=True, arguments=bounded("drop-head"))
         ch.queue_bind(queue, "ember.dlx", model)
 
 
@@ -204,10 +208,10 @@ def dispatcher_calls(conn):
     ch = conn.channel()
     ch.confirm_delivery()
     declare_model(ch, MODEL)
-    bounded = {"x-queue-type": "quorum", "x-overflow": "drop-head", "x-max-length": 100000, "x-message-ttl": 3600000}
-    ch.queue_declare("ember.results.expired", durable=True, arguments=bounded)
+    results = {**bounded("drop-head"), "x-message-ttl": 3600000}
+    ch.queue_declare("ember.results.expired", durable=True, arguments=results)
     ch.queue_declare("ember.results.store", durable=True, arguments={
-        **bounded, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": "ember.results.expired"})
+        **results, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": "ember.results.expired"})
     ch.queue_bind("ember.results.store", "ember.results", "#")
     ch.basic_consume("amq.rabbitmq.reply-to", lambda *a: None, auto_ack=True)
     publish(ch, "ember.jobs", MODEL, reply_to="amq.rabbitmq.reply-to", correlation_id="j1", message_id="j1", delivery_mode=2)
@@ -215,7 +219,7 @@ def dispatcher_calls(conn):
     exclusive_consumer(conn.channel(), "ember.telemetry", "#")
     callbacks = conn.channel()
     callbacks.confirm_delivery()
-    callbacks.queue_declare("ember.callbacks.dead", durable=True, arguments={"x-queue-type": "quorum"})
+    callbacks.queue_declare("ember.callbacks.dead", durable=True, arguments=bounded("drop-head"))
     callbacks.basic_qos(prefetch_count=64)
     callbacks.basic_consume("ember.callbacks", lambda *a: None)
     publish(callbacks, "", "ember.callbacks.dead")
