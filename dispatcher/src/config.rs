@@ -51,6 +51,11 @@ pub struct Config {
     #[arg(long, env = "EMBER_DISPATCHER_REDIS_URL_FILE", value_name = "PATH")]
     pub redis_url_file: Option<std::path::PathBuf>,
 
+    /// PEM CA certificate(s) trusted for a `rediss://` Redis instead of the system's roots (a
+    /// private CA). The server's certificate must name the URL's host.
+    #[arg(long, env = "EMBER_DISPATCHER_REDIS_CA_FILE", value_name = "PATH")]
+    pub redis_ca_file: Option<std::path::PathBuf>,
+
     /// How long job records and results are kept.
     #[arg(long, env = "EMBER_DISPATCHER_RESULT_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub result_ttl: Duration,

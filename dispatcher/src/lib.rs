@@ -201,7 +201,16 @@ pub async fn run_with_resolver(
         .map_err(|e| Error::Config(format!("metrics: {e}")))?;
     let admin = Admin::start(config.model.admin_addr, registry).await?;
 
-    let store = store::Store::connect(&security.redis_url, config.result_ttl).await?;
+    // rustls is built with two providers here (ring, and aws-lc-rs through reqwest): choose.
+    ember_core::amqp::install_crypto_provider();
+    let redis_ca = match &config.redis_ca_file {
+        Some(path) => Some(
+            std::fs::read(path)
+                .map_err(|e| Error::Config(format!("--redis-ca-file {}: {e}", path.display())))?,
+        ),
+        None => None,
+    };
+    let store = store::Store::connect(&security.redis_url, redis_ca, config.result_ttl).await?;
     let callback_guard = ssrf::CallbackGuard::new(config.callback_allow_nets.clone(), names);
     let client = callback_guard
         .http_client(config.callback_timeout)

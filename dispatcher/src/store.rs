@@ -94,8 +94,23 @@ fn callback_key(id: &str) -> String {
 }
 
 impl Store {
-    pub async fn connect(url: &str, ttl: Duration) -> redis::RedisResult<Self> {
-        let client = redis::Client::open(url)?;
+    /// Connects to `url` (`redis://` or `rediss://`, TLS trusting `ca_pem` when given, else the
+    /// system's roots).
+    pub async fn connect(
+        url: &str,
+        ca_pem: Option<Vec<u8>>,
+        ttl: Duration,
+    ) -> redis::RedisResult<Self> {
+        let client = match ca_pem {
+            Some(root_cert) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            )?,
+            None => redis::Client::open(url)?,
+        };
         let redis = ConnectionManager::new(client).await?;
         Ok(Self {
             redis,

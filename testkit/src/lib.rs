@@ -15,6 +15,7 @@
 //! - [`callbacks`]: a callback receiver on 127.0.0.1 that answers by a script.
 //! - [`resolver`]: a DNS resolver that answers by a script.
 //! - [`fake_redis`]: a "Redis" that fails every command with a recognisable error.
+//! - [`tls`]: a CA and the certificates it signs, made at test time.
 #![allow(
     clippy::unwrap_used,
     reason = "test helpers: a step that fails fails the test, with its own message"
@@ -29,6 +30,7 @@ pub mod fake_redis;
 pub mod process;
 pub mod rabbitmq;
 pub mod resolver;
+pub mod tls;
 
 /// Bound on every wait in the tests; a wait that runs out fails the test with what it saw.
 pub const PATIENCE: Duration = Duration::from_secs(120);
