@@ -271,9 +271,14 @@ impl BrokerNode {
             .await
     }
 
-    /// A full stop and start of the node with the same settings.
-    pub async fn restart(&self) -> anyhow::Result<()> {
-        self.script(vec!["restart".into(), self.name()]).await
+    /// Stops the node (its data kept).
+    pub async fn stop(&self) -> anyhow::Result<()> {
+        self.script(vec!["stop".into(), self.name()]).await
+    }
+
+    /// Starts the stopped node again with its settings and data; returns once it serves.
+    pub async fn launch(&self) -> anyhow::Result<()> {
+        self.script(vec!["launch".into(), self.name()]).await
     }
 
     async fn script(&self, args: Vec<String>) -> anyhow::Result<()> {

@@ -19,7 +19,7 @@ use crate::stats::{across, summarise};
 #[derive(Debug, Clone, clap::Args)]
 pub struct TenantsArgs {
     /// `small`'s offered load, jobs/s.
-    #[arg(long, default_value_t = 3.0)]
+    #[arg(long, default_value_t = 5.0)]
     pub small_rate: f64,
     /// `big`'s offered load as a multiple of `small`'s.
     #[arg(long, default_value_t = 10.0)]
@@ -163,6 +163,39 @@ async fn phase(
     (small, big)
 }
 
+/// Waits until the model's queue holds nothing (ready or unacked), then a moment more.
+async fn drain(model: &str) -> anyhow::Result<()> {
+    let connection =
+        lapin::Connection::connect(crate::client::URL, lapin::ConnectionProperties::default())
+            .await?;
+    let channel = connection.create_channel().await?;
+    let queue = ember_core::topology::jobs_queue(model);
+    let started = Instant::now();
+    loop {
+        let declared = channel
+            .queue_declare(
+                queue.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await?;
+        // message_count is the ready messages; the in-flight ones finish within a batch.
+        if declared.message_count() == 0 {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(300),
+            "the queue of {model} did not drain"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(())
+}
+
 pub async fn run(out: &Path, rounds: usize, args: &TenantsArgs) -> anyhow::Result<()> {
     let image = Arc::new(std::fs::read(
         fleet::root().join("tests/samples/astronaut.png"),
@@ -201,6 +234,9 @@ pub async fn run(out: &Path, rounds: usize, args: &TenantsArgs) -> anyhow::Resul
                 tmp.to_str().unwrap_or_default(),
                 "--tenants-reload-interval",
                 "200ms",
+                // No callbacks in this benchmark; a secret is required with tokens.
+                "--callback-secret",
+                "whsec_YmVuY2gtdGVuYW50cy1ub3QtYS1zZWNyZXQ=",
             ],
         )?;
         dispatcher.wait_http(api, "/v2/health/ready").await?;
@@ -229,8 +265,9 @@ pub async fn run(out: &Path, rounds: usize, args: &TenantsArgs) -> anyhow::Resul
                 "big": big.as_ref().map(|b| report("big", b)),
                 "small_p95_over_unloaded_p95": p95 / unloaded_p95,
             });
-            // Let the queue drain before the next phase.
-            tokio::time::sleep(Duration::from_secs(3)).await;
+            // Jobs whose wait ended are still queued: let the queue drain before the next
+            // phase.
+            drain(&model).await?;
         }
         if let Some(rounds) = doc["rounds"].as_array_mut() {
             rounds.push(round_doc);
