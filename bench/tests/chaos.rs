@@ -1,6 +1,8 @@
 //! The chaos suite at small counts: `ember-bench chaos` runs every fault against a fleet of the
-//! real binaries on a private RabbitMQ node (its own test binary: it restarts that node), and
-//! every job must be answered once or rejected up front. docs/chaos.md has the larger run.
+//! real binaries on a private RabbitMQ node (its own test binary: it restarts that node). Every
+//! job is counted by its final outcome, and every ordinary job must end `ok` or in an outcome its
+//! fault explains (a refusal under overload, say); never an error, a dead letter, no answer or
+//! two different answers. docs/chaos.md has the larger run.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -36,9 +38,24 @@ fn every_fault_loses_nothing_and_answers_nothing_twice() {
     for f in faults {
         let name = f["fault"].as_str().unwrap();
         let n = |k: &str| f[k].as_u64().unwrap_or(u64::MAX);
+        if f["fault_applied"] != true {
+            failures.push(format!(
+                "{name}: the fault was not applied ({})",
+                f["notes"]
+            ));
+        }
+        // Every ordinary job ends `ok`, or in an outcome its fault explains (the row lists
+        // them, with why): an error answer, a refusal, a dead letter or no answer fails.
+        let unexpected = f["unexpected_outcomes"].as_object().unwrap();
+        if !unexpected.is_empty() {
+            failures.push(format!(
+                "{name}: ordinary jobs ended in {} (allowed besides ok: {}; examples {})",
+                f["unexpected_outcomes"], f["allowed_outcomes"], f["lost_examples"]
+            ));
+        }
         if n("lost") != 0 {
             failures.push(format!(
-                "{name}: {} accepted job(s) never answered (examples {}; notes {})",
+                "{name}: {} accepted job(s) without a final answer (examples {}; notes {})",
                 n("lost"),
                 f["lost_examples"],
                 f["notes"]
@@ -50,17 +67,29 @@ fn every_fault_loses_nothing_and_answers_nothing_twice() {
                 n("duplicate_answers")
             ));
         }
-        if n("accepted") == 0 {
-            failures.push(format!("{name}: nothing was accepted"));
+        if f["outcomes"]["ok"].as_u64().unwrap_or(0) == 0 {
+            failures.push(format!("{name}: no job was answered ok"));
         }
         match name {
             "scale-in" if n("scale_ins") == 0 => {
                 failures.push("scale-in: the pool never scaled in during the phase".into())
             }
-            "poison" if n("dead_lettered_poison") != 2 => failures.push(format!(
-                "poison: {} of 2 poison jobs dead-lettered with a reason",
-                n("dead_lettered_poison")
-            )),
+            "poison" => {
+                // Both poison jobs dead-lettered for their delivery limit, each client told
+                // once, with the error `dead_lettered`.
+                let poison = f["poison"].as_array().unwrap();
+                let told_right = poison
+                    .iter()
+                    .filter(|p| {
+                        p["outcome"] == "dead_lettered"
+                            && p["x_death_reason"] == "delivery_limit"
+                            && p["client_told"] == serde_json::json!(["error:dead_lettered"])
+                    })
+                    .count();
+                if poison.len() != 2 || told_right != 2 {
+                    failures.push(format!("poison: {}", f["poison"]));
+                }
+            }
             "overload" => {
                 let o = &f["overload"];
                 let (n429, with_retry) = (
@@ -72,9 +101,10 @@ fn every_fault_loses_nothing_and_answers_nothing_twice() {
                         "overload: {n429} answered 429, {with_retry} of them with Retry-After"
                     ));
                 }
-                // Quorum queues apply x-max-length a little late (the publishes in flight when
-                // the limit is reached still land: 308 to 352 seen against 300). Bounded means
-                // near the limit, not the thousands that 10x for the whole phase would queue.
+                // docs/protocol.md: a quorum queue applies x-max-length as its leader applies
+                // publishes, so publishes in flight when the bound is reached still land
+                // (measured peaks 312 to 352 against 300, docs/chaos.md). The promise is that
+                // bound plus what is in flight, not the thousands 10x would queue unbounded.
                 let (depth, bound) = (
                     o["peak_queue_depth"].as_u64().unwrap_or(u64::MAX),
                     o["queue_max_length"].as_u64().unwrap_or(0),

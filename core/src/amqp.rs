@@ -35,6 +35,8 @@ pub const DEFAULT_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 #[derive(Clone, clap::Args)]
 pub struct AmqpConfig {
     /// AMQP URL of the broker, `amqp://` or `amqps://` (TLS). Its password is never logged.
+    /// Several, comma-separated (a cluster's nodes): each connection attempt takes the next, so
+    /// a part whose node goes reconnects to another.
     #[arg(
         long = "amqp-url",
         env = "EMBER_AMQP_URL",
@@ -42,8 +44,8 @@ pub struct AmqpConfig {
         hide_env_values = true
     )]
     pub url: String,
-    /// File holding the AMQP URL (a mounted Secret), used instead of --amqp-url; read at every
-    /// connection attempt.
+    /// File holding the AMQP URL (a mounted Secret; several, comma- or line-separated, as for
+    /// --amqp-url), used instead of --amqp-url; read at every connection attempt.
     #[arg(
         long = "amqp-url-file",
         env = "EMBER_AMQP_URL_FILE",
@@ -249,12 +251,31 @@ fn pem_certificates(flag: &'static str, path: &Path) -> Result<String, ConnectEr
     Ok(text)
 }
 
+/// Which of several broker URLs the next connection attempt of this process takes.
+fn next_url() -> usize {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The URLs of a `--amqp-url` value: comma- or line-separated, blanks dropped.
+pub fn broker_urls(text: &str) -> Vec<&str> {
+    text.split([',', '\n'])
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect()
+}
+
 impl AmqpConfig {
-    /// Reads the URL, password and TLS files.
-    fn target(&self) -> Result<Target, ConnectError> {
-        let url = match &self.url_file {
-            Some(path) => read_text("--amqp-url-file", path)?.trim().to_string(),
-            None => self.url.trim().to_string(),
+    /// Reads the URL, password and TLS files; of several URLs, the `attempt`th (round robin).
+    fn target(&self, attempt: usize) -> Result<Target, ConnectError> {
+        let text = match &self.url_file {
+            Some(path) => read_text("--amqp-url-file", path)?,
+            None => self.url.clone(),
+        };
+        let urls = broker_urls(&text);
+        let url = match urls.len() {
+            0 => String::new(),
+            n => urls[attempt % n].to_string(),
         };
         let mut secrets = Vec::new();
         if let Some(password) = url_password(&url) {
@@ -303,7 +324,7 @@ pub async fn connect_once(
     config: &AmqpConfig,
     client_name: &str,
 ) -> Result<Connection, ConnectError> {
-    open(config, client_name)
+    open(config, client_name, next_url())
         .await
         .map(|(connection, _)| connection)
 }
@@ -312,8 +333,9 @@ pub async fn connect_once(
 async fn open(
     config: &AmqpConfig,
     client_name: &str,
+    attempt: usize,
 ) -> Result<(Connection, String), ConnectError> {
-    let target = config.target()?;
+    let target = config.target(attempt)?;
     let tls = target.uri.scheme == AMQPScheme::AMQPS;
     if !tls && (config.ca_file.is_some() || config.cert_file.is_some()) {
         tracing::warn!(broker = %target.shown, "TLS files are set but the URL is amqp://, not amqps://: connecting without TLS");
@@ -359,7 +381,9 @@ pub async fn connect(
     loop {
         let outcome = tokio::select! {
             () = shutdown.cancelled() => return None,
-            outcome = open(config, client_name) => outcome,
+            // Of several URLs, each attempt takes the next (round robin across the process):
+            // a node that is gone is passed over at the next attempt.
+            outcome = open(config, client_name, next_url()) => outcome,
         };
         match outcome {
             Ok((connection, broker)) => {
@@ -504,6 +528,32 @@ mod tests {
     }
 
     #[test]
+    fn several_urls_are_taken_in_turn() {
+        assert_eq!(
+            broker_urls(" amqp://a/%2f, amqp://b/%2f,\namqp://c/%2f\n,"),
+            ["amqp://a/%2f", "amqp://b/%2f", "amqp://c/%2f"]
+        );
+        let config = AmqpConfig {
+            url: "amqp://u:pw1@a:5672/%2f,amqp://u:pw2@b:5673/%2f".into(),
+            ..AmqpConfig::default()
+        };
+        let hosts: Vec<(String, u16)> = (0..3)
+            .map(|attempt| {
+                let target = config.target(attempt).unwrap();
+                (target.uri.authority.host, target.uri.authority.port)
+            })
+            .collect();
+        assert_eq!(
+            hosts,
+            [("a".into(), 5672), ("b".into(), 5673), ("a".into(), 5672)]
+        );
+        // Each URL's password is scrubbed from what is shown.
+        let second = config.target(1).unwrap();
+        assert!(!second.shown.contains("pw2"), "{}", second.shown);
+        assert!(second.secrets.iter().any(|s| s == "pw2"));
+    }
+
+    #[test]
     fn urls_are_shown_without_their_password() {
         let cases = [
             (
@@ -535,7 +585,7 @@ mod tests {
             "amqp://ember:Pa55wordXYZ@host:notaport/",
         ] {
             let config = parse(&["--amqp-url", url]).unwrap();
-            let error = config.target().err().unwrap();
+            let error = config.target(0).err().unwrap();
             assert!(error.is_config());
             let text = error.to_string();
             assert!(text.starts_with("invalid AMQP URL"), "{text}");
@@ -554,7 +604,7 @@ mod tests {
             password.to_str().unwrap(),
         ])
         .unwrap();
-        let target = config.target().unwrap();
+        let target = config.target(0).unwrap();
         assert_eq!(target.uri.scheme, AMQPScheme::AMQPS);
         assert_eq!(target.uri.authority.host, "broker");
         assert_eq!(target.uri.authority.userinfo.username, "ember");
@@ -569,7 +619,7 @@ mod tests {
         assert_eq!(scrubbed, "login *** and *** refused");
 
         let missing = parse(&["--amqp-url-file", "/nonexistent/ember-url"]).unwrap();
-        let text = missing.target().err().unwrap().to_string();
+        let text = missing.target(0).err().unwrap().to_string();
         assert!(
             text.starts_with("cannot read --amqp-url-file /nonexistent/ember-url"),
             "{text}"
@@ -582,7 +632,7 @@ mod tests {
     fn tls_files_are_checked_before_connecting() {
         let not_pem = temp_file("not-a-ca.pem", "just text\n");
         let config = parse(&["--amqp-ca-file", not_pem.to_str().unwrap()]).unwrap();
-        let text = config.target().err().unwrap().to_string();
+        let text = config.target(0).err().unwrap().to_string();
         assert!(
             text.contains("--amqp-ca-file") && text.contains("no PEM certificate"),
             "{text}"

@@ -40,7 +40,30 @@ pub(super) enum Kind {
 pub(super) struct Answer {
     pub(super) job_id: String,
     pub(super) status: String,
+    /// The error code of an `error` answer.
+    pub(super) code: Option<String>,
     pub(super) at: Instant,
+}
+
+impl Answer {
+    /// From a worker's result body.
+    pub(super) fn of(result: &JobResult) -> Self {
+        Self {
+            job_id: result.job_id.clone(),
+            status: result.status.as_str().to_string(),
+            code: result.error.as_ref().map(|e| e.code.as_str().to_string()),
+            at: Instant::now(),
+        }
+    }
+
+    /// `ok`, or `error:<code>`.
+    pub(super) fn outcome(&self) -> String {
+        match (self.status.as_str(), &self.code) {
+            ("ok", _) => "ok".into(),
+            (status, Some(code)) => format!("{status}:{code}"),
+            (status, None) => status.to_string(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -49,7 +72,6 @@ pub(super) struct Job {
     pub(super) kind: Kind,
     pub(super) phase: usize,
     pub(super) poison: bool,
-    pub(super) sent_at: Instant,
     /// The job id it was accepted under (AMQP: its key).
     pub(super) accepted: Option<String>,
     /// Why it was refused.
@@ -58,7 +80,8 @@ pub(super) struct Job {
     pub(super) inline: Option<Answer>,
     /// Callback deliveries (HTTP) or replies (AMQP), raw.
     pub(super) deliveries: Vec<Answer>,
-    /// GET /v1/jobs/{id}: "done" / "failed".
+    /// GET /v1/jobs/{id} once final, as an outcome: `ok`, `error:<code>`, `expired`,
+    /// `cancelled`.
     pub(super) visible: Option<String>,
 }
 
@@ -99,11 +122,7 @@ async fn callback(
     if let Ok(result) = serde_json::from_slice::<JobResult>(&body) {
         let mut ledger = lock(&state.ledger);
         if let Some(job) = ledger.get_mut(&key) {
-            job.deliveries.push(Answer {
-                job_id: result.job_id,
-                status: result.status.as_str().to_string(),
-                at: Instant::now(),
-            });
+            job.deliveries.push(Answer::of(&result));
         }
     }
     if state.slow.load(Ordering::Relaxed) {
@@ -250,11 +269,7 @@ impl AmqpClient {
                 (key, serde_json::from_slice::<JobResult>(&delivery.data))
                 && let Some(job) = lock(&self.ledger).get_mut(&key)
             {
-                job.deliveries.push(Answer {
-                    job_id: result.job_id,
-                    status: result.status.as_str().to_string(),
-                    at: Instant::now(),
-                });
+                job.deliveries.push(Answer::of(&result));
             }
             delivery.ack(BasicAckOptions::default()).await?;
         }
@@ -391,12 +406,8 @@ impl HttpClient {
                 let mut ledger = lock(&self.ledger);
                 if let Some(job) = ledger.get_mut(key) {
                     job.accepted = Some(job_id.to_string());
-                    if let Some(s) = doc["result"]["status"].as_str() {
-                        job.inline = Some(Answer {
-                            job_id: job_id.to_string(),
-                            status: s.to_string(),
-                            at: Instant::now(),
-                        });
+                    if let Ok(result) = serde_json::from_value::<JobResult>(doc["result"].clone()) {
+                        job.inline = Some(Answer::of(&result));
                     }
                 }
                 return;
@@ -438,9 +449,18 @@ impl HttpClient {
         .await;
         let mut ledger = lock(&self.ledger);
         for (key, doc) in tasks {
-            let status = doc.as_ref().and_then(|d| d["status"].as_str());
-            if let (Some(s @ ("done" | "failed")), Some(job)) = (status, ledger.get_mut(&key)) {
-                job.visible = Some(s.to_string());
+            let Some(doc) = doc else { continue };
+            let outcome = match doc["status"].as_str() {
+                Some("done") => "ok".to_string(),
+                Some("failed") => format!(
+                    "error:{}",
+                    doc["result"]["error"]["code"].as_str().unwrap_or("")
+                ),
+                Some(s @ ("expired" | "cancelled")) => s.to_string(),
+                _ => continue,
+            };
+            if let Some(job) = ledger.get_mut(&key) {
+                job.visible = Some(outcome);
             }
         }
     }
@@ -463,7 +483,6 @@ fn new_job(harness: &Harness, phase: usize, kind: Kind, poison: bool) -> String 
             kind,
             phase,
             poison,
-            sent_at: Instant::now(),
             accepted: None,
             rejected: None,
             inline: None,

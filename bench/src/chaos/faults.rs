@@ -43,10 +43,33 @@ pub(super) fn watch_heartbeats(url: String, model: String) -> InFlight {
     seen
 }
 
-/// What the fault did: when it started, and what it saw.
+/// What the fault did: whether it was applied as meant, when it took effect, how long the
+/// broken part was down, and what it saw.
 struct Injected {
-    started: Instant,
+    applied: bool,
+    effect_at: Instant,
+    downtime_s: Option<f64>,
     notes: Vec<String>,
+}
+
+impl Injected {
+    /// Applied, in effect from `at`.
+    fn at(at: Instant, note: String) -> Self {
+        Self {
+            applied: true,
+            effect_at: at,
+            downtime_s: None,
+            notes: vec![note],
+        }
+    }
+
+    /// Applied, in effect from `at`, the part down for `downtime`.
+    fn down(at: Instant, downtime: Duration, note: String) -> Self {
+        Self {
+            downtime_s: Some(downtime.as_secs_f64()),
+            ..Self::at(at, note)
+        }
+    }
 }
 
 /// One fault's phase: its load with the fault injected, the wait for the answers, and its row
@@ -66,22 +89,24 @@ pub(super) async fn run_phase(
     notes.extend(injected.notes);
     settle(harness, phase).await;
     stop.store(true, Ordering::Relaxed);
-    let dead_letters = if fault == "poison" {
-        report::dead_letters(&harness.fleet.node.url(), &harness.fleet.model).await?
-    } else {
-        Vec::new()
-    };
+    // Every phase: what is left in the broker's queues, and the dead letters (read off).
+    let queues = report::queue_depths(&harness.fleet.node.url(), &harness.fleet.model).await;
+    let dead_letters =
+        report::dead_letters(&harness.fleet.node.url(), &harness.fleet.model).await?;
     let row = report::phase_row(
         harness,
         PhaseRecord {
             fault,
             phase,
             began,
-            fault_started: injected.started,
+            applied: injected.applied,
+            effect_at: injected.effect_at,
+            downtime_s: injected.downtime_s,
             before,
             overload: overload_figures,
             notes,
             dead_letters,
+            queues,
             peaks,
         },
     );
@@ -102,8 +127,8 @@ async fn load_with_fault(
             let started = Instant::now();
             let figures = overload(harness, phase, notes).await?;
             let injected = Injected {
-                started,
                 notes: vec![],
+                ..Injected::at(started, String::new())
             };
             (injected, figures)
         }
@@ -187,65 +212,80 @@ async fn settle(harness: &Harness, phase: usize) {
 
 async fn inject(harness: &Arc<Harness>, fault: &str, phase: usize) -> anyhow::Result<Injected> {
     let started = Instant::now();
-    let since = || started.elapsed().as_secs_f64();
-    let note = match fault {
+    Ok(match fault {
         "worker-sigkill" => signal_busy_worker(harness, "KILL").await,
         "worker-sigterm" => signal_busy_worker(harness, "TERM").await,
         "scale-in" => await_scale_in(harness).await,
         "dispatcher-restart" | "dispatcher-sigkill" => {
-            restart_dispatcher(harness, fault == "dispatcher-sigkill").await?;
-            format!("dispatcher back after {:.1} s", since())
+            restart_dispatcher(harness, fault == "dispatcher-sigkill").await?
         }
         "broker-stop-app" => {
             let node = &harness.fleet.node;
             node.ctl("stop_app").await?;
+            let down = Instant::now();
             tokio::time::sleep(Duration::from_secs(3)).await;
             node.ctl("start_app").await?;
             node.ctl("await_startup").await?;
-            format!("broker app back after {:.1} s", since())
+            Injected::down(
+                down,
+                down.elapsed(),
+                format!(
+                    "broker app stopped {:.1} s after the fault began",
+                    (down - started).as_secs_f64()
+                ),
+            )
         }
         "broker-restart" => {
-            harness.fleet.node.restart().await?;
-            format!("broker node back after {:.1} s", since())
+            let node = &harness.fleet.node;
+            node.stop().await?;
+            let down = Instant::now();
+            node.launch().await?;
+            Injected::down(
+                down,
+                down.elapsed(),
+                "broker node stopped and started again".into(),
+            )
         }
         "receiver-down" => {
             harness.receiver.down();
+            let down = Instant::now();
             tokio::time::sleep(Duration::from_secs(5)).await;
             harness.receiver.up().await?;
-            "callback receiver refused connections for 5 s".into()
+            Injected::down(
+                down,
+                down.elapsed(),
+                "callback receiver refused connections".into(),
+            )
         }
         "receiver-slow" => {
             harness.receiver.slow.store(true, Ordering::Relaxed);
+            let slow = Instant::now();
             tokio::time::sleep(Duration::from_secs(5)).await;
             harness.receiver.slow.store(false, Ordering::Relaxed);
-            format!(
-                "receiver answered after {:?} (callback timeout 1 s) for 5 s",
-                harness.receiver.delay
+            Injected::down(
+                slow,
+                slow.elapsed(),
+                format!(
+                    "receiver answered after {:?} (callback timeout 1 s)",
+                    harness.receiver.delay
+                ),
             )
         }
         "poison" => {
             // One over HTTP with a callback, one by AMQP RPC: both clients must be told.
             let _ = send(harness, phase, Kind::HttpAsync, true).await;
             let _ = send(harness, phase, Kind::Amqp, true).await;
-            "2 poison jobs (the worker aborts on them)".into()
+            Injected::at(started, "2 poison jobs (the worker aborts on them)".into())
         }
-        _ => {
-            return Ok(Injected {
-                started,
-                notes: vec![],
-            });
-        }
-    };
-    Ok(Injected {
-        started,
-        notes: vec![note],
+        _ => Injected::at(started, String::new()),
     })
 }
 
-/// A worker holding jobs (by its last heartbeat), or any worker after 5 s.
+/// A worker holding jobs at this moment (by a heartbeat under 500 ms old), waiting up to 10 s
+/// for one; none if no worker held jobs in that time.
 async fn busy_worker(harness: &Harness) -> Option<(u32, String, u64)> {
     let started = Instant::now();
-    loop {
+    while started.elapsed() < Duration::from_secs(10) {
         let workers = harness.fleet.autoscaler.workers();
         let beats = lock(&harness.heartbeats).clone();
         let busy = workers.iter().find_map(|(pid, id)| {
@@ -255,27 +295,50 @@ async fn busy_worker(harness: &Harness) -> Option<(u32, String, u64)> {
         if busy.is_some() {
             return busy;
         }
-        if started.elapsed() > Duration::from_secs(5) {
-            return workers.first().map(|(p, id)| (*p, id.clone(), 0));
-        }
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+/// Whether process `pid` is gone (no such process, or a zombie not yet reaped).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
     }
 }
 
-/// Sends `sig` to a worker with jobs in hand.
-async fn signal_busy_worker(harness: &Harness, sig: &str) -> String {
-    match busy_worker(harness).await {
-        Some((pid, id, n)) => {
-            fleet::signal(pid, sig);
-            format!("SIG{sig} to {id} holding {n} jobs (last heartbeat)")
-        }
-        None => "no worker to signal".into(),
+/// Sends `sig` to a worker with jobs in hand; the fault takes effect when the process is gone
+/// (at once for SIGKILL, after its drain for SIGTERM).
+async fn signal_busy_worker(harness: &Harness, sig: &str) -> Injected {
+    let Some((pid, id, n)) = busy_worker(harness).await else {
+        return Injected {
+            applied: false,
+            ..Injected::at(
+                Instant::now(),
+                "no worker held jobs within 10 s: the fault was not applied".into(),
+            )
+        };
+    };
+    let signalled = Instant::now();
+    fleet::signal(pid, sig);
+    while !gone(pid) && signalled.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    Injected::at(
+        Instant::now(),
+        format!(
+            "SIG{sig} to {id} holding {n} jobs (heartbeat); process gone {:.2} s later",
+            signalled.elapsed().as_secs_f64()
+        ),
+    )
 }
 
 /// The burst was sent at the phase's start (see `scale_in_load`); here: wait, under the steady
-/// load, for the pool to scale in.
-async fn await_scale_in(harness: &Harness) -> String {
+/// load, for the pool to scale in. In effect when the first worker has drained and exited.
+async fn await_scale_in(harness: &Harness) -> Injected {
     let before = harness.scale_in_baseline.load(Ordering::Relaxed);
     let wait = Instant::now();
     let mut seen = 0;
@@ -284,13 +347,20 @@ async fn await_scale_in(harness: &Harness) -> String {
         if seen > 0 {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    format!("{seen} worker(s) scaled in under load")
+    Injected {
+        applied: seen > 0,
+        ..Injected::at(
+            Instant::now(),
+            format!("{seen} worker(s) scaled in under load"),
+        )
+    }
 }
 
-/// Stops the dispatcher (SIGTERM, or SIGKILL first) and starts a new one on the same ports.
-async fn restart_dispatcher(harness: &Harness, kill: bool) -> anyhow::Result<()> {
+/// Stops the dispatcher (SIGTERM, or SIGKILL first) and starts a new one on the same ports. In
+/// effect when the old process is gone; down until the new one is ready.
+async fn restart_dispatcher(harness: &Harness, kill: bool) -> anyhow::Result<Injected> {
     let dispatcher = &harness.fleet.dispatcher;
     if let Some(old) = dispatcher.take() {
         if kill {
@@ -299,8 +369,17 @@ async fn restart_dispatcher(harness: &Harness, kill: bool) -> anyhow::Result<()>
         // SIGTERM (no-op after SIGKILL) and wait for the exit.
         tokio::task::spawn_blocking(move || drop(old)).await?;
     }
+    let down = Instant::now();
     dispatcher.start()?;
-    dispatcher.wait_ready().await
+    dispatcher.wait_ready().await?;
+    Ok(Injected::down(
+        down,
+        down.elapsed(),
+        format!(
+            "dispatcher {} and started again",
+            if kill { "killed" } else { "stopped" }
+        ),
+    ))
 }
 
 // ---------------------------------------------------------------- the overload
