@@ -4,6 +4,7 @@
 
 mod chaos;
 mod client;
+mod cluster;
 mod fleet;
 mod models;
 mod stats;
