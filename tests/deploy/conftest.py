@@ -12,7 +12,9 @@ import yaml
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 VENV_BIN = ROOT / ".venv/bin"
 NODE_MODULES = ROOT / ".tools/node/node_modules"
-OVERLAYS = ["base", "overlays/cpu", "overlays/gpu", "overlays/cpu-monitoring", "overlays/gpu-monitoring"]
+OVERLAYS = ["base", "overlays/cpu", "overlays/gpu", "overlays/cpu-monitoring", "overlays/gpu-monitoring", "overlays/ha-broker"]
+# Overlays with RabbitMQ as a three-node cluster (manifests/components/ha-broker).
+HA_OVERLAYS = ["overlays/ha-broker"]
 # Kubernetes versions kubernetes-validate checks the rendered objects against.
 K8S_VERSIONS = ["1.33.0", "1.37.0"]
 

@@ -10,8 +10,8 @@ import jsonschema
 import pytest
 import yaml
 
-from conftest import K8S_VERSIONS, NODE_MODULES, OVERLAYS, ROOT, find, pod_spec, render, render_text, run, tool
-from secure_defaults import Endpoint, Network, k8s_violations
+from conftest import HA_OVERLAYS, K8S_VERSIONS, NODE_MODULES, OVERLAYS, ROOT, find, pod_spec, render, render_text, run, tool
+from secure_defaults import Endpoint, Network, _file_source, k8s_violations
 
 # Kinds kubernetes-validate has no schema for; each is validated against its CRD schema below.
 CRD_KINDS = {"InferencePool", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
@@ -27,6 +27,8 @@ REQUIRED_SECRETS = {
     "ember-amqp-worker": {"password", "url"},
     "ember-amqp-autoscaler": {"password", "url"},
 }
+# And those of a three-node broker (manifests/components/ha-broker): the nodes' shared Erlang cookie.
+HA_SECRETS = {"ember-rabbitmq-erlang-cookie": {"cookie"}}
 # Pods of the user's own that the dispatcher's NetworkPolicy admits (none in the manifests).
 CLIENT_LABEL = {"ember.dev/client": "true"}
 # The one container allowed to run as root: NVIDIA's device plugin writes its socket into the
@@ -376,9 +378,10 @@ def test_config_and_secret_references_resolve(overlay):
                         assert r.get("items"), f"{c['name']}: Secret {r.get('secretName', r.get('name'))} mounted without items"
                         name = r.get("secretName", r.get("name"))
                         used_secrets.setdefault(name, set()).update(i["key"] for i in r["items"])
-    assert used_secrets == REQUIRED_SECRETS
+    expected = REQUIRED_SECRETS | (HA_SECRETS if overlay in HA_OVERLAYS else {})
+    assert used_secrets == expected
     docs = (ROOT / "docs/deploy.md").read_text()
-    for name, keys in REQUIRED_SECRETS.items():
+    for name, keys in expected.items():
         assert f"create secret generic {name}" in docs, f"docs/deploy.md must say how to create {name}"
         for key in keys:
             assert f"--from-literal={key}=" in docs or f"--from-file={key}=" in docs, f"{name}: key {key}"
@@ -580,3 +583,131 @@ def test_the_network_check_fails_a_policy_left_open():
     stranger = Endpoint("pod of another namespace", "default", {"app": "x"}, "10.1.1.5")
     assert Network(objs).allows(stranger, redis, 6379)
     assert not Network(render("base")).allows(stranger, redis, 6379)
+
+
+# --- the replicated broker (manifests/components/ha-broker) -----------------------------------
+
+
+def _rabbitmq(objs):
+    (sts,) = find(objs, "StatefulSet", "ember-rabbitmq")
+    spec = sts["spec"]["template"]["spec"]
+    (c,) = [c for c in spec["containers"] if c["name"] == "rabbitmq"]
+    return sts, spec, c
+
+
+def _conf_lines(text):
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def _conf(text):
+    return dict(line.split(" = ", 1) for line in _conf_lines(text))
+
+
+@pytest.mark.parametrize("overlay", HA_OVERLAYS)
+def test_ha_broker_is_three_nodes_that_find_each_other(overlay):
+    objs = render(overlay)
+    sts, spec, c = _rabbitmq(objs)
+    replicas = sts["spec"]["replicas"]
+    assert replicas == 3
+    assert sts["spec"]["podManagementPolicy"] == "Parallel"
+    # One broker per Kubernetes node.
+    (term,) = spec["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    # Stable long node names in the headless Service's DNS, which publishes pods before they are ready.
+    env = env_of(c)
+    headless = sts["spec"]["serviceName"]
+    assert env["RABBITMQ_NODENAME"]["value"] == f"rabbit@$(POD_NAME).{headless}.$(POD_NAMESPACE)"
+    assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+    assert env["RABBITMQ_USE_LONGNAME"]["value"] == "true"
+    (svc,) = find(objs, "Service", headless)
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert {p["port"] for p in svc["spec"]["ports"]} >= {4369, 25672}
+    # RabbitMQ 4.1 or later: its Kubernetes peer discovery joins pod 0 without the Kubernetes API
+    # (no ServiceAccount token, Role or egress to the API server is given to the broker).
+    for container in containers(spec):
+        major, minor = (int(x) for x in re.match(r"rabbitmq:(\d+)\.(\d+)", container["image"]).groups())
+        assert (major, minor) >= (4, 1), container["image"]
+    assert not any(o["kind"] == "Role" and "rabbitmq" in o["metadata"]["name"] for o in objs)
+    (cm,) = find(objs, "ConfigMap", "ember-rabbitmq-config")
+    assert "rabbitmq_peer_discovery_k8s" in cm["data"]["enabled_plugins"]
+    conf = _conf(cm["data"]["rabbitmq.conf"])
+    assert conf["cluster_formation.peer_discovery_backend"] == "k8s"
+    assert conf["cluster_partition_handling"] == "pause_minority"
+
+
+@pytest.mark.parametrize("overlay", HA_OVERLAYS)
+def test_ha_broker_keeps_the_single_nodes_settings_users_and_secrets(overlay):
+    """The cluster's rabbitmq.conf holds every line of the base's (a change to the base must be
+    made in the component too); the users still come from the definitions, rendered by the same
+    init container from the same Secrets; the Erlang cookie comes from its Secret as a file."""
+    base_conf = find(render("base"), "ConfigMap", "ember-rabbitmq-config")[0]["data"]
+    objs = render(overlay)
+    (cm,) = find(objs, "ConfigMap", "ember-rabbitmq-config")
+    assert set(_conf_lines(base_conf["rabbitmq.conf"])) <= set(_conf_lines(cm["data"]["rabbitmq.conf"]))
+    base_plugins = set(re.findall(r"\w+", base_conf["enabled_plugins"]))
+    assert base_plugins <= set(re.findall(r"\w+", cm["data"]["enabled_plugins"]))
+    _, base_spec, _ = _rabbitmq(render("base"))
+    _, spec, c = _rabbitmq(objs)
+    inits = {i["name"]: i for i in spec["initContainers"]}
+    assert inits["definitions"] == {i["name"]: i for i in base_spec["initContainers"]}["definitions"]
+    cookie = inits["erlang-cookie"]
+    script = " ".join(cookie["command"])
+    data = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}["data"]
+    assert f"{data}/.erlang.cookie" in script and "chmod 400" in script
+    src = re.search(r"cp (\S+) ", script).group(1)
+    assert _file_source(spec, cookie, src) == "Secret ember-rabbitmq-erlang-cookie"
+    assert {m["name"]: m["mountPath"] for m in cookie["volumeMounts"]}["data"] == data
+
+
+@pytest.mark.parametrize("overlay", HA_OVERLAYS)
+def test_ha_broker_replicates_quorum_queues_three_times_and_keeps_their_majority(overlay):
+    objs = render(overlay)
+    sts, spec, c = _rabbitmq(objs)
+    replicas = sts["spec"]["replicas"]
+    conf = _conf(find(objs, "ConfigMap", "ember-rabbitmq-config")[0]["data"]["rabbitmq.conf"])
+    assert int(conf["quorum_queue.initial_cluster_size"]) == replicas
+    # A queue declared before every node joined is grown to three by the broker.
+    assert conf["quorum_queue.continuous_membership_reconciliation.enabled"] == "true"
+    assert int(conf["quorum_queue.continuous_membership_reconciliation.target_group_size"]) == replicas
+    majority = replicas // 2 + 1
+    # Voluntary disruptions: never more nodes at once than the queues' majority allows.
+    (pdb,) = find(objs, "PodDisruptionBudget", "ember-rabbitmq")
+    assert replicas - pdb["spec"]["maxUnavailable"] >= majority
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    # A node stops only once every quorum queue keeps its majority without it, within the grace.
+    stop = " ".join(c["lifecycle"]["preStop"]["exec"]["command"])
+    wait = int(re.search(r"await_online_quorum_plus_one -t (\d+)", stop).group(1))
+    drain = int(re.search(r"drain -t (\d+)", stop).group(1))
+    assert spec["terminationGracePeriodSeconds"] > wait + drain
+
+
+@pytest.mark.parametrize("overlay", HA_OVERLAYS)
+def test_ha_broker_nodes_reach_each_other_and_nothing_else(overlay):
+    objs = render(overlay)
+    net = Network(objs)
+    pods = _pods(objs)
+    rabbit = pods["ember-rabbitmq"]
+    peer = Endpoint("another broker node", "ember", rabbit.labels, "10.1.0.99", rabbit.ports)
+    worker, dispatcher, redis = pods["ember-worker-ssdlite-person"], pods["ember-dispatcher"], pods["ember-redis"]
+    stranger = Endpoint("pod of another namespace", "default", {"app": "x"}, "10.1.1.5")
+    apiserver = Endpoint("API server", ip="172.20.0.1")
+    internet = Endpoint("somewhere", ip="203.0.113.7")
+    cases = [
+        (rabbit, peer, 4369, True), (rabbit, peer, 25672, True), (peer, rabbit, 25672, True),
+        (rabbit, peer, 5672, False), (rabbit, peer, 15672, False),
+        (worker, rabbit, 25672, False), (dispatcher, rabbit, 4369, False), (stranger, rabbit, 25672, False),
+        (rabbit, redis, 6379, False), (rabbit, apiserver, 443, False), (rabbit, internet, 443, False),
+        # The parts still reach every node's AMQP port (the Service picks one).
+        (worker, peer, 5672, True), (dispatcher, peer, 5672, True),
+    ]
+    wrong = [f"{s} -> {d}:{port} {'denied' if want else 'allowed'}" for s, d, port, want in cases if net.allows(s, d, port) != want]
+    assert wrong == []
+    # Negative control: without the component's policy the nodes could not reach each other.
+    alone = Network([o for o in objs if o["metadata"]["name"] != "ember-rabbitmq-cluster" or o["kind"] != "NetworkPolicy"])
+    assert not alone.allows(rabbit, peer, 25672) and not alone.allows(rabbit, peer, 4369)
+    # Clients are given one Service over every node.
+    (svc,) = find(objs, "Service", "ember-rabbitmq")
+    assert "clusterIP" not in svc["spec"] or svc["spec"]["clusterIP"] != "None"
+    assert svc["spec"]["selector"].items() <= _rabbitmq(objs)[0]["spec"]["template"]["metadata"]["labels"].items()
