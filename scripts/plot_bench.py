@@ -87,12 +87,16 @@ if b:
 
 m = load("memory")
 if m:
-    s = np.array(m["samples"])
+    # One line per round (older files: one soak, its samples at the top level).
+    rounds = m.get("rounds") or [m]
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.plot(s[:, 0], s[:, 1], label="worker")
-    ax.plot(s[:, 0], s[:, 2], label="dispatcher")
+    for i, r in enumerate(rounds):
+        s = np.array(r["samples"])
+        ax.plot(s[:, 0], s[:, 1], label=f"worker, round {i}", color="C0", alpha=1 - 0.25 * i)
+        ax.plot(s[:, 0], s[:, 2], label=f"dispatcher, round {i}", color="C1", alpha=1 - 0.25 * i)
+    sent = rounds[0].get("jobs_sent", rounds[0].get("jobs"))
     ax.set_xlabel("seconds")
     ax.set_ylabel("RSS, MiB")
-    ax.set_title(f"soak: {m['jobs']} jobs at {m['rate_jobs_s']}/s")
-    ax.legend()
+    ax.set_title(f"soak: {sent} jobs sent per round at {m['rate_jobs_s']}/s")
+    ax.legend(fontsize="small")
     save(fig, "memory")

@@ -239,6 +239,7 @@ async fn overhead(args: &Args, jobs: usize) -> anyhow::Result<()> {
         let (mut amqp, mut queue_ms, mut inference_ms, mut worker_ms) =
             (vec![], vec![], vec![], vec![]);
         let mut confirm_ms = Vec::with_capacity(jobs);
+        let mut stages = Stages::default();
         for _ in 0..jobs {
             let started = Instant::now();
             let rx = client.send(&model, &image, "image/png").await?;
@@ -248,6 +249,7 @@ async fn overhead(args: &Args, jobs: usize) -> anyhow::Result<()> {
             queue_ms.push(result.timing.queue_ms);
             inference_ms.push(result.timing.inference_ms);
             worker_ms.push(result.timing.worker_ms);
+            stages.add(started.elapsed().as_secs_f64() * 1e3, &result.timing);
         }
         let (dispatcher, api) = fleet::dispatcher(&model, &dir)?;
         dispatcher.wait_http(api, "/v2/health/ready").await?;
@@ -287,7 +289,12 @@ async fn overhead(args: &Args, jobs: usize) -> anyhow::Result<()> {
         decode_p50.push(d.p50);
         amqp_p50.push(a.p50);
         http_p50.push(h.p50);
+        println!(
+            "  one job's path, means over the round (ms): {}",
+            stages.means()
+        );
         detail.push(json!({"bare_run_s": b, "decode_resize_s": d, "amqp_s": a, "http_s": h,
+            "amqp_stages_mean_ms": stages.means(),
             "worker_queue_ms": summarise(&queue_ms), "worker_inference_ms": summarise(&inference_ms), "worker_total_ms": summarise(&worker_ms),
             "client_publish_confirm_ms": summarise(&confirm_ms)}));
         drop(dispatcher);
@@ -306,6 +313,56 @@ async fn overhead(args: &Args, jobs: usize) -> anyhow::Result<()> {
         "bare_run_p50_s": b, "decode_resize_p50_s": across(decode_p50), "amqp_p50_s": a, "http_p50_s": h,
         "ratio_amqp": a.median / b.median, "ratio_http": h.median / b.median, "rounds_detail": detail});
     save(&args.out, "overhead", doc)
+}
+
+/// One AMQP job's round trip cut into stages that add up to it, from the client's clock and the
+/// result's `timing` (docs/protocol.md): submission to arrival at the worker (`queue_ms -
+/// wait_ms`: the publish, the quorum queue's write, the delivery; `ember-submitted-at` is whole
+/// milliseconds, so this stage reads up to 1 ms high and `reply` as much low), the job's
+/// decoding (`prepare_ms`), the rest of its wait for a batch, `session.run`, the worker's work
+/// after it (output decoding, the result's JSON), and the rest (the result's publish, Direct
+/// Reply-to, the client waking), which is the round trip minus the others.
+#[derive(Debug, Default)]
+struct Stages {
+    rows: Vec<[f64; 7]>,
+}
+
+impl Stages {
+    const NAMES: [&'static str; 7] = [
+        "round_trip",
+        "submit_to_worker",
+        "prepare",
+        "batch_wait",
+        "inference",
+        "after_inference",
+        "reply",
+    ];
+
+    fn add(&mut self, round_trip_ms: f64, t: &ember_core::protocol::Timing) {
+        let broker_in = t.queue_ms - t.wait_ms;
+        let after = t.worker_ms - t.wait_ms - t.inference_ms;
+        let reply = round_trip_ms - broker_in - t.wait_ms - t.inference_ms - after;
+        self.rows.push([
+            round_trip_ms,
+            broker_in,
+            t.prepare_ms,
+            t.wait_ms - t.prepare_ms,
+            t.inference_ms,
+            after,
+            reply,
+        ]);
+    }
+
+    /// Each stage's mean; the stages after the first add up to the first.
+    fn means(&self) -> Value {
+        let n = self.rows.len().max(1) as f64;
+        let mut out = serde_json::Map::new();
+        for (i, name) in Self::NAMES.iter().enumerate() {
+            let mean = self.rows.iter().map(|r| r[i]).sum::<f64>() / n;
+            out.insert(name.to_string(), json!((mean * 1000.0).round() / 1000.0));
+        }
+        Value::Object(out)
+    }
 }
 
 /// The broker's own ceiling: the worker's AMQP pattern without a model. Consume (same prefetch)
@@ -584,6 +641,38 @@ async fn batching(args: &Args, rate: f64, duration: Duration) -> anyhow::Result<
 }
 
 async fn memory(args: &Args, soak: Duration, rate: f64) -> anyhow::Result<()> {
+    let mut rounds = Vec::new();
+    for round in 0..args.rounds {
+        rounds.push(memory_round(round, soak, rate).await?);
+    }
+    let at = |key: &str, part: &str| -> Vec<f64> {
+        rounds
+            .iter()
+            .filter_map(|r| r[key][part].as_f64())
+            .collect()
+    };
+    let doc = json!({"soak_s": soak.as_secs_f64(), "rate_jobs_s": rate,
+        "end_worker_mb": across(at("end", "worker_mb")), "end_dispatcher_mb": across(at("end", "dispatcher_mb")),
+        "peak_worker_mb": across(at("peak", "worker_mb")), "peak_dispatcher_mb": across(at("peak", "dispatcher_mb")),
+        "rounds": rounds});
+    save(&args.out, "memory", doc)
+}
+
+/// What became of the soak's jobs: by client and outcome (`ok`, `error:<code>`, `refused`,
+/// `unanswered`, `transport_error`).
+type Outcomes = Arc<std::sync::Mutex<std::collections::BTreeMap<String, u64>>>;
+
+fn count(outcomes: &Outcomes, key: String) {
+    *outcomes
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(key)
+        .or_default() += 1;
+}
+
+/// One soak: a fresh worker and dispatcher, `rate` jobs/s for `soak` (half AMQP RPC, half HTTP
+/// async jobs into the result store), RSS every 5 s, and every job's outcome.
+async fn memory_round(round: usize, soak: Duration, rate: f64) -> anyhow::Result<Value> {
     let image = sample("astronaut.png")?;
     let dir = fleet::root().join("models/ssdlite-person");
     let model = unique("memory");
@@ -598,32 +687,58 @@ async fn memory(args: &Args, soak: Duration, rate: f64) -> anyhow::Result<()> {
     };
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = json!({"worker_mb": mb(worker.pid()), "dispatcher_mb": mb(dispatcher.pid())});
-    println!("idle RSS: {idle}");
+    println!("round {round}: idle RSS: {idle}");
     let client = RpcClient::connect(&model).await?;
     let http = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{api}/v1/models/{model}/jobs");
+    let outcomes: Outcomes = Arc::default();
+    let http_ids = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
     let started = Instant::now();
     let mut samples = Vec::new();
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
     let mut next_sample = Instant::now();
     let mut sent = 0u64;
+    let mut tasks = Vec::new();
     while started.elapsed() < soak {
         ticker.tick().await;
         sent += 1;
+        let outcomes = outcomes.clone();
         if sent.is_multiple_of(2) {
             let client = client.clone();
             let (image, model) = (image.clone(), model.clone());
-            tokio::spawn(async move {
-                let _ = client.call(&model, &image, "image/png").await;
-            });
+            tasks.push(tokio::spawn(async move {
+                let outcome = match client.call(&model, &image, "image/png").await {
+                    Ok((_, result)) => match &result.error {
+                        None => "amqp ok".to_string(),
+                        Some(error) => format!("amqp error:{}", error.code.as_str()),
+                    },
+                    Err(error) => format!("amqp unanswered ({error})"),
+                };
+                count(&outcomes, outcome);
+            }));
         } else {
             let request = http
                 .post(&url)
                 .header("content-type", "image/png")
                 .body(image.clone());
-            tokio::spawn(async move {
-                let _ = request.send().await;
-            });
+            let ids = http_ids.clone();
+            tasks.push(tokio::spawn(async move {
+                match request.send().await {
+                    Ok(response) if response.status() == 202 => {
+                        let doc: Value = response.json().await.unwrap_or(Value::Null);
+                        if let Some(id) = doc["job_id"].as_str() {
+                            ids.lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(id.to_string());
+                        }
+                    }
+                    Ok(response) => count(
+                        &outcomes,
+                        format!("http refused {}", response.status().as_u16()),
+                    ),
+                    Err(_) => count(&outcomes, "http transport_error".into()),
+                }
+            }));
         }
         if Instant::now() >= next_sample {
             let s = (
@@ -635,6 +750,45 @@ async fn memory(args: &Args, soak: Duration, rate: f64) -> anyhow::Result<()> {
             next_sample += Duration::from_secs(5);
         }
     }
+    for task in tasks {
+        let _ = task.await;
+    }
+    // The HTTP jobs' results, from the store (at most a minute for the last ones).
+    let ids = http_ids.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let settle = Instant::now();
+    let mut pending = ids;
+    while !pending.is_empty() {
+        let mut still = Vec::new();
+        for id in pending {
+            let doc: Value = match http
+                .get(format!("http://127.0.0.1:{api}/v1/jobs/{id}"))
+                .send()
+                .await
+            {
+                Ok(r) => r.json().await.unwrap_or(Value::Null),
+                Err(_) => Value::Null,
+            };
+            match doc["status"].as_str() {
+                Some("done") => count(&outcomes, "http ok".into()),
+                Some("failed") => count(
+                    &outcomes,
+                    format!(
+                        "http error:{}",
+                        doc["result"]["error"]["code"].as_str().unwrap_or("")
+                    ),
+                ),
+                _ if settle.elapsed() > Duration::from_secs(60) => {
+                    count(&outcomes, "http unanswered".into())
+                }
+                _ => still.push(id),
+            }
+        }
+        pending = still;
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    let outcomes = outcomes.lock().unwrap_or_else(|e| e.into_inner()).clone();
     let first = samples
         .iter()
         .find(|s| s.0 >= 30.0)
@@ -644,17 +798,17 @@ async fn memory(args: &Args, soak: Duration, rate: f64) -> anyhow::Result<()> {
     let peak_w = samples.iter().map(|s| s.1).fold(0.0, f64::max);
     let peak_d = samples.iter().map(|s| s.2).fold(0.0, f64::max);
     println!(
-        "soak {:?} at {rate}/s: worker {:.1} -> {:.1} MB (peak {peak_w:.1}), dispatcher {:.1} -> {:.1} MB (peak {peak_d:.1}), {sent} jobs",
+        "round {round}: soak {:?} at {rate}/s: worker {:.1} -> {:.1} MB (peak {peak_w:.1}), dispatcher {:.1} -> {:.1} MB (peak {peak_d:.1}); {sent} jobs sent: {outcomes:?}",
         soak, first.1, last.1, first.2, last.2
     );
-    let doc = json!({"soak_s": soak.as_secs_f64(), "rate_jobs_s": rate, "jobs": sent, "idle": idle,
-        "after_30s": {"worker_mb": first.1, "dispatcher_mb": first.2}, "end": {"worker_mb": last.1, "dispatcher_mb": last.2},
-        "peak": {"worker_mb": peak_w, "dispatcher_mb": peak_d}, "samples": samples, "rounds_note": "one soak run"});
-    let _ = args.rounds;
     drop(dispatcher);
     drop(worker);
     delete_queues(&model).await;
-    save(&args.out, "memory", doc)
+    Ok(
+        json!({"jobs_sent": sent, "outcomes": outcomes, "idle": idle,
+        "after_30s": {"worker_mb": first.1, "dispatcher_mb": first.2}, "end": {"worker_mb": last.1, "dispatcher_mb": last.2},
+        "peak": {"worker_mb": peak_w, "dispatcher_mb": peak_d}, "samples": samples}),
+    )
 }
 
 fn gauge(text: &str, name: &str, model: &str) -> f64 {

@@ -265,6 +265,13 @@ pub struct Timing {
     pub inference_ms: f64,
     /// From arrival at the worker to the result being ready to publish.
     pub worker_ms: f64,
+    /// From arrival at the worker to the batch start (inside `worker_ms`; includes
+    /// `prepare_ms`). `queue_ms - wait_ms` is the time from submission to arrival (the broker).
+    #[serde(default)]
+    pub wait_ms: f64,
+    /// This job's decoding and preprocessing (inside `wait_ms`).
+    #[serde(default)]
+    pub prepare_ms: f64,
 }
 
 /// The body of a result message (`content_type: application/json`).

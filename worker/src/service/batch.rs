@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ember_core::amqp::unix_ms;
 use ember_core::protocol::Timing;
@@ -84,6 +84,7 @@ async fn run(ctx: &Context, bucket: Vec<(Job, Prepared)>, now_ms: u64) -> Vec<An
     let (jobs, mut prepared): (Vec<Job>, Vec<Prepared>) = bucket.into_iter().unzip();
     let rows: usize = prepared.iter().map(|p| p.rows).sum();
     ctx.metrics.batch_size.observe(rows as f64);
+    let batch_start = Instant::now();
     let waits: Vec<Duration> = jobs.iter().map(|job| job.queue_wait(now_ms)).collect();
     for wait in &waits {
         ctx.metrics.queue_wait.observe(wait.as_secs_f64());
@@ -101,14 +102,16 @@ async fn run(ctx: &Context, bucket: Vec<(Job, Prepared)>, now_ms: u64) -> Vec<An
                 .zip(output.outputs)
                 .zip(waits)
                 .map(|(((job, prepared), outputs), wait)| Answer {
-                    job,
-                    outcome: pipeline.finish(&prepared.shape, prepared.rows, outputs),
                     timing: Timing {
                         queue_ms: wait.as_secs_f64() * 1e3,
                         batch_size: rows as u32,
                         inference_ms: seconds * 1e3,
                         worker_ms: 0.0,
+                        wait_ms: (batch_start - job.arrived).as_secs_f64() * 1e3,
+                        prepare_ms: job.prepare.as_secs_f64() * 1e3,
                     },
+                    job,
+                    outcome: pipeline.finish(&prepared.shape, prepared.rows, outputs),
                 })
                 .collect()
         }

@@ -102,6 +102,8 @@ pub struct Job {
     pub acker: Acker,
     pub envelope: Envelope,
     pub arrived: Instant,
+    /// How long its body took to prepare (decode, preprocess).
+    pub prepare: Duration,
 }
 
 impl Job {
@@ -118,6 +120,7 @@ impl Job {
             acker,
             envelope: decode_envelope(&properties, redelivered),
             arrived: Instant::now(),
+            prepare: Duration::ZERO,
         };
         (job, data)
     }
@@ -167,7 +170,10 @@ pub fn accept(
     ctx.stats.preparing.fetch_add(1, Ordering::SeqCst);
     let (ctx, publisher, prepared_tx) = (ctx.clone(), publisher.clone(), prepared_tx.clone());
     tracker.spawn(async move {
+        let mut job = job;
+        let started = Instant::now();
         let prepared = prepare(&ctx, &job.envelope, body).await;
+        job.prepare = started.elapsed();
         ctx.stats.preparing.fetch_sub(1, Ordering::SeqCst);
         match prepared {
             // A closed batcher (connection lost) drops the job: the broker redelivers it.
