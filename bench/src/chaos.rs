@@ -24,11 +24,11 @@ use std::time::{Duration, Instant};
 
 use ember_core::topology::{self, QueueSettings};
 use lapin::options::QueueDeleteOptions;
-use lapin::{Connection, ConnectionProperties};
 
 use self::clients::{AmqpClient, CallbackReceiver, HttpClient, Ledger, lock};
 use self::faults::InFlight;
-use crate::fleet::{self, Autoscaler, BrokerNode, IsolatedFleet, RestartableDispatcher};
+use crate::cluster::{BrokerCluster, ClusterOptions};
+use crate::fleet::{self, Autoscaler, Broker, BrokerNode, IsolatedFleet, RestartableDispatcher};
 
 /// Every fault, in the order they run.
 pub const FAULTS: &[&str] = &[
@@ -43,6 +43,14 @@ pub const FAULTS: &[&str] = &[
     "receiver-slow",
     "poison",
     "overload",
+];
+
+/// The faults against a three-node broker cluster (`--cluster`), in the order they run.
+pub const CLUSTER_FAULTS: &[&str] = &[
+    "cluster-kill-leader",
+    "cluster-stop-follower",
+    "cluster-kill-rejoin",
+    "cluster-freeze-leader",
 ];
 
 /// The marker that makes a worker abort (EMBER_WORKER_CHAOS_CRASH_ON), appended to a PNG.
@@ -65,9 +73,14 @@ pub struct ChaosArgs {
     /// Longest wait for the answers after a fault's load.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     pub settle: Duration,
-    /// AMQP port of the private RabbitMQ node (`scripts/rabbitmq-node start chaos PORT`).
+    /// AMQP port of the private RabbitMQ node (`scripts/rabbitmq-node start chaos PORT`); with
+    /// --cluster, the first of the three nodes' ports.
     #[arg(long, default_value_t = 5682)]
     pub amqp_port: u16,
+    /// Run on a three-node RabbitMQ cluster (`scripts/rabbitmq-cluster`), every part given all
+    /// three nodes; the default faults are then the cluster's (CLUSTER_FAULTS).
+    #[arg(long)]
+    pub cluster: bool,
     /// The dispatcher's Redis, with a database index of its own.
     #[arg(long, default_value = "redis://127.0.0.1:6379/7")]
     pub redis_url: String,
@@ -120,8 +133,8 @@ pub async fn run(out: &Path, args: &ChaosArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     report::write(out, args, rows, run_started)?;
-    // Clean up this run's queues (the node is stopped anyway).
-    if let Ok(c) = Connection::connect(&fleet.node.url(), ConnectionProperties::default()).await
+    // Clean up this run's queues (the broker is stopped anyway).
+    if let Ok(c) = fleet::connect_any(&fleet.broker.urls()).await
         && let Ok(ch) = c.create_channel().await
     {
         for q in topology::model_queues(&fleet.model) {
@@ -135,16 +148,18 @@ pub async fn run(out: &Path, args: &ChaosArgs) -> anyhow::Result<()> {
 
 /// `--faults`, checked, or every fault.
 fn selected_faults(args: &ChaosArgs) -> anyhow::Result<Vec<String>> {
+    let known = if args.cluster { CLUSTER_FAULTS } else { FAULTS };
     let faults: Vec<String> = if args.faults.is_empty() {
-        FAULTS.iter().map(|s| s.to_string()).collect()
+        known.iter().map(|s| s.to_string()).collect()
     } else {
         args.faults.clone()
     };
     for f in &faults {
         anyhow::ensure!(
-            FAULTS.contains(&f.as_str()),
-            "unknown fault `{f}`; the faults: {}",
-            FAULTS.join(", ")
+            known.contains(&f.as_str()),
+            "unknown fault `{f}`{}; the faults: {}",
+            if args.cluster { " with --cluster" } else { "" },
+            known.join(", ")
         );
     }
     Ok(faults)
@@ -153,13 +168,31 @@ fn selected_faults(args: &ChaosArgs) -> anyhow::Result<Vec<String>> {
 /// The private node, the autoscaler (which starts the workers) and the dispatcher, for a model
 /// of this run's own.
 fn start_fleet(args: &ChaosArgs) -> anyhow::Result<IsolatedFleet> {
-    eprintln!(
-        "chaos: starting the private RabbitMQ node on 127.0.0.1:{}",
-        args.amqp_port
-    );
-    let node = BrokerNode::start(args.amqp_port)?;
+    let broker = if args.cluster {
+        eprintln!(
+            "chaos: starting a three-node RabbitMQ cluster on 127.0.0.1:{}-{}",
+            args.amqp_port,
+            args.amqp_port + 2
+        );
+        // A frozen node is counted down after 10 s (not 60), and comes back through autoheal.
+        let options = ClusterOptions {
+            net_ticktime: Some(10),
+            partition_handling: Some("autoheal".into()),
+        };
+        Broker::Cluster(BrokerCluster::start_with(
+            &format!("chaos{}", args.amqp_port),
+            args.amqp_port,
+            &options,
+        )?)
+    } else {
+        eprintln!(
+            "chaos: starting the private RabbitMQ node on 127.0.0.1:{}",
+            args.amqp_port
+        );
+        Broker::Node(BrokerNode::start(args.amqp_port)?)
+    };
     let model = format!("chaos-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
-    let env = environment(args, &node.url());
+    let env = environment(args, &broker.url());
     let autoscaler_admin = fleet::free_port();
     let autoscaler = Autoscaler::start(
         &autoscaler_args(args, &model, autoscaler_admin),
@@ -168,7 +201,7 @@ fn start_fleet(args: &ChaosArgs) -> anyhow::Result<IsolatedFleet> {
     )?;
     let (api, dispatcher_admin) = (fleet::free_port(), fleet::free_port());
     let dispatcher = RestartableDispatcher::new(
-        dispatcher_args(args, &model, api, dispatcher_admin, &node.url()),
+        dispatcher_args(args, &model, api, dispatcher_admin, &broker.url()),
         env,
         api,
         dispatcher_admin,
@@ -177,7 +210,7 @@ fn start_fleet(args: &ChaosArgs) -> anyhow::Result<IsolatedFleet> {
         model,
         dispatcher,
         autoscaler,
-        node,
+        broker,
     };
     fleet.dispatcher.start()?;
     Ok(fleet)
@@ -188,6 +221,8 @@ fn environment(args: &ChaosArgs, amqp_url: &str) -> Vec<(String, String)> {
     vec![
         ("EMBER_AMQP_URL".into(), amqp_url.into()),
         ("EMBER_AMQP_MAX_BACKOFF".into(), "1s".into()),
+        // A frozen cluster node accepts TCP and then says nothing: give up on it soon.
+        ("EMBER_AMQP_CONNECT_TIMEOUT".into(), "5s".into()),
         (
             "EMBER_WORKER_QUEUE_MAX_LENGTH".into(),
             args.queue_max_length.to_string(),
@@ -275,14 +310,14 @@ async fn connect_clients(fleet: Arc<IsolatedFleet>, args: &ChaosArgs) -> anyhow:
     };
     let receiver = CallbackReceiver::new(ledger.clone(), Duration::from_secs(2));
     receiver.up().await?;
-    let amqp = AmqpClient::start(&fleet.node.url(), &fleet.model, settings, ledger.clone());
+    let amqp = AmqpClient::start(fleet.broker.urls(), &fleet.model, settings, ledger.clone());
     let http = Arc::new(HttpClient::new(
         format!("http://127.0.0.1:{}", fleet.dispatcher.api),
         &fleet.model,
         ledger.clone(),
         receiver.clone(),
     )?);
-    let heartbeats = faults::watch_heartbeats(fleet.node.url(), fleet.model.clone());
+    let heartbeats = faults::watch_heartbeats(fleet.broker.urls(), fleet.model.clone());
     let image = include_bytes!("tiny.png").to_vec();
     let mut poison = image.clone();
     poison.extend_from_slice(POISON_MARKER.as_bytes());

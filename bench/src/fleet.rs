@@ -429,14 +429,80 @@ impl RestartableDispatcher {
 
 // ---------------------------------------------------------------- the isolated fleet
 
-/// One model's parts on a broker node of their own: an autoscaler (which runs the workers) and
-/// a dispatcher that can be restarted. Dropped in field order: the processes, then the node.
+/// A fleet's broker: one node, or a three-node cluster.
+pub enum Broker {
+    Node(BrokerNode),
+    Cluster(crate::cluster::BrokerCluster),
+}
+
+impl Broker {
+    /// What the parts are given: the node's URL, or the cluster's, comma-separated (each
+    /// connection attempt takes the next).
+    pub fn url(&self) -> String {
+        self.urls().join(",")
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        match self {
+            Broker::Node(node) => vec![node.url()],
+            Broker::Cluster(cluster) => cluster.urls(),
+        }
+    }
+
+    /// The broker's processes (each node's VM).
+    pub fn pids(&self) -> Vec<u32> {
+        match self {
+            Broker::Node(node) => node.pid().into_iter().collect(),
+            Broker::Cluster(cluster) => cluster
+                .node_names()
+                .iter()
+                .filter_map(|n| cluster.pid(n))
+                .collect(),
+        }
+    }
+
+    pub fn node(&self) -> anyhow::Result<&BrokerNode> {
+        match self {
+            Broker::Node(node) => Ok(node),
+            Broker::Cluster(_) => anyhow::bail!("this fault needs a single broker node"),
+        }
+    }
+
+    pub fn cluster(&self) -> anyhow::Result<&crate::cluster::BrokerCluster> {
+        match self {
+            Broker::Cluster(cluster) => Ok(cluster),
+            Broker::Node(_) => anyhow::bail!("this fault needs a broker cluster (--cluster)"),
+        }
+    }
+}
+
+/// A connection to the first of `urls` that takes one (a cluster's live node).
+pub async fn connect_any(urls: &[String]) -> anyhow::Result<lapin::Connection> {
+    let mut last = None;
+    for url in urls {
+        let attempt = tokio::time::timeout(
+            Duration::from_secs(5),
+            lapin::Connection::connect(url, lapin::ConnectionProperties::default()),
+        )
+        .await;
+        match attempt {
+            Ok(Ok(connection)) => return Ok(connection),
+            Ok(Err(error)) => last = Some(error.to_string()),
+            Err(_) => last = Some(format!("{url}: no answer in 5 s")),
+        }
+    }
+    anyhow::bail!("no broker node answered: {}", last.unwrap_or_default())
+}
+
+/// One model's parts on a broker of their own (a node or a cluster): an autoscaler (which runs
+/// the workers) and a dispatcher that can be restarted. Dropped in field order: the processes,
+/// then the broker.
 pub struct IsolatedFleet {
     pub model: String,
     pub dispatcher: RestartableDispatcher,
     pub autoscaler: Autoscaler,
     /// Last: stopped after the processes that use it.
-    pub node: BrokerNode,
+    pub broker: Broker,
 }
 
 /// The machine, for the record.

@@ -73,6 +73,40 @@ pub struct OutgoingJob<'a> {
 struct Link {
     channel: Channel,
     pending: Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>,
+    /// A channel of its own for asking a queue's depth after a nack (a failed passive declare
+    /// closes its channel; the publishing one must not be it).
+    probe: Channel,
+    /// The model queues' `x-max-length`.
+    max_length: u32,
+}
+
+impl Link {
+    /// Why the broker nacked a job: the model's queue at (within 10% of) its bound (429), or
+    /// anything else — a quorum queue electing a leader, a node going — which a retry may get
+    /// past (503). A nack says no more by itself.
+    async fn nack_reason(&self, model: &str) -> PublishError {
+        let probe = self.probe.queue_declare(
+            topology::jobs_queue(model).as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        );
+        match tokio::time::timeout(Duration::from_secs(2), probe).await {
+            // Within 10% of the bound counts as full: between the nack and this probe the
+            // workers may have taken a few jobs.
+            Ok(Ok(queue)) if queue.message_count() >= self.max_length - self.max_length / 10 => {
+                PublishError::QueueFull
+            }
+            Ok(Ok(queue)) => PublishError::Unavailable(format!(
+                "nacked with {} of {} jobs ready: not a full queue",
+                queue.message_count(),
+                self.max_length
+            )),
+            _ => PublishError::Unavailable("nacked, and the queue's depth cannot be read".into()),
+        }
+    }
 }
 
 /// Heartbeats older than this are forgotten (but not the model info they carried).
@@ -294,7 +328,7 @@ impl Broker {
         let outcome = match confirmed {
             Ok(Confirmation::Ack(None)) => Ok(()),
             Ok(Confirmation::Ack(Some(_))) => Err(PublishError::Unroutable),
-            Ok(Confirmation::Nack(_)) => Err(PublishError::QueueFull),
+            Ok(Confirmation::Nack(_)) => Err(link.nack_reason(job.model).await),
             Ok(Confirmation::NotRequested) => Err(PublishError::Unavailable(
                 "publisher confirms are off".into(),
             )),
@@ -401,6 +435,8 @@ impl Broker {
         let link = Arc::new(Link {
             channel,
             pending: Mutex::new(HashMap::new()),
+            probe: connection.create_channel().await?,
+            max_length: context.queue.max_length,
         });
         let session = CancellationToken::new();
         let store_task = tokio::spawn(take_results(

@@ -190,7 +190,8 @@ impl CallbackReceiver {
 /// An RPC client that survives broker restarts: replies go to a durable queue of its own, and
 /// a supervisor reconnects and re-consumes.
 pub(super) struct AmqpClient {
-    url: String,
+    /// The broker's nodes: each session tries the next.
+    urls: Vec<String>,
     model: String,
     settings: QueueSettings,
     reply_queue: String,
@@ -200,13 +201,13 @@ pub(super) struct AmqpClient {
 
 impl AmqpClient {
     pub(super) fn start(
-        url: &str,
+        urls: Vec<String>,
         model: &str,
         settings: QueueSettings,
         ledger: Ledger,
     ) -> Arc<Self> {
         let me = Arc::new(Self {
-            url: url.to_string(),
+            urls,
             model: model.to_string(),
             settings,
             reply_queue: format!("{model}.replies"),
@@ -216,8 +217,11 @@ impl AmqpClient {
         let supervisor = me.clone();
         tokio::spawn(async move {
             let mut last = String::new();
+            let mut attempt = 0usize;
             loop {
-                if let Err(error) = supervisor.session().await {
+                let url = supervisor.urls[attempt % supervisor.urls.len().max(1)].clone();
+                attempt += 1;
+                if let Err(error) = supervisor.session(&url).await {
                     let error = error.to_string();
                     if error != last {
                         eprintln!("chaos: AMQP client: {error}; reconnecting");
@@ -231,8 +235,13 @@ impl AmqpClient {
         me
     }
 
-    async fn session(&self) -> anyhow::Result<()> {
-        let connection = Connection::connect(&self.url, ConnectionProperties::default()).await?;
+    async fn session(&self, url: &str) -> anyhow::Result<()> {
+        let connection = tokio::time::timeout(
+            Duration::from_secs(5),
+            Connection::connect(url, ConnectionProperties::default()),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("{url}: no answer in 5 s"))??;
         let publisher = connection.create_channel().await?;
         publisher
             .confirm_select(ConfirmSelectOptions::default())
@@ -314,7 +323,8 @@ impl AmqpClient {
         };
         match tokio::time::timeout(Duration::from_secs(30), publish).await {
             Ok(Ok(confirm)) if confirm.is_ack() => Ok(()),
-            Ok(Ok(_)) => Err("nacked (queue full)".into()),
+            // A nack says no more: the queue at its bound, or (on a cluster) a leader election.
+            Ok(Ok(_)) => Err("nacked".into()),
             Ok(Err(e)) => Err(format!("unconfirmed: {e}")),
             Err(_) => Err("unconfirmed: no confirm in 30 s".into()),
         }

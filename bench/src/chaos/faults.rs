@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use ember_core::topology;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
-use lapin::{Connection, ConnectionProperties};
 use serde_json::{Value, json};
 
 use super::Harness;
@@ -21,13 +20,13 @@ use crate::fleet;
 pub(super) type InFlight = Arc<Mutex<HashMap<String, (u64, Instant)>>>;
 
 /// Follows the model's worker heartbeats (reconnecting after broker faults).
-pub(super) fn watch_heartbeats(url: String, model: String) -> InFlight {
+pub(super) fn watch_heartbeats(urls: Vec<String>, model: String) -> InFlight {
     let seen: InFlight = Arc::default();
     let out = seen.clone();
     tokio::spawn(async move {
         loop {
             let session = async {
-                let c = Connection::connect(&url, ConnectionProperties::default()).await?;
+                let c = fleet::connect_any(&urls).await?;
                 let ch = c.create_channel().await?;
                 let pattern = format!("{model}.*");
                 let mut beats = topology::HeartbeatFeed::subscribe(&ch, &pattern).await?;
@@ -90,9 +89,9 @@ pub(super) async fn run_phase(
     settle(harness, phase).await;
     stop.store(true, Ordering::Relaxed);
     // Every phase: what is left in the broker's queues, and the dead letters (read off).
-    let queues = report::queue_depths(&harness.fleet.node.url(), &harness.fleet.model).await;
-    let dead_letters =
-        report::dead_letters(&harness.fleet.node.url(), &harness.fleet.model).await?;
+    let urls = harness.fleet.broker.urls();
+    let queues = report::queue_depths(&urls, &harness.fleet.model).await;
+    let dead_letters = report::dead_letters(&urls, &harness.fleet.model).await?;
     let row = report::phase_row(
         harness,
         PhaseRecord {
@@ -220,7 +219,7 @@ async fn inject(harness: &Arc<Harness>, fault: &str, phase: usize) -> anyhow::Re
             restart_dispatcher(harness, fault == "dispatcher-sigkill").await?
         }
         "broker-stop-app" => {
-            let node = &harness.fleet.node;
+            let node = harness.fleet.broker.node()?;
             node.ctl("stop_app").await?;
             let down = Instant::now();
             tokio::time::sleep(Duration::from_secs(3)).await;
@@ -236,7 +235,7 @@ async fn inject(harness: &Arc<Harness>, fault: &str, phase: usize) -> anyhow::Re
             )
         }
         "broker-restart" => {
-            let node = &harness.fleet.node;
+            let node = harness.fleet.broker.node()?;
             node.stop().await?;
             let down = Instant::now();
             node.launch().await?;
@@ -271,6 +270,10 @@ async fn inject(harness: &Arc<Harness>, fault: &str, phase: usize) -> anyhow::Re
                 ),
             )
         }
+        "cluster-kill-leader"
+        | "cluster-freeze-leader"
+        | "cluster-stop-follower"
+        | "cluster-kill-rejoin" => cluster_fault(harness, fault).await?,
         "poison" => {
             // One over HTTP with a callback, one by AMQP RPC: both clients must be told.
             let _ = send(harness, phase, Kind::HttpAsync, true).await;
@@ -279,6 +282,88 @@ async fn inject(harness: &Arc<Harness>, fault: &str, phase: usize) -> anyhow::Re
         }
         _ => Injected::at(started, String::new()),
     })
+}
+
+/// A fault against one node of the cluster: the leader of the model's job queue (SIGKILL, or
+/// SIGSTOP for 15 s, longer than the 10 s net_ticktime), or a follower (a graceful stop, or a
+/// SIGKILL), each brought back after it and left to catch up.
+async fn cluster_fault(harness: &Harness, fault: &str) -> anyhow::Result<Injected> {
+    let cluster = harness.fleet.broker.cluster()?;
+    let queue = topology::jobs_queue(&harness.fleet.model);
+    let leader = cluster.leader(&queue).await?;
+    let follower = cluster
+        .node_names()
+        .into_iter()
+        .find(|n| *n != leader)
+        .ok_or_else(|| anyhow::anyhow!("no follower"))?;
+    let fallen = Instant::now();
+    let (node, note) = match fault {
+        "cluster-kill-leader" => {
+            cluster.kill(&leader).await?;
+            let (new, took) = cluster
+                .new_leader(&queue, &leader, Duration::from_secs(60))
+                .await?;
+            (
+                leader.clone(),
+                format!(
+                    "SIGKILL to the queue's leader {leader}; {new} leads after {:.2} s",
+                    took.as_secs_f64()
+                ),
+            )
+        }
+        "cluster-freeze-leader" => {
+            cluster.freeze(&leader).await?;
+            let elected = cluster
+                .new_leader(&queue, &leader, Duration::from_secs(14))
+                .await;
+            let remaining = Duration::from_secs(15).saturating_sub(fallen.elapsed());
+            tokio::time::sleep(remaining).await;
+            cluster.thaw(&leader).await?;
+            let election = match elected {
+                Ok((new, took)) => format!("{new} leads after {:.2} s", took.as_secs_f64()),
+                Err(_) => "no new leader seen while it was frozen".into(),
+            };
+            (
+                leader.clone(),
+                format!(
+                    "SIGSTOP to the queue's leader {leader} for 15 s (net_ticktime 10 s, autoheal); {election}"
+                ),
+            )
+        }
+        "cluster-stop-follower" => {
+            cluster.stop_node(&follower).await?;
+            (
+                follower.clone(),
+                format!("graceful stop of follower {follower}"),
+            )
+        }
+        _ => {
+            cluster.kill(&follower).await?;
+            (follower.clone(), format!("SIGKILL to follower {follower}"))
+        }
+    };
+    let frozen_for = fallen.elapsed();
+    if fault != "cluster-freeze-leader" {
+        // Down for a while under load, then back.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    let back = Instant::now();
+    // Back in the cluster (a thawed node: once autoheal has restarted it), its queue replicas
+    // then catch up from their leaders.
+    cluster.start_node(&node).await?;
+    let downtime = if fault == "cluster-freeze-leader" {
+        frozen_for
+    } else {
+        back - fallen
+    };
+    Ok(Injected::down(
+        fallen,
+        downtime,
+        format!(
+            "{note}; {node} back in the cluster {:.1} s later",
+            back.elapsed().as_secs_f64()
+        ),
+    ))
 }
 
 /// A worker holding jobs at this moment (by a heartbeat under 500 ms old), waiting up to 10 s
@@ -398,7 +483,7 @@ async fn overload(
         "capacity {capacity:.0} jobs/s (burst of {burst}); offered 10x = {target:.0} jobs/s for {duration:?}"
     ));
     let depth = DepthSampler::start(
-        harness.fleet.node.url(),
+        harness.fleet.broker.urls(),
         topology::jobs_queue(&harness.fleet.model),
     );
     let http = &harness.http;
@@ -472,12 +557,12 @@ struct DepthSampler {
 }
 
 impl DepthSampler {
-    fn start(url: String, queue: String) -> Self {
+    fn start(urls: Vec<String>, queue: String) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let peak = Arc::new(AtomicU64::new(0));
         let (stopped, depth) = (stop.clone(), peak.clone());
         let task = tokio::spawn(async move {
-            let Ok(c) = Connection::connect(&url, ConnectionProperties::default()).await else {
+            let Ok(c) = fleet::connect_any(&urls).await else {
                 return;
             };
             let Ok(ch) = c.create_channel().await else {

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use ember_core::topology;
 use lapin::options::BasicGetOptions;
 use lapin::types::AMQPValue;
-use lapin::{Connection, ConnectionProperties};
 use serde_json::{Value, json};
 
 use super::clients::{Job, Kind, lock};
@@ -31,8 +30,8 @@ pub(super) fn sample_memory(fleet: Arc<IsolatedFleet>, stop: Arc<AtomicBool>) ->
             if let Some(pid) = fleet.dispatcher.pid() {
                 roles.push(("dispatcher".into(), pid));
             }
-            if let Some(pid) = fleet.node.pid() {
-                roles.push(("rabbitmq".into(), pid));
+            for pid in fleet.broker.pids() {
+                roles.push(("rabbitmq (each node)".into(), pid));
             }
             for (pid, _) in fleet.autoscaler.workers() {
                 roles.push(("worker (each)".into(), pid));
@@ -54,8 +53,11 @@ pub(super) fn sample_memory(fleet: Arc<IsolatedFleet>, stop: Arc<AtomicBool>) ->
 }
 
 /// Jobs in ember.dead.<model>: (job id, x-death reason).
-pub(super) async fn dead_letters(url: &str, model: &str) -> anyhow::Result<Vec<(String, String)>> {
-    let c = Connection::connect(url, ConnectionProperties::default()).await?;
+pub(super) async fn dead_letters(
+    urls: &[String],
+    model: &str,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let c = fleet::connect_any(urls).await?;
     let ch = c.create_channel().await?;
     let queue = topology::dead_letter_queue(model);
     let mut out = Vec::new();
@@ -93,8 +95,8 @@ pub(super) async fn dead_letters(url: &str, model: &str) -> anyhow::Result<Vec<(
 
 /// Ready messages in each of the model's queues, the retry lane, the dead letters and the shared
 /// queues after a phase (a queue that cannot be read shows as null).
-pub(super) async fn queue_depths(url: &str, model: &str) -> Value {
-    let Ok(c) = Connection::connect(url, ConnectionProperties::default()).await else {
+pub(super) async fn queue_depths(urls: &[String], model: &str) -> Value {
+    let Ok(c) = fleet::connect_any(urls).await else {
         return Value::Null;
     };
     let mut depths = serde_json::Map::new();
@@ -143,14 +145,43 @@ pub(super) fn answered(job: &Job) -> bool {
 /// `error:deadline_exceeded` is never expected.
 pub(super) fn allowed_outcomes(fault: &str) -> &'static [(&'static str, &'static str)] {
     match fault {
-        "overload" => &[(
-            "refused:queue_full",
-            "the phase's point: 10x the capacity against the bounded queue (HTTP 429 with Retry-After, AMQP nack)",
-        )],
-        "scale-in" => &[(
-            "refused:queue_full",
-            "the burst that scales the pool out is twice the queue's bound",
-        )],
+        "overload" => &[
+            (
+                "refused:queue_full",
+                "the phase's point: 10x the capacity against the bounded queue (HTTP 429 with Retry-After)",
+            ),
+            (
+                "refused:nacked",
+                "the same for AMQP clients: a nack at the bound",
+            ),
+        ],
+        "scale-in" => &[
+            (
+                "refused:queue_full",
+                "the burst that scales the pool out is twice the queue's bound (HTTP 429)",
+            ),
+            (
+                "refused:nacked",
+                "the same burst's AMQP jobs: a nack at the bound",
+            ),
+        ],
+        "cluster-kill-leader"
+        | "cluster-freeze-leader"
+        | "cluster-stop-follower"
+        | "cluster-kill-rejoin" => &[
+            (
+                "refused:nacked",
+                "an AMQP publish the cluster refused while the queue had no leader (or its node was going): the client was told",
+            ),
+            (
+                "refused:unconfirmed",
+                "an AMQP publish on a connection to the node that went: its confirm never came, the client was told",
+            ),
+            (
+                "refused:unconfirmed+answered",
+                "such a publish that had reached the queue: answered, though its client was told it may not have been",
+            ),
+        ],
         "broker-stop-app" | "broker-restart" => &[
             (
                 "refused:unconfirmed",
@@ -167,8 +198,10 @@ pub(super) fn allowed_outcomes(fault: &str) -> &'static [(&'static str, &'static
 
 /// A refusal's category, from the reason the client recorded.
 fn refusal(reason: &str) -> String {
-    if reason.starts_with("429 queue_full") || reason.starts_with("nacked (queue full)") {
+    if reason.starts_with("429 queue_full") {
         "refused:queue_full".into()
+    } else if reason.starts_with("nacked") {
+        "refused:nacked".into()
     } else if reason.starts_with("unconfirmed") {
         "refused:unconfirmed".into()
     } else if reason.starts_with("gave up") || reason.starts_with("broker unavailable") {
@@ -426,7 +459,8 @@ pub(super) fn write(
         "jobs_per_fault": args.jobs,
         "overload_s": args.overload.as_secs_f64(),
         "queue_max_length": args.queue_max_length,
-        "fleet": "private RabbitMQ node (scripts/rabbitmq-node), ember-autoscaler local backend (min 2, tick 200 ms), workers --intra-threads 1 --max-batch 4, one ember-dispatcher (callback timeout 1 s), Redis DB of its own",
+        "broker": if args.cluster { "three-node RabbitMQ cluster (scripts/rabbitmq-cluster; quorum queues on all three, net_ticktime 10 s, autoheal), every part given all three nodes" } else { "private RabbitMQ node (scripts/rabbitmq-node)" },
+        "fleet": "ember-autoscaler local backend (min 2, tick 200 ms), workers --intra-threads 1 --max-batch 4, one ember-dispatcher (callback timeout 1 s), Redis DB of its own",
         "total_s": run_started.elapsed().as_secs_f64(),
         "faults": rows,
     });
@@ -675,7 +709,7 @@ mod tests {
     #[test]
     fn refusals_fall_into_categories_and_only_some_faults_explain_them() {
         assert_eq!(refusal("429 queue_full"), "refused:queue_full");
-        assert_eq!(refusal("nacked (queue full)"), "refused:queue_full");
+        assert_eq!(refusal("nacked"), "refused:nacked");
         assert_eq!(refusal("unconfirmed: io error"), "refused:unconfirmed");
         assert_eq!(refusal("gave up after 30 s: 503 x"), "refused:gave_up");
         assert_eq!(refusal("500 internal"), "refused:500_internal");
@@ -684,7 +718,10 @@ mod tests {
         assert!(!explains("worker-sigkill", "refused:queue_full"));
         assert!(explains("broker-restart", "refused:unconfirmed"));
         assert!(!explains("dispatcher-sigkill", "refused:unconfirmed"));
-        for fault in super::super::FAULTS {
+        for fault in super::super::FAULTS
+            .iter()
+            .chain(super::super::CLUSTER_FAULTS)
+        {
             assert!(!explains(fault, "error:internal"), "{fault}");
             assert!(!explains(fault, "never_answered"), "{fault}");
         }
