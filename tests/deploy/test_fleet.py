@@ -264,7 +264,7 @@ def test_the_load_reached_the_interesting_outcomes(fleet):
 def test_prometheus_loaded_and_evaluated_the_alert_rules(fleet):
     groups = requests.get(f"{fleet['prom']}/api/v1/rules", timeout=10).json()["data"]["groups"]
     rules = [r for g in groups for r in g["rules"]]
-    assert len(rules) == 6
+    assert len(rules) == 7
     time.sleep(2)
     rules = [r for g in requests.get(f"{fleet['prom']}/api/v1/rules", timeout=10).json()["data"]["groups"] for r in g["rules"]]
     bad = [(r["name"], r.get("health"), r.get("lastError")) for r in rules if r.get("health") != "ok"]

@@ -10,7 +10,7 @@ RULES = ROOT / "monitoring/rules"
 def test_promtool_check_rules():
     proc = run([tool("promtool"), "check", "rules", str(RULES / "ember.rules.yaml")])
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS: 6 rules found" in proc.stdout
+    assert "SUCCESS: 7 rules found" in proc.stdout
 
 
 def test_promtool_test_rules():
