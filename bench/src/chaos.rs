@@ -257,7 +257,7 @@ fn autoscaler_args(args: &ChaosArgs, model: &str, admin: u16) -> Vec<String> {
         "--queue-max-length",
         &args.queue_max_length.to_string(),
         "--worker-arg",
-        "--intra-threads 1 --max-batch 4 --heartbeat-interval 200ms --drain-timeout 10s",
+        "--intra-threads 1 --max-batch 4 --heartbeat-interval 100ms --drain-timeout 10s",
     ]
     .iter()
     .map(|s| s.to_string())

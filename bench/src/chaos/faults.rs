@@ -212,8 +212,8 @@ async fn settle(harness: &Harness, phase: usize) {
 async fn inject(harness: &Arc<Harness>, fault: &str, phase: usize) -> anyhow::Result<Injected> {
     let started = Instant::now();
     Ok(match fault {
-        "worker-sigkill" => signal_busy_worker(harness, "KILL").await,
-        "worker-sigterm" => signal_busy_worker(harness, "TERM").await,
+        "worker-sigkill" => signal_busy_worker(harness, phase, "KILL").await,
+        "worker-sigterm" => signal_busy_worker(harness, phase, "TERM").await,
         "scale-in" => await_scale_in(harness).await,
         "dispatcher-restart" | "dispatcher-sigkill" => {
             restart_dispatcher(harness, fault == "dispatcher-sigkill").await?
@@ -368,21 +368,35 @@ async fn cluster_fault(harness: &Harness, fault: &str) -> anyhow::Result<Injecte
 
 /// A worker holding jobs at this moment (by a heartbeat under 500 ms old), waiting up to 10 s
 /// for one; none if no worker held jobs in that time.
-async fn busy_worker(harness: &Harness) -> Option<(u32, String, u64)> {
+async fn busy_worker(harness: &Harness) -> Result<(u32, String, u64), String> {
     let started = Instant::now();
+    let (mut polls, mut known, mut fresh_busy) = (0u64, 0usize, 0u64);
     while started.elapsed() < Duration::from_secs(10) {
         let workers = harness.fleet.autoscaler.workers();
         let beats = lock(&harness.heartbeats).clone();
+        polls += 1;
+        known = known.max(
+            workers
+                .iter()
+                .filter(|(_, id)| beats.contains_key(id))
+                .count(),
+        );
+        fresh_busy += beats
+            .values()
+            .filter(|(n, at)| *n > 0 && at.elapsed() < Duration::from_millis(500))
+            .count() as u64;
         let busy = workers.iter().find_map(|(pid, id)| {
             let (n, at) = beats.get(id)?;
             (*n > 0 && at.elapsed() < Duration::from_millis(500)).then(|| (*pid, id.clone(), *n))
         });
-        if busy.is_some() {
-            return busy;
+        if let Some(busy) = busy {
+            return Ok(busy);
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    None
+    Err(format!(
+        "no worker held jobs within 10 s ({polls} looks; at most {known} running workers with heartbeats; {fresh_busy} fresh busy heartbeats of any worker): the fault was not applied"
+    ))
 }
 
 /// Whether process `pid` is gone (no such process, or a zombie not yet reaped).
@@ -396,16 +410,21 @@ fn gone(pid: u32) -> bool {
 }
 
 /// Sends `sig` to a worker with jobs in hand; the fault takes effect when the process is gone
-/// (at once for SIGKILL, after its drain for SIGTERM).
-async fn signal_busy_worker(harness: &Harness, sig: &str) -> Injected {
-    let Some((pid, id, n)) = busy_worker(harness).await else {
-        return Injected {
-            applied: false,
-            ..Injected::at(
-                Instant::now(),
-                "no worker held jobs within 10 s: the fault was not applied".into(),
-            )
-        };
+/// (at once for SIGKILL, after its drain for SIGTERM). A release worker serves the steady load's
+/// small images in a few milliseconds, idle between them at every heartbeat: a burst of jobs
+/// (counted in the phase like the others) first gives the workers work to be caught holding.
+async fn signal_busy_worker(harness: &Arc<Harness>, phase: usize, sig: &str) -> Injected {
+    for i in 0..60 {
+        drop(send(harness, phase, kind_of(i), false));
+    }
+    let (pid, id, n) = match busy_worker(harness).await {
+        Ok(busy) => busy,
+        Err(why) => {
+            return Injected {
+                applied: false,
+                ..Injected::at(Instant::now(), why)
+            };
+        }
     };
     let signalled = Instant::now();
     fleet::signal(pid, sig);
