@@ -666,28 +666,41 @@ async fn claim_key(
     )
 }
 
-/// After a failed publish: releases a key this request claimed; for one claimed before, the id
-/// of its job if that got published meanwhile.
+/// What became of an idempotency key after this request's publish was refused.
+enum Unclaimed {
+    /// Free again (this request had claimed it), or whoever claims it next starts afresh.
+    Released,
+    /// Another request's job under this key was published meanwhile.
+    Committed(String),
+    /// Another request holding this key is still publishing its job: it may yet run.
+    Pending,
+}
+
+/// After a refused publish: releases a key this request claimed; for one claimed before, what
+/// the request that claimed it made of it.
 async fn unclaim_key(
     state: &AppState,
     scope: KeyScope<'_>,
     key: &str,
     job_id: &str,
     claimed: bool,
-) -> Option<String> {
+) -> Unclaimed {
     if claimed {
         state
             .store
             .release_idempotency_key(scope.tenant, scope.model, key)
             .await;
-    } else if let Ok(Claim::Committed(existing)) = state
+        return Unclaimed::Released;
+    }
+    match state
         .store
         .claim_idempotency_key(scope.tenant, scope.model, key, job_id)
         .await
     {
-        return Some(existing);
+        Ok(Claim::Committed(existing)) => Unclaimed::Committed(existing),
+        Ok(Claim::Pending(_)) => Unclaimed::Pending,
+        _ => Unclaimed::Released,
     }
-    None
 }
 
 async fn submit(
@@ -733,11 +746,26 @@ async fn submit(
     let receiver = match enqueue(&state, &caller, job).await {
         Ok(receiver) => receiver,
         Err(EnqueueError::Publish(error)) => {
+            // Only a definite refusal (a nack at the bound, nothing routed) frees the key: a
+            // publish whose confirm never came may have reached the queue, so the key stays
+            // pending under this job id, and a retry publishes the same id again (one result
+            // and one callback per job id), never a second job.
+            let refused = matches!(error, PublishError::QueueFull | PublishError::Unroutable);
             if let Some(key) = idempotency_key
-                && let Some(existing) = unclaim_key(&state, scope, key, &job_id, claimed).await
+                && refused
             {
-                // The first request with this key got its job published meanwhile.
-                return Ok(accepted(&existing));
+                match unclaim_key(&state, scope, key, &job_id, claimed).await {
+                    // The first request with this key got its job published meanwhile.
+                    Unclaimed::Committed(existing) => return Ok(accepted(&existing)),
+                    // Its job may still be published: not "refused" while it may run.
+                    Unclaimed::Pending => {
+                        return Err(ApiError::unavailable(
+                            "idempotency_key_pending",
+                            "a request with this Idempotency-Key is still publishing its job; retry",
+                        ));
+                    }
+                    Unclaimed::Released => {}
+                }
             }
             return Err(publish_error(error, &name));
         }

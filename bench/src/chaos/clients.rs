@@ -247,6 +247,10 @@ impl AmqpClient {
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         topology::declare_model(&publisher, &self.model, self.settings).await?;
+        // A quorum queue: on a cluster, a classic queue lives on one node and is gone with it
+        // (its replies with it).
+        let mut quorum = Headers::new();
+        quorum.text("x-queue-type", "quorum");
         publisher
             .queue_declare(
                 self.reply_queue.as_str().into(),
@@ -254,7 +258,7 @@ impl AmqpClient {
                     durable: true,
                     ..QueueDeclareOptions::default()
                 },
-                FieldTable::default(),
+                quorum.into_table(),
             )
             .await?;
         let consumer_channel = connection.create_channel().await?;

@@ -76,8 +76,11 @@ pub async fn settle_moves(ctx: &Context) {
     }
 }
 
+/// Tries to publish a move to the retry lane this many times before giving the job back.
+const MOVE_ATTEMPTS: u32 = 5;
+
 /// Moves a redelivered job to the model's retry lane (publish with confirm, then ack; if the
-/// publish is not confirmed, the job goes back to the queue). A worker holds one retry-lane job
+/// publish is not confirmed after [`MOVE_ATTEMPTS`] tries, the job goes back to the queue). A worker holds one retry-lane job
 /// at a time, so a job that crashes workers is dead-lettered after the delivery limit without
 /// dragging the jobs that happened to be delivered beside it over the limit too.
 pub async fn to_retry_lane(ctx: Arc<Context>, publisher: Channel, delivery: Delivery) {
@@ -102,22 +105,38 @@ pub async fn to_retry_lane(ctx: Arc<Context>, publisher: Channel, delivery: Deli
     headers.uint(header::PRIOR_DELIVERIES, count.saturating_add(prior));
     let properties = properties.with_headers(headers.into_table());
     let retry_queue = topology::retry_queue(&ctx.model);
-    let published = publisher
-        .basic_publish(
-            "".into(),
-            retry_queue.as_str().into(),
-            BasicPublishOptions {
-                mandatory: true,
-                ..BasicPublishOptions::default()
-            },
-            &data,
-            properties,
-        )
-        .await;
-    let confirmed = match published {
-        Ok(confirm) => matches!(confirm.await, Ok(Confirmation::Ack(None))),
-        Err(_) => false,
-    };
+    // A move refused while the lane's quorum queue elects a leader (a broker node lost) is
+    // tried again, 0.1 s to 1.6 s apart, before the job goes back to the queue: each return
+    // counts as a delivery, and returns in quick succession would take an innocent job to the
+    // delivery limit in a second (seen in the chaos suite's cluster-kill-leader).
+    let mut confirmed = false;
+    let mut delay = Duration::from_millis(100);
+    for attempt in 0..MOVE_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+        }
+        let published = publisher
+            .basic_publish(
+                "".into(),
+                retry_queue.as_str().into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &data,
+                properties.clone(),
+            )
+            .await;
+        confirmed = match published {
+            Ok(confirm) => matches!(confirm.await, Ok(Confirmation::Ack(None))),
+            // The channel is gone: the broker returns the job itself.
+            Err(_) => break,
+        };
+        if confirmed {
+            break;
+        }
+    }
     let settled = if confirmed {
         ctx.metrics
             .requeued
