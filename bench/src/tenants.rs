@@ -172,18 +172,8 @@ async fn drain(model: &str) -> anyhow::Result<()> {
     let queue = ember_core::topology::jobs_queue(model);
     let started = Instant::now();
     loop {
-        let declared = channel
-            .queue_declare(
-                queue.as_str().into(),
-                lapin::options::QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                lapin::types::FieldTable::default(),
-            )
-            .await?;
-        // message_count is the ready messages; the in-flight ones finish within a batch.
-        if declared.message_count() == 0 {
+        // Ready messages; the in-flight ones finish within a batch.
+        if fleet::ready_messages(&channel, &queue).await? == 0 {
             break;
         }
         anyhow::ensure!(

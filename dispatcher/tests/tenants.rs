@@ -234,26 +234,17 @@ async fn each_tenant_sees_only_its_own_jobs_and_uses_only_its_models() {
             .unwrap()
             .replace(&unknown, "ID")
     );
-    let cancel = request(
-        &dispatcher,
-        reqwest::Method::DELETE,
-        &format!("/v1/jobs/{a_id}"),
-        "bravo",
-    )
-    .send()
-    .await
-    .unwrap();
-    assert_eq!(cancel.status(), 404);
-    let waited = request(
-        &dispatcher,
-        reqwest::Method::GET,
-        &format!("/v1/jobs/{a_id}?wait=1s"),
-        "bravo",
-    )
-    .send()
-    .await
-    .unwrap();
-    assert_eq!(waited.status(), 404);
+    // Nor can it cancel or wait for it.
+    for (method, path) in [
+        (reqwest::Method::DELETE, format!("/v1/jobs/{a_id}")),
+        (reqwest::Method::GET, format!("/v1/jobs/{a_id}?wait=1s")),
+    ] {
+        let response = request(&dispatcher, method, &path, "bravo")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 404, "{path}");
+    }
 
     // OIP async: the status URL answers its tenant only.
     let response = request(

@@ -7,8 +7,14 @@ use crate::root;
 
 /// Runs `scripts/rabbitmq-node` with `args`; fails the test if it fails.
 pub fn rabbitmq_node(args: &[&str]) -> Output {
+    rabbitmq_node_with(args, &[])
+}
+
+/// [`rabbitmq_node`] with environment variables for the script.
+fn rabbitmq_node_with(args: &[&str], env: &[(&str, String)]) -> Output {
     let out = Command::new(root().join("scripts/rabbitmq-node"))
         .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .output()
         .unwrap();
     assert!(
@@ -45,16 +51,9 @@ impl Node {
     /// Starts node `name` with plain AMQP on `amqp_port` and RabbitMQ's Prometheus endpoint on
     /// `prometheus_port` (127.0.0.1), and waits until it serves.
     pub fn with_prometheus(name: &str, amqp_port: u16, prometheus_port: u16) -> Node {
-        let out = Command::new(root().join("scripts/rabbitmq-node"))
-            .args(["start", name, &amqp_port.to_string()])
-            .env("EMBER_NODE_PROMETHEUS_PORT", prometheus_port.to_string())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "scripts/rabbitmq-node start {name} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+        rabbitmq_node_with(
+            &["start", name, &amqp_port.to_string()],
+            &[("EMBER_NODE_PROMETHEUS_PORT", prometheus_port.to_string())],
         );
         Node {
             name: name.to_string(),

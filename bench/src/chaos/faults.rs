@@ -7,8 +7,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ember_core::topology;
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use serde_json::{Value, json};
 
 use super::Harness;
@@ -587,16 +585,9 @@ impl DepthSampler {
             let Ok(ch) = c.create_channel().await else {
                 return;
             };
-            let passive = QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            };
             while !stopped.load(Ordering::Relaxed) {
-                if let Ok(q) = ch
-                    .queue_declare(queue.as_str().into(), passive, FieldTable::default())
-                    .await
-                {
-                    depth.fetch_max(u64::from(q.message_count()), Ordering::Relaxed);
+                if let Ok(n) = fleet::ready_messages(&ch, &queue).await {
+                    depth.fetch_max(u64::from(n), Ordering::Relaxed);
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

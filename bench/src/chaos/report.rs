@@ -113,17 +113,9 @@ pub(super) async fn queue_depths(urls: &[String], model: &str) -> Value {
     for queue in queues {
         // A failed passive declare closes its channel: one channel per queue.
         let depth = match c.create_channel().await {
-            Ok(ch) => ch
-                .queue_declare(
-                    queue.as_str().into(),
-                    lapin::options::QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    lapin::types::FieldTable::default(),
-                )
+            Ok(ch) => fleet::ready_messages(&ch, &queue)
                 .await
-                .map(|q| json!(q.message_count()))
+                .map(|n| json!(n))
                 .unwrap_or(Value::Null),
             Err(_) => Value::Null,
         };
