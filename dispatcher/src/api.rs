@@ -548,6 +548,7 @@ async fn enqueue(
             cancelled: false,
             expired: false,
             tenant: tenant.map(|t| t.name.clone()),
+            counted: share.is_some(),
         })
         .await;
     if let Err(error) = recorded {

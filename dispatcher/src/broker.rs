@@ -648,7 +648,10 @@ async fn take_results(
         };
         match taken {
             Ok((outcome, record)) => {
+                // Only a job its tenant's share counted has a count to release: no Redis call
+                // per result for the others.
                 if let (Some(id), Some(record)) = (&job_id, record)
+                    && record.counted
                     && let Some(tenant) = &record.tenant
                 {
                     store.release(tenant, &record.model, id).await;

@@ -125,14 +125,18 @@ pub async fn authorize(
         .map(|c| c.0.ip())
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
     let limits = &state.limits;
-    let address = Client::address(limits::client_ip(
-        peer,
-        request.headers(),
-        &limits.client_ip_header,
-        &limits.trusted_proxies,
-    ));
+    // The client address is only needed for a bucket of its own (wrong tokens; no auth).
+    let address = |headers: &axum::http::HeaderMap| {
+        Client::address(limits::client_ip(
+            peer,
+            headers,
+            &limits.client_ip_header,
+            &limits.trusted_proxies,
+        ))
+    };
     let now = Instant::now();
     let caller = if state.tenants.required {
+        let address = address(request.headers());
         if let Err(wait) = limits.auth_failures.available(address, now) {
             state
                 .metrics
@@ -178,7 +182,10 @@ pub async fn authorize(
             .rate
             .as_ref()
             .map(|bucket| bucket.check(Client::Token(0), now)),
-        None => limits.rate.as_ref().map(|rate| rate.check(address, now)),
+        None => limits
+            .rate
+            .as_ref()
+            .map(|rate| rate.check(address(request.headers()), now)),
     };
     if let Some(Err(wait)) = limited {
         state

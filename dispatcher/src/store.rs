@@ -24,6 +24,10 @@ pub struct JobRecord {
     /// Who submitted it (none without auth): only this tenant sees it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant: Option<String>,
+    /// Counted among its tenant's outstanding jobs (the tenant has a `max_outstanding`): its
+    /// result releases it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub counted: bool,
 }
 
 /// A job as the store knows it: its state, and whose it is.
@@ -226,12 +230,6 @@ impl Store {
     pub async fn release(&self, tenant: &str, model: &str, job_id: &str) {
         let mut redis = self.redis.clone();
         let _: redis::RedisResult<()> = redis.zrem(outstanding_key(tenant, model), job_id).await;
-    }
-
-    /// How many jobs of `model` `tenant` has outstanding.
-    pub async fn outstanding(&self, tenant: &str, model: &str) -> redis::RedisResult<u64> {
-        let mut redis = self.redis.clone();
-        redis.zcard(outstanding_key(tenant, model)).await
     }
 
     pub async fn put_job(&self, record: &JobRecord) -> redis::RedisResult<()> {

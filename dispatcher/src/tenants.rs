@@ -203,10 +203,6 @@ impl Directory {
         self.tenants.is_empty()
     }
 
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.tenants.iter().map(|t| t.name.as_str())
-    }
-
     /// The tenant whose token was presented. The presented token is hashed and compared with
     /// every digest in constant time, so neither its bytes nor its length, nor which digest
     /// matched, shows in the time taken.

@@ -68,6 +68,21 @@ fn request(
         .bearer_auth(token)
 }
 
+/// The status of `GET /v2/models/{model}` as `token`'s tenant.
+async fn model_status(dispatcher: &Dispatcher, model: &str, token: &str) -> u16 {
+    request(
+        dispatcher,
+        reqwest::Method::GET,
+        &format!("/v2/models/{model}"),
+        token,
+    )
+    .send()
+    .await
+    .unwrap()
+    .status()
+    .as_u16()
+}
+
 async fn json_of(response: reqwest::Response) -> (u16, Value) {
     let status = response.status().as_u16();
     let text = response.text().await.unwrap();
@@ -341,15 +356,7 @@ async fn tokens_are_rotated_and_revoked_without_a_restart() {
         ],
     )
     .await;
-    let status = |token: &'static str| {
-        let request = request(
-            &dispatcher,
-            reqwest::Method::GET,
-            &format!("/v2/models/{model}"),
-            token,
-        );
-        async move { request.send().await.unwrap().status().as_u16() }
-    };
+    let status = |token| model_status(&dispatcher, &model, token);
     assert_eq!(status("old-token").await, 200);
     assert_eq!(status("new-token").await, 401);
 
@@ -592,15 +599,7 @@ async fn each_tenant_has_its_own_request_rate() {
     let dispatcher =
         Dispatcher::start_with_dir(&model, &iris(), &["--tenants-file", file.to_str().unwrap()])
             .await;
-    let status = |token: &'static str| {
-        let request = request(
-            &dispatcher,
-            reqwest::Method::GET,
-            &format!("/v2/models/{model}"),
-            token,
-        );
-        async move { request.send().await.unwrap().status().as_u16() }
-    };
+    let status = |token| model_status(&dispatcher, &model, token);
     assert_eq!(status("alpha").await, 200);
     // A tenant's tokens share its bucket.
     assert_eq!(status("alpha-2").await, 200);

@@ -158,26 +158,10 @@ def k8s_violations(objs: list[dict]) -> list[str]:
                     problems.append(f"{where}: {what} {path} is not a file of a mounted Secret ({source or 'no volume holds it'})")
                 return path
 
-            amqp = from_secret("the AMQP URL file", "--amqp-url-file", "EMBER_AMQP_URL_FILE")
-            amqp_password = from_secret("the AMQP password file", "--amqp-password-file", "EMBER_AMQP_PASSWORD_FILE")
-            if amqp is None and amqp_password is None:
-                problems.append(f"{where}: the AMQP credentials are not from a mounted Secret (EMBER_AMQP_URL_FILE)")
+            found, auth, insecure = _part_problems(where, part, argv, env, from_secret, "mounted Secret", plain_callback_secret_ok=True)
+            problems += found
             if part != "dispatcher":
                 continue
-            tenants = from_secret("the tenants file", "--tenants-file", "EMBER_DISPATCHER_TENANTS_FILE")
-            tokens = setting(argv, env, "--auth-token", "EMBER_DISPATCHER_AUTH_TOKENS")
-            insecure = is_set(setting(argv, env, "--insecure-no-auth", "EMBER_DISPATCHER_INSECURE_NO_AUTH"))
-            callback = from_secret("the callback secret file", "--callback-secret-file", "EMBER_DISPATCHER_CALLBACK_SECRET_FILE")
-            redis = from_secret("the Redis URL file", "--redis-url-file", "EMBER_DISPATCHER_REDIS_URL_FILE")
-            auth = tenants is not None or tokens is not None
-            if not auth and not insecure:
-                problems.append(f"{where}: dispatcher without tokens: neither --tenants-file nor --auth-token (it refuses to start without --insecure-no-auth)")
-            if auth and insecure:
-                problems.append(f"{where}: dispatcher with --insecure-no-auth and tokens (it refuses to start)")
-            if not insecure and callback is None and setting(argv, env, "--callback-secret", "EMBER_DISPATCHER_CALLBACK_SECRET") is None:
-                problems.append(f"{where}: dispatcher without --callback-secret-file (it refuses to start)")
-            if redis is None:
-                problems.append(f"{where}: dispatcher without --redis-url-file: Redis without a password")
             if auth:
                 continue
             exposing = [
@@ -317,6 +301,36 @@ def _service_part(svc: dict) -> str | None:
     return part
 
 
+
+def _part_problems(where, part, argv, env, from_secret, secret_word, plain_callback_secret_ok):
+    """The credential checks of an Ember part (its AMQP URL from a secret file) and, for the
+    dispatcher, its auth ones. `from_secret(what, flag, var)` checks that a flag's file is a
+    mounted secret (and records it if not). Returns (problems, auth, insecure); auth and
+    insecure are None for a part that is not the dispatcher."""
+    problems = []
+    amqp = from_secret("the AMQP URL file", "--amqp-url-file", "EMBER_AMQP_URL_FILE")
+    amqp_password = from_secret("the AMQP password file", "--amqp-password-file", "EMBER_AMQP_PASSWORD_FILE")
+    if amqp is None and amqp_password is None:
+        problems.append(f"{where}: the AMQP credentials are not from a {secret_word} (EMBER_AMQP_URL_FILE)")
+    if part != "dispatcher":
+        return problems, None, None
+    tenants = from_secret("the tenants file", "--tenants-file", "EMBER_DISPATCHER_TENANTS_FILE")
+    tokens = setting(argv, env, "--auth-token", "EMBER_DISPATCHER_AUTH_TOKENS")
+    insecure = is_set(setting(argv, env, "--insecure-no-auth", "EMBER_DISPATCHER_INSECURE_NO_AUTH"))
+    callback = from_secret("the callback secret file", "--callback-secret-file", "EMBER_DISPATCHER_CALLBACK_SECRET_FILE")
+    redis = from_secret("the Redis URL file", "--redis-url-file", "EMBER_DISPATCHER_REDIS_URL_FILE")
+    auth = tenants is not None or tokens is not None
+    if not auth and not insecure:
+        problems.append(f"{where}: dispatcher without tokens: neither --tenants-file nor --auth-token (it refuses to start without --insecure-no-auth)")
+    if auth and insecure:
+        problems.append(f"{where}: dispatcher with --insecure-no-auth and tokens (it refuses to start)")
+    plain_callback = plain_callback_secret_ok and setting(argv, env, "--callback-secret", "EMBER_DISPATCHER_CALLBACK_SECRET") is not None
+    if not insecure and callback is None and not plain_callback:
+        problems.append(f"{where}: dispatcher without --callback-secret-file (it refuses to start)")
+    if redis is None:
+        problems.append(f"{where}: dispatcher without --redis-url-file: Redis without a password")
+    return problems, auth, insecure
+
 def compose_violations(compose: dict) -> list[str]:
     problems = []
     top_secrets = compose.get("secrets", {})
@@ -347,26 +361,10 @@ def compose_violations(compose: dict) -> list[str]:
         part = _service_part(svc)
         if part is None:
             continue
-        amqp = from_secret("the AMQP URL file", "--amqp-url-file", "EMBER_AMQP_URL_FILE")
-        amqp_password = from_secret("the AMQP password file", "--amqp-password-file", "EMBER_AMQP_PASSWORD_FILE")
-        if amqp is None and amqp_password is None:
-            problems.append(f"{where}: the AMQP credentials are not from a secret (EMBER_AMQP_URL_FILE)")
+        found, auth, insecure = _part_problems(where, part, argv, env, from_secret, "secret", plain_callback_secret_ok=False)
+        problems += found
         if part != "dispatcher":
             continue
-        tenants = from_secret("the tenants file", "--tenants-file", "EMBER_DISPATCHER_TENANTS_FILE")
-        tokens = setting(argv, env, "--auth-token", "EMBER_DISPATCHER_AUTH_TOKENS")
-        insecure = is_set(setting(argv, env, "--insecure-no-auth", "EMBER_DISPATCHER_INSECURE_NO_AUTH"))
-        callback = from_secret("the callback secret file", "--callback-secret-file", "EMBER_DISPATCHER_CALLBACK_SECRET_FILE")
-        redis = from_secret("the Redis URL file", "--redis-url-file", "EMBER_DISPATCHER_REDIS_URL_FILE")
-        auth = tenants is not None or tokens is not None
-        if not auth and not insecure:
-            problems.append(f"{where}: dispatcher without tokens: neither --tenants-file nor --auth-token (it refuses to start without --insecure-no-auth)")
-        if auth and insecure:
-            problems.append(f"{where}: dispatcher with --insecure-no-auth and tokens (it refuses to start)")
-        if not insecure and callback is None:
-            problems.append(f"{where}: dispatcher without --callback-secret-file (it refuses to start)")
-        if redis is None:
-            problems.append(f"{where}: dispatcher without --redis-url-file: Redis without a password")
         if insecure and not auth:
             for port in svc.get("ports", []):
                 parts = str(port).split(":")
