@@ -34,6 +34,11 @@ pub struct Target<S> {
     pub model: String,
     /// What the backend needs to act on the target.
     pub spec: S,
+    /// The model versions the target serves now (two during a rollout, old and new): the loop
+    /// keeps each one's queue `ember.jobs.<model>@<version>` (jobs pinned to it) declared, and
+    /// retires the queue of a version that leaves this list (its waiting jobs are answered
+    /// `model_version_not_found` by the workers left). Empty: versions are not managed.
+    pub versions: Vec<String>,
 }
 
 /// What the loop saw of a target's model this tick.

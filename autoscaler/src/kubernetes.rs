@@ -322,6 +322,7 @@ impl Backend for KubernetesBackend {
                     key: pool.name_any(),
                     model: pool.spec.model.clone(),
                     spec: pool,
+                    versions: Vec::new(),
                 })
                 .collect(),
             Err(error) => {

@@ -93,6 +93,7 @@ impl Backend for LocalBackend {
                 key: model.name.clone(),
                 model: model.name.clone(),
                 spec: index,
+                versions: Vec::new(),
             })
             .collect()
     }
