@@ -2,7 +2,7 @@
 //! (reconnecting), records heartbeats, and each tick measures every target's queue and workers
 //! and hands them to the [`Backend`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Instant;
 
 use ember_core::telemetry::Admin;
@@ -31,6 +31,11 @@ struct Memory {
 struct State {
     heartbeats: Heartbeats,
     memory: HashMap<String, Memory>,
+    /// The versions each target listed at its last tick (see [`crate::backend::Target`]).
+    versions: HashMap<String, BTreeSet<String>>,
+    /// Versions (model, version) left out of their target's list whose queue is not yet
+    /// retired (a worker of the version still consumes it, or the broker was lost).
+    retiring: BTreeSet<(String, String)>,
 }
 
 /// Runs `backend` until `shutdown`, then stops it.
@@ -92,7 +97,10 @@ async fn serve<B: Backend>(
                 Some(Err(error)) => return Err(error),
                 None => return Ok(()),
             },
-            _ = ticker.tick() => tick(ctx, backend, state, &channel, &mut declared).await?,
+            _ = ticker.tick() => {
+                tick(ctx, backend, state, &channel, &mut declared).await?;
+                retire(state, connection).await?;
+            }
         }
     }
 }
@@ -109,13 +117,25 @@ async fn tick<B: Backend>(
         if declared.insert(target.model.clone()) {
             topology::declare_model(channel, &target.model, queue_settings(&ctx.config)).await?;
         }
+        for version in &target.versions {
+            if declared.insert(topology::version_queue(&target.model, version)) {
+                topology::declare_version(
+                    channel,
+                    &target.model,
+                    version,
+                    queue_settings(&ctx.config),
+                )
+                .await?;
+            }
+        }
+        track_versions(state, &target.key, &target.model, &target.versions);
         let memory = state.memory.entry(target.key.clone()).or_default();
         let observed = measure(
             ctx,
             &mut state.heartbeats,
             &mut memory.arrivals,
             channel,
-            &target.model,
+            (&target.model, &target.versions),
         )
         .await?;
         match backend
@@ -134,6 +154,45 @@ async fn tick<B: Backend>(
     Ok(())
 }
 
+/// Remembers the versions `key` lists now; a version it listed before and no longer does is
+/// to be retired (a version listed again is not).
+fn track_versions(state: &mut State, key: &str, model: &str, versions: &[String]) {
+    if versions.is_empty() {
+        return;
+    }
+    let now: BTreeSet<String> = versions.iter().cloned().collect();
+    for version in &now {
+        state.retiring.remove(&(model.to_string(), version.clone()));
+    }
+    if let Some(before) = state.versions.insert(key.to_string(), now.clone()) {
+        for gone in before.difference(&now) {
+            tracing::info!(%model, version = %gone, "version left the pool: retiring its queue");
+            state.retiring.insert((model.to_string(), gone.clone()));
+        }
+    }
+}
+
+/// Retires the queues of versions that left their pool, once no worker of theirs consumes
+/// them (see [`topology::retire_version`]); the rest are tried again next tick.
+async fn retire(state: &mut State, connection: &Connection) -> lapin::Result<()> {
+    let mut done = Vec::new();
+    for (model, version) in &state.retiring {
+        match topology::retire_version(connection, model, version).await? {
+            topology::Retired::Done { moved } => {
+                tracing::info!(%model, %version, moved, "version queue retired; jobs that pinned it are answered model_version_not_found");
+                done.push((model.clone(), version.clone()));
+            }
+            topology::Retired::InUse { moved } => {
+                tracing::debug!(%model, %version, moved, "version queue still in use");
+            }
+        }
+    }
+    for key in done {
+        state.retiring.remove(&key);
+    }
+    Ok(())
+}
+
 fn queue_settings(config: &Config) -> QueueSettings {
     QueueSettings {
         delivery_limit: config.delivery_limit,
@@ -147,10 +206,14 @@ async fn measure(
     heartbeats: &mut Heartbeats,
     arrivals: &mut ArrivalMeter,
     channel: &Channel,
-    model: &str,
+    (model, versions): (&str, &[String]),
 ) -> lapin::Result<Observed> {
     let now = Instant::now();
-    let ready = ready_messages(channel, model).await?;
+    // Jobs pinned to a version wait in its queue: part of the model's backlog.
+    let mut ready = ready_messages(channel, &topology::jobs_queue(model)).await?;
+    for version in versions {
+        ready += ready_messages(channel, &topology::version_queue(model, version)).await?;
+    }
     let workers = heartbeats.workers(model, now, ctx.config.heartbeat_timeout);
     let view = ModelView::from_workers(&workers);
     let (arrival_rate, backlog_growing) =
@@ -163,10 +226,10 @@ async fn measure(
     })
 }
 
-async fn ready_messages(channel: &Channel, model: &str) -> lapin::Result<u64> {
+async fn ready_messages(channel: &Channel, queue: &str) -> lapin::Result<u64> {
     let queue = channel
         .queue_declare(
-            topology::jobs_queue(model).as_str().into(),
+            queue.into(),
             QueueDeclareOptions {
                 passive: true,
                 ..QueueDeclareOptions::default()

@@ -2,13 +2,16 @@
 //! arguments is a no-op, so any part may come up first).
 
 use lapin::options::{
-    BasicConsumeOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
-use lapin::{Channel, ExchangeKind};
 
-use crate::amqp::Headers;
-use crate::protocol::Heartbeat;
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Confirmation, Connection, ExchangeKind};
+
+use crate::amqp::{Headers, header_u64};
+use crate::protocol::{Heartbeat, header};
 
 /// Direct exchange jobs are published to, routing key = model name.
 pub const JOBS_EXCHANGE: &str = "ember.jobs";
@@ -27,6 +30,206 @@ pub const TELEMETRY_EXCHANGE: &str = "ember.telemetry";
 /// The model's work queue.
 pub fn jobs_queue(model: &str) -> String {
     format!("ember.jobs.{model}")
+}
+
+/// The routing key on [`JOBS_EXCHANGE`] of jobs pinned to one version of a model.
+pub fn version_routing_key(model: &str, version: &str) -> String {
+    format!("{model}@{version}")
+}
+
+/// The queue of jobs pinned to one version of a model (routing key
+/// [`version_routing_key`]), consumed by that version's workers beside the model's queue.
+pub fn version_queue(model: &str, version: &str) -> String {
+    format!("ember.jobs.{model}@{version}")
+}
+
+/// Arguments of a version's queue: the job queue's, with dead letters routed by the model
+/// name (so they reach the model's dead-letter queue and notices).
+pub fn version_queue_arguments(model: &str, settings: QueueSettings) -> FieldTable {
+    retry_queue_arguments(model, settings)
+}
+
+/// Declares `version`'s queue of `model` and binds it (idempotent): from now on jobs pinned
+/// to the version wait in it for a worker of that version.
+pub async fn declare_version(
+    channel: &Channel,
+    model: &str,
+    version: &str,
+    settings: QueueSettings,
+) -> lapin::Result<()> {
+    let queue = version_queue(model, version);
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            durable_queue(),
+            version_queue_arguments(model, settings),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            JOBS_EXCHANGE.into(),
+            version_routing_key(model, version).as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+}
+
+/// The properties of a job moved to another queue by republishing it (to the retry lane, to
+/// its version's queue, back from a retired version's queue): the broker's delivery count so
+/// far goes into [`header::PRIOR_DELIVERIES`] (the new quorum queue counts afresh), and `pin`,
+/// when given, into [`header::MODEL_VERSION`].
+pub fn moved_properties(
+    properties: &BasicProperties,
+    redelivered: bool,
+    pin: Option<&str>,
+) -> BasicProperties {
+    let table = properties.headers().as_ref();
+    let count = header_u64(table, header::DELIVERY_COUNT).unwrap_or(u64::from(redelivered));
+    let prior = header_u64(table, header::PRIOR_DELIVERIES).unwrap_or(0);
+    let mut headers = table.map(|h| h.inner().clone()).unwrap_or_default();
+    headers.remove(header::DELIVERY_COUNT);
+    let mut headers = Headers::from(FieldTable::from(headers));
+    headers.uint(header::PRIOR_DELIVERIES, count.saturating_add(prior));
+    if let Some(version) = pin {
+        headers.text(header::MODEL_VERSION, version);
+    }
+    properties.clone().with_headers(headers.into_table())
+}
+
+/// How [`retire_version`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retired {
+    /// The queue is gone (or never was); this many waiting jobs were moved out of it.
+    Done { moved: u64 },
+    /// A consumer (a worker of the version) is still on the queue: try again later.
+    InUse { moved: u64 },
+}
+
+/// Retires `version` of `model` once none of its workers is left: unbinds its queue (jobs
+/// pinned to it from now on are unroutable: the dispatcher answers 404, a worker forwarding
+/// one answers `model_version_not_found`), moves the jobs waiting in it to the model's queue
+/// marked with the version they pinned (so a worker answers each `model_version_not_found`
+/// rather than one being lost), and deletes the queue once it is empty and unused. Runs on
+/// channels of its own (a refused delete closes its channel).
+pub async fn retire_version(
+    connection: &Connection,
+    model: &str,
+    version: &str,
+) -> lapin::Result<Retired> {
+    let queue = version_queue(model, version);
+    let probe = connection.create_channel().await?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    let Ok(found) = probe
+        .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+        .await
+    else {
+        return Ok(Retired::Done { moved: 0 });
+    };
+    let _ = probe.close(200, "probed".into()).await;
+    if found.consumer_count() > 0 {
+        return Ok(Retired::InUse { moved: 0 });
+    }
+    let channel = connection.create_channel().await?;
+    channel
+        .queue_unbind(
+            queue.as_str().into(),
+            JOBS_EXCHANGE.into(),
+            version_routing_key(model, version).as_str().into(),
+            FieldTable::default(),
+        )
+        .await?;
+    let _ = channel.close(200, "unbound".into()).await;
+    let mut moved = 0;
+    // Quorum queues refuse `if-empty`/`if-unused` deletes (a connection error), so the check is
+    // ours: unbound, drained, then deleted once a passive declare finds it empty and unused.
+    // Only a publish to the default exchange by the queue's name, or a worker of the version
+    // starting in between, could reach it in that window.
+    for attempt in 0..5 {
+        if attempt > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        match move_to_model_queue(&channel, &queue, model, version).await? {
+            (count, true) => moved += count,
+            (count, false) => {
+                return Ok(Retired::InUse {
+                    moved: moved + count,
+                });
+            }
+        }
+        let now = channel
+            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+            .await?;
+        if now.consumer_count() > 0 {
+            return Ok(Retired::InUse { moved });
+        }
+        if now.message_count() > 0 {
+            // Acks to a quorum queue apply asynchronously: look again.
+            continue;
+        }
+        let lost = channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await?;
+        if lost > 0 {
+            tracing::error!(%queue, lost, "jobs reached a retired version's queue as it was deleted");
+        }
+        let _ = channel.close(200, "retired".into()).await;
+        return Ok(Retired::Done { moved });
+    }
+    Ok(Retired::InUse { moved })
+}
+
+/// Moves the jobs waiting in a retired version's `queue` to the model's queue, marked with the
+/// version they pinned: how many, and false when the broker refused one (it stays).
+async fn move_to_model_queue(
+    channel: &Channel,
+    queue: &str,
+    model: &str,
+    version: &str,
+) -> lapin::Result<(u64, bool)> {
+    let mut moved = 0;
+    while let Some(message) = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: false })
+        .await?
+    {
+        let delivery = message.delivery;
+        let properties =
+            moved_properties(&delivery.properties, delivery.redelivered, Some(version));
+        let confirm = channel
+            .basic_publish(
+                JOBS_EXCHANGE.into(),
+                model.into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
+                &delivery.data,
+                properties,
+            )
+            .await?
+            .await?;
+        if !matches!(confirm, Confirmation::Ack(None)) {
+            delivery
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..BasicNackOptions::default()
+                })
+                .await?;
+            return Ok((moved, false));
+        }
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+        moved += 1;
+    }
+    Ok((moved, true))
 }
 
 /// Where the model's poison and expired jobs end up.
@@ -378,8 +581,43 @@ mod tests {
     }
 
     #[test]
+    fn a_moved_job_keeps_its_delivery_count_and_may_carry_its_pin() {
+        let mut table = FieldTable::default();
+        table.insert(header::DELIVERY_COUNT.into(), AMQPValue::LongLongInt(2));
+        table.insert(header::PRIOR_DELIVERIES.into(), AMQPValue::LongLongInt(3));
+        table.insert("keep".into(), long_string("me"));
+        let before = BasicProperties::default()
+            .with_message_id("j".into())
+            .with_headers(table);
+        let moved = moved_properties(&before, true, Some("7"));
+        let headers = moved.headers().as_ref().expect("headers");
+        let get = |k: &str| headers.inner().get(k).cloned();
+        assert_eq!(
+            get(header::DELIVERY_COUNT),
+            None,
+            "the new queue counts afresh"
+        );
+        assert_eq!(
+            get(header::PRIOR_DELIVERIES),
+            Some(AMQPValue::LongLongInt(5))
+        );
+        assert_eq!(get(header::MODEL_VERSION), Some(long_string("7")));
+        assert_eq!(get("keep"), Some(long_string("me")));
+        assert_eq!(moved.message_id().as_ref().map(|m| m.as_str()), Some("j"));
+        let first = moved_properties(&BasicProperties::default(), false, None);
+        let headers = first.headers().as_ref().expect("headers");
+        assert_eq!(
+            headers.inner().get(header::PRIOR_DELIVERIES),
+            Some(&AMQPValue::LongLongInt(0))
+        );
+        assert!(headers.inner().get(header::MODEL_VERSION).is_none());
+    }
+
+    #[test]
     fn names_follow_the_documented_pattern() {
         assert_eq!(jobs_queue("m"), "ember.jobs.m");
+        assert_eq!(version_queue("m", "2.1"), "ember.jobs.m@2.1");
+        assert_eq!(version_routing_key("m", "2.1"), "m@2.1");
         assert_eq!(dead_letter_queue("m"), "ember.dead.m");
         assert_eq!(
             result_routing_key("m", crate::protocol::Status::Error),

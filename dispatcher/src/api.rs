@@ -287,9 +287,14 @@ fn body_or_error(body: Result<Bytes, BytesRejection>, max: usize) -> Result<Byte
     })
 }
 
-fn publish_error(error: PublishError, model: &str) -> ApiError {
+fn publish_error(error: PublishError, model: &str, version: Option<&str>) -> ApiError {
     match error {
         PublishError::QueueFull => ApiError::queue_full(model),
+        PublishError::Unroutable if let Some(version) = version => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "model_version_not_found",
+            format!("version `{version}` of model `{model}` is not served and none is coming"),
+        ),
         PublishError::Unroutable => {
             ApiError::unavailable("no_queue", format!("no queue took the job for `{model}`"))
         }
@@ -308,6 +313,7 @@ fn job_error_status(code: ErrorCode) -> StatusCode {
         ErrorCode::InputTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         ErrorCode::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
         ErrorCode::Cancelled => StatusCode::CONFLICT,
+        ErrorCode::ModelVersionNotFound => StatusCode::NOT_FOUND,
         ErrorCode::ModelError | ErrorCode::Internal | ErrorCode::DeadLettered => {
             StatusCode::INTERNAL_SERVER_ERROR
         }
@@ -369,13 +375,14 @@ async fn infer(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OipError> {
     let spec = model(&state, &caller, &name)?;
-    run_infer(&state, &caller, name, spec, &headers, body).await
+    run_infer(&state, &caller, (name, None), spec, &headers, body).await
 }
 
-/// `POST /v2/models/{model}/versions/{version}/infer`: for a version a worker reports (404
-/// otherwise, see [`served_version`]), the same as unversioned. The model's workers share one
-/// queue, so while two versions are up (a rollout) either may answer: `model_version` in the
-/// response says which did.
+/// `POST /v2/models/{model}/versions/{version}/infer`: the job is pinned to the version: it
+/// goes to that version's queue (`ember.jobs.<model>@<version>`) and only a worker of that
+/// version answers it. A version with no queue bound (never served, or retired after a
+/// rollout) is 404 `model_version_not_found` at once; one whose queue is bound but whose
+/// workers are still starting (a rollout under way) waits for them.
 async fn infer_version(
     State(state): State<Arc<AppState>>,
     Extension(caller): Extension<Caller>,
@@ -384,14 +391,24 @@ async fn infer_version(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, OipError> {
     let spec = model(&state, &caller, &name)?;
-    served_version(&state, &name, spec, &version)?;
-    run_infer(&state, &caller, name, spec, &headers, body).await
+    let version = pinned_version(Some(&version))?;
+    run_infer(&state, &caller, (name, version), spec, &headers, body).await
+}
+
+/// A version a client pinned, checked (it becomes part of a routing key).
+fn pinned_version(version: Option<&str>) -> Result<Option<&str>, ApiError> {
+    match version {
+        Some(version) => ember_core::model::check_version(version)
+            .map(|()| Some(version))
+            .map_err(|why| ApiError::bad_request("invalid_version", why)),
+        None => Ok(None),
+    }
 }
 
 async fn run_infer(
     state: &AppState,
     caller: &Caller,
-    name: String,
+    (name, version): (String, Option<&str>),
     spec: &ModelSpec,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
@@ -411,11 +428,12 @@ async fn run_infer(
         callback_url: None,
         deadline_ms: None,
         traceparent: header_value(headers, "traceparent"),
+        version,
         reply: !respond_async,
     };
     let receiver = enqueue(state, caller, job)
         .await
-        .map_err(|e| e.into_api(&name))?;
+        .map_err(|e| e.into_api(&name, version))?;
     let Some(receiver) = receiver else {
         return Ok(accepted(&job_id));
     };
@@ -448,7 +466,10 @@ async fn run_infer(
     if let Some(requested) = &request.outputs {
         outputs.retain(|t| requested.iter().any(|r| r.name == t.name));
     }
-    let version = model_version(state, &name, spec, &result.worker);
+    let version = result
+        .model_version
+        .clone()
+        .unwrap_or_else(|| model_version(state, &name, spec, &result.worker));
     let response = InferResponse {
         model_name: name,
         model_version: Some(version),
@@ -487,7 +508,7 @@ enum EnqueueError {
 }
 
 impl EnqueueError {
-    fn into_api(self, model: &str) -> ApiError {
+    fn into_api(self, model: &str, version: Option<&str>) -> ApiError {
         match self {
             EnqueueError::Store(error) => error.into(),
             EnqueueError::Share(cap) => ApiError {
@@ -501,7 +522,7 @@ impl EnqueueError {
                     ),
                 )
             },
-            EnqueueError::Publish(error) => publish_error(error, model),
+            EnqueueError::Publish(error) => publish_error(error, model, version),
         }
     }
 }
@@ -724,6 +745,7 @@ async fn submit(
     if let Some(url) = callback_url {
         state.callback_guard.check_url(url).await?;
     }
+    let version = pinned_version(header_value(&headers, "ember-model-version"))?;
     let idempotency_key = header_value(&headers, "idempotency-key");
     let scope = KeyScope {
         tenant: caller.name(),
@@ -742,6 +764,7 @@ async fn submit(
         callback_url,
         deadline_ms: None,
         traceparent: header_value(&headers, "traceparent"),
+        version,
         reply: wait.is_some(),
     };
     let receiver = match enqueue(&state, &caller, job).await {
@@ -768,9 +791,9 @@ async fn submit(
                     Unclaimed::Released => {}
                 }
             }
-            return Err(publish_error(error, &name));
+            return Err(publish_error(error, &name, version));
         }
-        Err(error) => return Err(error.into_api(&name)),
+        Err(error) => return Err(error.into_api(&name, version)),
     };
     if let Some(key) = idempotency_key {
         // The job is on the queue: later requests with this key get it without publishing.

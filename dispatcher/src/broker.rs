@@ -66,6 +66,9 @@ pub struct OutgoingJob<'a> {
     pub callback_url: Option<&'a str>,
     pub deadline_ms: Option<u64>,
     pub traceparent: Option<&'a str>,
+    /// Only this version of the model may answer (routing key `<model>@<version>`, header
+    /// `ember-model-version`); unroutable when no queue of the version is bound.
+    pub version: Option<&'a str>,
     /// Wait for the result by Direct Reply-to.
     pub reply: bool,
 }
@@ -307,12 +310,15 @@ impl Broker {
         } else {
             None
         };
+        let routing_key = job
+            .version
+            .map(|version| topology::version_routing_key(job.model, version));
         let started = Instant::now();
         let confirmed = async {
             link.channel
                 .basic_publish(
                     topology::JOBS_EXCHANGE.into(),
-                    job.model.into(),
+                    routing_key.as_deref().unwrap_or(job.model).into(),
                     BasicPublishOptions {
                         mandatory: true,
                         ..BasicPublishOptions::default()
@@ -526,6 +532,9 @@ fn job_headers(job: &OutgoingJob<'_>, now_ms: u64) -> FieldTable {
     if let Some(traceparent) = job.traceparent {
         headers.text(header::TRACEPARENT, traceparent);
     }
+    if let Some(version) = job.version {
+        headers.text(header::MODEL_VERSION, version);
+    }
     headers.into_table()
 }
 
@@ -690,6 +699,7 @@ mod tests {
             callback_url: None,
             deadline_ms: Some(99),
             traceparent: Some("00-abc-def-01"),
+            version: Some("2"),
             reply: false,
         };
         let headers = job_headers(&job, 42);

@@ -265,6 +265,7 @@ impl ModelSpec {
         if !spec.name.is_empty() {
             check_name(&spec.name)?;
         }
+        check_version(&spec.version)?;
         Ok(spec)
     }
 
@@ -296,6 +297,22 @@ pub fn check_name(name: &str) -> Result<(), String> {
     } else {
         Err(format!(
             "model name `{name}`: use letters, digits, '-' and '_'"
+        ))
+    }
+}
+
+/// Model versions become queue names and routing keys too (`ember.jobs.<model>@<version>`).
+pub fn check_version(version: &str) -> Result<(), String> {
+    let ok = !version.is_empty()
+        && version.len() <= 64
+        && version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "model version `{version}`: use at most 64 letters, digits, '.', '-' and '_'"
         ))
     }
 }

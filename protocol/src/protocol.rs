@@ -24,6 +24,12 @@ pub mod header {
     /// inference header that starts the body (the binary tensors follow it). The same name and
     /// meaning as the HTTP header of the Open Inference Protocol's binary tensor extension.
     pub const INFERENCE_HEADER_LENGTH: &str = "inference-header-content-length";
+    /// Job: only this version of the model may answer it (a rollout runs two side by side).
+    /// Published with routing key `<model>@<version>` it goes straight to that version's queue;
+    /// in the model's shared queue a worker of another version forwards it there, and answers
+    /// `model_version_not_found` when no such queue is bound (the version is not served and
+    /// not coming).
+    pub const MODEL_VERSION: &str = "ember-model-version";
 }
 
 /// Content types a job body may have.
@@ -78,6 +84,9 @@ pub enum ErrorCode {
     /// Every worker that took the job failed or died with it, `x-delivery-limit` times: it was
     /// dead-lettered (kept in `ember.dead.<model>`) and this error is its answer.
     DeadLettered,
+    /// The job pinned a model version (`ember-model-version`) that no worker serves and none
+    /// is coming: no queue of that version is bound, or the version was retired.
+    ModelVersionNotFound,
 }
 
 impl ErrorCode {
@@ -92,6 +101,7 @@ impl ErrorCode {
             ErrorCode::Cancelled => "cancelled",
             ErrorCode::Internal => "internal",
             ErrorCode::DeadLettered => "dead_lettered",
+            ErrorCode::ModelVersionNotFound => "model_version_not_found",
         }
     }
 }
@@ -286,6 +296,10 @@ pub struct JobResult {
     pub worker: String,
     /// 1 for the first delivery, 2 after one redelivery, ...
     pub attempt: u32,
+    /// The model version that answered (absent from workers before this field, and from
+    /// dead-letter answers of jobs no worker ran).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_version: Option<String>,
 }
 
 /// A worker's state as it reports it in heartbeats.
@@ -373,12 +387,14 @@ mod tests {
             timing: Timing::default(),
             worker: "w".into(),
             attempt: 1,
+            model_version: Some("2".into()),
         };
         let value = serde_json::to_value(&result).expect("serialises");
         assert_eq!(value["status"], "ok");
         assert_eq!(value["outputs"]["detections"][0]["box"][2], 3.0);
         assert!(value["error"].is_null());
         assert!(value["outputs"].get("tensors").is_none());
+        assert_eq!(value["model_version"], "2");
         let back: JobResult = serde_json::from_value(value).expect("round-trips");
         assert_eq!(back, result);
     }
@@ -420,6 +436,8 @@ mod tests {
             ErrorCode::ModelError,
             ErrorCode::Cancelled,
             ErrorCode::Internal,
+            ErrorCode::DeadLettered,
+            ErrorCode::ModelVersionNotFound,
         ] {
             let json = serde_json::to_string(&code).expect("serialises");
             assert_eq!(json, format!("\"{}\"", code.as_str()));

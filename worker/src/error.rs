@@ -38,6 +38,9 @@ pub enum Error {
     Internal(String),
     #[error("{0}")]
     DeadLettered(String),
+    /// The job pinned a version that no queue serves (see `header::MODEL_VERSION`).
+    #[error("{0}")]
+    VersionNotServed(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -54,6 +57,7 @@ impl Error {
             Error::Cancelled => ErrorCode::Cancelled,
             Error::Model(_) => ErrorCode::ModelError,
             Error::DeadLettered(_) => ErrorCode::DeadLettered,
+            Error::VersionNotServed(_) => ErrorCode::ModelVersionNotFound,
             Error::Config(_) | Error::Runtime(_) | Error::Amqp(_) | Error::Internal(_) => {
                 ErrorCode::Internal
             }
@@ -69,7 +73,8 @@ impl Error {
             | Error::InputTooLarge(_)
             | Error::DeadlineExceeded(_)
             | Error::Cancelled
-            | Error::DeadLettered(_) => Disposition::AckWithError,
+            | Error::DeadLettered(_)
+            | Error::VersionNotServed(_) => Disposition::AckWithError,
             Error::Model(_)
             | Error::Internal(_)
             | Error::Runtime(_)

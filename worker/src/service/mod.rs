@@ -92,8 +92,10 @@ struct Channels {
     publisher: Channel,
     telemetry: Channel,
     cancellations: lapin::Consumer,
-    /// The model's queue, its retry lane and its dead-letter notices: (channel, consumer).
+    /// The model's queue, its version's queue (jobs pinned to it), its retry lane and its
+    /// dead-letter notices: (channel, consumer).
     jobs: (Channel, lapin::Consumer),
+    pinned: (Channel, lapin::Consumer),
     retries: (Channel, lapin::Consumer),
     notices: (Channel, lapin::Consumer),
 }
@@ -107,8 +109,17 @@ async fn open(ctx: &Context, connection: &Connection) -> Result<Channels> {
     topology::declare_model(&publisher, &ctx.model, ctx.queue).await?;
     let telemetry = connection.create_channel().await?;
     let cancellations = recovery::cancel_consumer(&telemetry, &ctx.model).await?;
+    let version = &ctx.model_info.version;
+    topology::declare_version(&publisher, &ctx.model, version, ctx.queue).await?;
     let queue = topology::jobs_queue(&ctx.model);
     let jobs = consume(connection, &queue, ctx.worker_id.clone(), ctx.prefetch).await?;
+    let pinned = consume(
+        connection,
+        &topology::version_queue(&ctx.model, version),
+        format!("{}-pinned", ctx.worker_id),
+        ctx.prefetch,
+    )
+    .await?;
     // The retry lane: one job at a time per worker, so a job that kills its worker takes only
     // itself (and that worker's first-time jobs, which then come here) down each time.
     let retry_queue = topology::retry_queue(&ctx.model);
@@ -135,6 +146,7 @@ async fn open(ctx: &Context, connection: &Connection) -> Result<Channels> {
         telemetry,
         cancellations,
         jobs,
+        pinned,
         retries,
         notices,
     })
@@ -175,6 +187,7 @@ async fn serve(
     if matches!(outcome, SessionEnd::Drained { .. }) {
         for channel in [
             &channels.jobs.0,
+            &channels.pinned.0,
             &channels.retries.0,
             &channels.notices.0,
             &channels.publisher,
@@ -210,15 +223,14 @@ async fn take_deliveries(
                 None => return Some("the broker cancelled the cancellation consumer".to_string()),
             },
             next = channels.jobs.1.next() => match next {
-                Some(Ok(delivery)) if recovery::is_redelivery(&delivery) => {
-                    ctx.stats.moving.fetch_add(1, Ordering::SeqCst);
-                    tracker.spawn(recovery::to_retry_lane(ctx.clone(), publisher.clone(), delivery));
-                }
-                Some(Ok(delivery)) => {
-                    intake::accept(ctx, &publisher, tracker, prepared_tx, delivery);
-                }
+                Some(Ok(delivery)) => take_job(ctx, &publisher, tracker, prepared_tx, delivery),
                 Some(Err(error)) => return Some(format!("consumer failed: {error}")),
                 None => return Some("the broker cancelled the consumer".to_string()),
+            },
+            next = channels.pinned.1.next() => match next {
+                Some(Ok(delivery)) => take_job(ctx, &publisher, tracker, prepared_tx, delivery),
+                Some(Err(error)) => return Some(format!("version queue consumer failed: {error}")),
+                None => return Some("the broker cancelled the version queue consumer".to_string()),
             },
             next = channels.retries.1.next() => match next {
                 Some(Ok(delivery)) => {
@@ -227,7 +239,12 @@ async fn take_deliveries(
                     let inner = tracker.clone();
                     tracker.spawn(async move {
                         recovery::settle_moves(&ctx).await;
-                        intake::accept(&ctx, &publisher, &inner, &prepared_tx, delivery);
+                        if let Some(version) = recovery::pinned_elsewhere(&ctx, &delivery) {
+                            let version = version.to_string();
+                            recovery::forward_pinned(ctx, publisher, delivery, version).await;
+                        } else {
+                            intake::accept(&ctx, &publisher, &inner, &prepared_tx, delivery);
+                        }
                     });
                 }
                 Some(Err(error)) => return Some(format!("retry consumer failed: {error}")),
@@ -242,12 +259,46 @@ async fn take_deliveries(
     }
 }
 
+/// A job from the model's queue or the version's: forwarded when pinned to another version,
+/// moved to the retry lane when redelivered, else prepared for the batcher.
+fn take_job(
+    ctx: &Arc<Context>,
+    publisher: &Channel,
+    tracker: &TaskTracker,
+    prepared_tx: &mpsc::Sender<(Job, crate::process::Prepared)>,
+    delivery: lapin::message::Delivery,
+) {
+    if let Some(version) = recovery::pinned_elsewhere(ctx, &delivery) {
+        let version = version.to_string();
+        tracker.spawn(recovery::forward_pinned(
+            ctx.clone(),
+            publisher.clone(),
+            delivery,
+            version,
+        ));
+    } else if recovery::is_redelivery(&delivery) {
+        ctx.stats.moving.fetch_add(1, Ordering::SeqCst);
+        tracker.spawn(recovery::to_retry_lane(
+            ctx.clone(),
+            publisher.clone(),
+            delivery,
+        ));
+    } else {
+        intake::accept(ctx, publisher, tracker, prepared_tx, delivery);
+    }
+}
+
 /// Shutdown: stop consuming, finish the jobs in hand (bounded), say so in one last heartbeat.
 async fn drain(ctx: &Context, channels: &Channels, tracker: &TaskTracker) -> SessionEnd {
     ctx.stats.set_state(WorkerState::Draining);
     ctx.readiness.set(false);
     tracing::info!("draining: consumer cancelled, finishing the jobs in hand");
-    for (channel, consumer) in [&channels.jobs, &channels.retries, &channels.notices] {
+    for (channel, consumer) in [
+        &channels.jobs,
+        &channels.pinned,
+        &channels.retries,
+        &channels.notices,
+    ] {
         if let Err(error) = channel
             .basic_cancel(consumer.tag(), BasicCancelOptions::default())
             .await

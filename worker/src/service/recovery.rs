@@ -6,12 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use ember_core::amqp::{Headers, header_str, header_u64};
+use ember_core::amqp::{header_str, header_u64};
 use ember_core::protocol::header;
 use ember_core::topology;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
-use lapin::types::FieldTable;
 use lapin::{Channel, Confirmation};
 use tokio_util::task::TaskTracker;
 
@@ -84,32 +83,42 @@ const MOVE_ATTEMPTS: u32 = 5;
 /// at a time, so a job that crashes workers is dead-lettered after the delivery limit without
 /// dragging the jobs that happened to be delivered beside it over the limit too.
 pub async fn to_retry_lane(ctx: Arc<Context>, publisher: Channel, delivery: Delivery) {
-    let Delivery {
-        acker,
-        properties,
-        data,
-        redelivered,
-        ..
-    } = delivery;
-    let mut headers = properties
-        .headers()
-        .as_ref()
-        .map(|h| h.inner().clone())
-        .unwrap_or_default();
-    let count = header_u64(properties.headers().as_ref(), header::DELIVERY_COUNT)
-        .unwrap_or(u64::from(redelivered));
-    let prior = header_u64(properties.headers().as_ref(), header::PRIOR_DELIVERIES).unwrap_or(0);
-    // The lane's own deliveries are counted afresh by the broker.
-    headers.remove(header::DELIVERY_COUNT);
-    let mut headers = Headers::from(FieldTable::from(headers));
-    headers.uint(header::PRIOR_DELIVERIES, count.saturating_add(prior));
-    let properties = properties.with_headers(headers.into_table());
     let retry_queue = topology::retry_queue(&ctx.model);
+    let properties = topology::moved_properties(&delivery.properties, delivery.redelivered, None);
     // A move refused while the lane's quorum queue elects a leader (a broker node lost) is
     // tried again, 0.1 s to 1.6 s apart, before the job goes back to the queue: each return
     // counts as a delivery, and returns in quick succession would take an innocent job to the
     // delivery limit in a second (seen in the chaos suite's cluster-kill-leader).
-    let mut confirmed = false;
+    let moved = republish(&publisher, "", &retry_queue, &delivery.data, properties).await;
+    if moved == Moved::Confirmed {
+        ctx.metrics
+            .requeued
+            .with_label_values(&["retry_lane"])
+            .inc();
+    }
+    settle_move(delivery.acker, moved == Moved::Confirmed).await;
+    ctx.stats.moving.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// How a [`republish`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Moved {
+    Confirmed,
+    /// The broker returned it: no queue is bound to the routing key.
+    Unroutable,
+    /// Not confirmed after [`MOVE_ATTEMPTS`] tries, or the channel is gone.
+    Refused,
+}
+
+/// Publishes a job being moved (mandatory, with confirms), trying a refused publish again
+/// 0.1 s to 1.6 s apart.
+async fn republish(
+    publisher: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    data: &[u8],
+    properties: lapin::BasicProperties,
+) -> Moved {
     let mut delay = Duration::from_millis(100);
     for attempt in 0..MOVE_ATTEMPTS {
         if attempt > 0 {
@@ -118,30 +127,32 @@ pub async fn to_retry_lane(ctx: Arc<Context>, publisher: Channel, delivery: Deli
         }
         let published = publisher
             .basic_publish(
-                "".into(),
-                retry_queue.as_str().into(),
+                exchange.into(),
+                routing_key.into(),
                 BasicPublishOptions {
                     mandatory: true,
                     ..BasicPublishOptions::default()
                 },
-                &data,
+                data,
                 properties.clone(),
             )
             .await;
-        confirmed = match published {
-            Ok(confirm) => matches!(confirm.await, Ok(Confirmation::Ack(None))),
+        match published {
+            Ok(confirm) => match confirm.await {
+                Ok(Confirmation::Ack(None)) => return Moved::Confirmed,
+                Ok(Confirmation::Ack(Some(_))) => return Moved::Unroutable,
+                _ => {}
+            },
             // The channel is gone: the broker returns the job itself.
-            Err(_) => break,
-        };
-        if confirmed {
-            break;
+            Err(_) => return Moved::Refused,
         }
     }
-    let settled = if confirmed {
-        ctx.metrics
-            .requeued
-            .with_label_values(&["retry_lane"])
-            .inc();
+    Moved::Refused
+}
+
+/// Acks a moved job, or gives it back to its queue when the move failed.
+async fn settle_move(acker: lapin::Acker, moved: bool) {
+    let settled = if moved {
         acker.ack(BasicAckOptions::default()).await
     } else {
         acker
@@ -152,9 +163,56 @@ pub async fn to_retry_lane(ctx: Arc<Context>, publisher: Channel, delivery: Deli
             .await
     };
     if let Err(error) = settled {
-        tracing::debug!(%error, "cannot settle a job moved to the retry lane; the broker will redeliver it");
+        tracing::debug!(%error, "cannot settle a moved job; the broker will redeliver it");
     }
-    ctx.stats.moving.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// The version a job pinned (`ember-model-version`) when it is not this worker's.
+pub fn pinned_elsewhere<'a>(ctx: &Context, delivery: &'a Delivery) -> Option<&'a str> {
+    header_str(
+        delivery.properties.headers().as_ref(),
+        header::MODEL_VERSION,
+    )
+    .filter(|pinned| *pinned != ctx.model_info.version)
+}
+
+/// Forwards a job pinned to another version of the model to that version's queue; when no
+/// queue of that version is bound (not served, not coming, or retired) answers it
+/// `model_version_not_found`.
+pub async fn forward_pinned(
+    ctx: Arc<Context>,
+    publisher: Channel,
+    delivery: Delivery,
+    version: String,
+) {
+    let key = topology::version_routing_key(&ctx.model, &version);
+    let properties = topology::moved_properties(&delivery.properties, delivery.redelivered, None);
+    let moved = republish(
+        &publisher,
+        topology::JOBS_EXCHANGE,
+        &key,
+        &delivery.data,
+        properties,
+    )
+    .await;
+    if moved == Moved::Unroutable {
+        ctx.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        ctx.metrics.in_flight.inc();
+        let (job, _) = Job::from_delivery(delivery);
+        let error = Error::VersionNotServed(format!(
+            "version `{version}` of model `{}` is not served (no worker has it and none is coming)",
+            ctx.model
+        ));
+        finish(ctx, publisher, vec![Answer::failed(job, error)]).await;
+        return;
+    }
+    if moved == Moved::Confirmed {
+        ctx.metrics
+            .requeued
+            .with_label_values(&["pinned_version"])
+            .inc();
+    }
+    settle_move(delivery.acker, moved == Moved::Confirmed).await;
 }
 
 /// Answers a dead-lettered job (a copy from the model's dead-notice queue) with a

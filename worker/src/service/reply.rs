@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use ember_core::amqp::{Headers, unix_ms};
-use ember_core::protocol::{self, ErrorBody, JobResult, Outputs, Status, Timing, header};
+use ember_core::protocol::{
+    self, ErrorBody, ErrorCode, JobResult, Outputs, Status, Timing, header,
+};
 use ember_core::topology;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
 use lapin::types::LongString;
@@ -36,11 +38,14 @@ impl Answer {
     }
 }
 
-fn result_headers(model: &str, status: Status, traceparent: Option<&LongString>) -> Headers {
+fn result_headers(result: &JobResult, traceparent: Option<&LongString>) -> Headers {
     let mut headers = Headers::new();
     headers
-        .text(header::STATUS, status.as_str())
-        .text(header::MODEL, model);
+        .text(header::STATUS, result.status.as_str())
+        .text(header::MODEL, result.model.as_str());
+    if let Some(version) = &result.model_version {
+        headers.text(header::MODEL_VERSION, version.as_str());
+    }
     if let Some(traceparent) = traceparent {
         headers.text(header::TRACEPARENT, traceparent.clone());
     }
@@ -79,6 +84,11 @@ pub async fn finish(ctx: Arc<Context>, publisher: Channel, done: Vec<Answer>) {
             }
         };
         timing.worker_ms = job.arrived.elapsed().as_secs_f64() * 1e3;
+        // A job this version did not run (dead-lettered, pinned to another version) names none.
+        let ran_here = !matches!(
+            error.as_ref().map(|e| e.code),
+            Some(ErrorCode::DeadLettered | ErrorCode::ModelVersionNotFound)
+        );
         let result = JobResult {
             job_id: job.envelope.job_id.clone(),
             model: ctx.model.clone(),
@@ -88,6 +98,7 @@ pub async fn finish(ctx: Arc<Context>, publisher: Channel, done: Vec<Answer>) {
             timing,
             worker: ctx.worker_id.clone(),
             attempt: job.envelope.attempt,
+            model_version: ran_here.then(|| ctx.model_info.version.clone()),
         };
         let outcome = match &result.error {
             Some(error) => error.code.as_str(),
@@ -126,10 +137,7 @@ async fn publish_result(
         .with_message_id(job.envelope.job_id.as_str().into())
         .with_delivery_mode(2)
         .with_timestamp(unix_ms() / 1000)
-        .with_headers(
-            result_headers(&ctx.model, result.status, job.envelope.traceparent.as_ref())
-                .into_table(),
-        );
+        .with_headers(result_headers(result, job.envelope.traceparent.as_ref()).into_table());
     if let Some(correlation_id) = &job.envelope.correlation_id {
         properties = properties.with_correlation_id(correlation_id.clone());
     }
@@ -160,8 +168,7 @@ async fn publish_result(
         );
     }
     if let Some(url) = &job.envelope.callback_url {
-        let mut headers =
-            result_headers(&ctx.model, result.status, job.envelope.traceparent.as_ref());
+        let mut headers = result_headers(result, job.envelope.traceparent.as_ref());
         headers.text(header::CALLBACK_URL, url.clone());
         confirms.push(
             publisher

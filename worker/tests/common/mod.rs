@@ -123,6 +123,10 @@ pub struct JobOptions<'a> {
     pub deadline_ms: Option<u64>,
     /// The binary tensor extension's JSON header length (`inference-header-content-length`).
     pub header_length: Option<usize>,
+    /// `ember-model-version`: only this version may answer.
+    pub pin: Option<&'a str>,
+    /// Publish with routing key `<model>@<version>` (straight to that version's queue).
+    pub to_version: Option<&'a str>,
 }
 
 impl Client {
@@ -167,6 +171,16 @@ impl Client {
                 AMQPValue::LongLongInt(deadline as i64),
             );
         }
+        if let Some(version) = options.pin {
+            headers.insert(
+                ShortString::from(header::MODEL_VERSION),
+                long_string(version),
+            );
+        }
+        let routing_key = match options.to_version {
+            Some(version) => topology::version_routing_key(&self.model, version),
+            None => self.model.clone(),
+        };
         let mut properties = BasicProperties::default()
             .with_message_id(id.as_str().into())
             .with_correlation_id(id.as_str().into())
@@ -180,7 +194,7 @@ impl Client {
             .channel
             .basic_publish(
                 topology::JOBS_EXCHANGE.into(),
-                self.model.as_str().into(),
+                routing_key.as_str().into(),
                 BasicPublishOptions::default(),
                 body,
                 properties,
