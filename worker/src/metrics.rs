@@ -31,6 +31,9 @@ pub struct Metrics {
     /// 1, labelled with the device the model runs on and the one asked for (they differ after a
     /// CPU fallback).
     pub device: prometheus::IntGaugeVec,
+    /// 1, labelled with the model and the version this worker serves (join on the instance to
+    /// split any other series by version during a rollout).
+    pub model: prometheus::IntGaugeVec,
 }
 
 impl Metrics {
@@ -137,6 +140,16 @@ impl Metrics {
                         "The device the model runs on (device) and the one asked for (requested)",
                     ),
                     &["device", "requested"],
+                )?,
+            )?,
+            model: register(
+                registry,
+                prometheus::IntGaugeVec::new(
+                    Opts::new(
+                        "ember_worker_model_info",
+                        "The model this worker serves and its version",
+                    ),
+                    &["model", "version"],
                 )?,
             )?,
         })
