@@ -86,6 +86,59 @@ pub enum ConvAlgo {
     Default,
 }
 
+/// Where the model comes from when not from `--model-dir` (see `source`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SourceArgs {
+    /// The model artifact instead of --model-dir: a path or file:// (a model directory, used in
+    /// place, or an artifact file), https:// (http:// only to 127.0.0.1 or localhost) or
+    /// s3://bucket/key. An artifact is a .tar.gz/.tgz/.tar of a model directory or one .onnx file.
+    #[arg(long, env = "EMBER_WORKER_MODEL_URI", conflicts_with = "model_dirs")]
+    pub model_uri: Option<String>,
+
+    /// The artifact's SHA-256 (64 hex digits): checked before use, and the cache key (a cached
+    /// artifact is then used without any network call). Required for https:// sources unless
+    /// --allow-unverified-model.
+    #[arg(long, env = "EMBER_WORKER_MODEL_SHA256", requires = "model_uri")]
+    pub model_sha256: Option<String>,
+
+    /// Load an https:// artifact without --model-sha256 (downloaded at every start, unverified).
+    #[arg(long, env = "EMBER_WORKER_ALLOW_UNVERIFIED_MODEL")]
+    pub allow_unverified_model: bool,
+
+    /// Where downloaded artifacts are unpacked, one `sha256-<hex>` directory each (default:
+    /// $XDG_CACHE_HOME/ember/models, else $HOME/.cache/ember/models).
+    #[arg(long, env = "EMBER_WORKER_MODEL_CACHE_DIR")]
+    pub model_cache_dir: Option<PathBuf>,
+
+    /// PEM file of CA certificates trusted for the model source, besides the system's.
+    #[arg(long, env = "EMBER_WORKER_MODEL_CA_FILE")]
+    pub model_ca_file: Option<PathBuf>,
+}
+
+impl SourceArgs {
+    /// `--model-cache-dir`, or the user's cache directory's `ember/models`.
+    pub fn cache_dir(&self) -> Result<PathBuf, crate::source::Problem> {
+        if let Some(dir) = &self.model_cache_dir {
+            return Ok(dir.clone());
+        }
+        let from_env = |name: &str| {
+            std::env::var_os(name)
+                .map(PathBuf::from)
+                .filter(|p| p.is_absolute())
+        };
+        from_env("XDG_CACHE_HOME")
+            .or_else(|| from_env("HOME").map(|home| home.join(".cache")))
+            .map(|cache| cache.join("ember/models"))
+            .ok_or_else(|| {
+                crate::source::Problem::Invalid(
+                    "no cache directory: give --model-cache-dir (neither XDG_CACHE_HOME nor HOME \
+                     is set)"
+                        .into(),
+                )
+            })
+    }
+}
+
 /// The worker's model and admin flags: one model, `EMBER_WORKER_*`, admin on port 9100.
 #[derive(Debug, Clone)]
 pub struct WorkerPart;
@@ -106,6 +159,14 @@ pub struct Config {
     /// `--model-dir` (one), `--model-name`, `--admin-addr`.
     #[command(flatten)]
     pub model: ModelArgs<WorkerPart>,
+
+    /// `--model-uri` and how its artifact is verified and cached.
+    #[command(flatten)]
+    pub source: SourceArgs,
+
+    /// The model's version (in heartbeats, results and metadata), instead of model.toml's.
+    #[arg(long, env = "EMBER_WORKER_MODEL_VERSION")]
+    pub model_version: Option<String>,
 
     /// This worker's id in heartbeats and results (default: host name + random suffix).
     #[arg(long, env = "EMBER_WORKER_ID")]
@@ -220,6 +281,52 @@ mod tests {
         assert!(!config.reload_per_job);
         assert_eq!(config.cuda.cuda_mem_limit, None);
         assert_eq!(config.cuda.cuda_arena_extend, ArenaExtend::NextPowerOfTwo);
+    }
+
+    #[test]
+    fn a_model_uri_conflicts_with_an_explicit_model_dir_only() {
+        let config = Config::try_parse_from([
+            "ember-worker",
+            "--model-uri",
+            "s3://bucket/m.tar.gz",
+            "--model-sha256",
+            &"ab".repeat(32),
+            "--model-version",
+            "2",
+        ])
+        .expect("parses: the default --model-dir does not conflict");
+        assert_eq!(
+            config.source.model_uri.as_deref(),
+            Some("s3://bucket/m.tar.gz")
+        );
+        assert_eq!(config.model_version.as_deref(), Some("2"));
+        assert!(!config.source.allow_unverified_model);
+        assert!(
+            Config::try_parse_from([
+                "ember-worker",
+                "--model-uri",
+                "s3://bucket/m.tar.gz",
+                "--model-dir",
+                "models/iris-classifier",
+            ])
+            .is_err()
+        );
+        assert!(
+            Config::try_parse_from(["ember-worker", "--model-sha256", &"ab".repeat(32)]).is_err(),
+            "a digest without a URI"
+        );
+        let dir = PathBuf::from("/var/cache/models");
+        let config = Config::try_parse_from([
+            "ember-worker",
+            "--model-uri",
+            "https://h/m.tgz",
+            "--allow-unverified-model",
+            "--model-cache-dir",
+            "/var/cache/models",
+        ])
+        .expect("parses");
+        assert!(config.source.allow_unverified_model);
+        assert_eq!(config.source.cache_dir().expect("given"), dir);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! # Layout
 //!
 //! - [`config`]: flags and `EMBER_WORKER_*` variables.
+//! - [`source`]: `--model-uri` (path, https, s3) into a model directory: cache, digest, unpacking.
 //! - [`runtime`]: the ONNX Runtime library, sessions, CUDA and what is missing for it.
 //! - [`signature`]: the graph's inputs and outputs; `model.toml` and each job checked against them.
 //! - [`tensor`]: typed tensors: OIP JSON and binary decoding, stacking and splitting rows.
@@ -30,6 +31,7 @@ pub mod process;
 pub mod runtime;
 pub mod service;
 pub mod signature;
+pub mod source;
 pub mod tensor;
 
 use std::sync::Arc;
@@ -82,15 +84,35 @@ impl Config {
     }
 }
 
-/// Loads the model off the async runtime.
+/// The model directory: `--model-dir`, or `--model-uri` resolved (downloaded, verified and
+/// unpacked into the cache, or found there).
+pub async fn model_dir(config: &Config) -> Result<std::path::PathBuf> {
+    match &config.source.model_uri {
+        Some(uri) => source::resolve(uri, &config.source)
+            .await
+            .map_err(|e| Error::Config(e.to_string())),
+        None => Ok(config.model.model_dir().to_path_buf()),
+    }
+}
+
+/// Loads the model off the async runtime; `--model-version` replaces model.toml's version.
 pub async fn load_engine(config: &Config) -> Result<Engine> {
-    let (dir, options) = (
-        config.model.model_dir().to_path_buf(),
-        config.engine_options(),
-    );
-    tokio::task::spawn_blocking(move || Engine::load(&dir, options))
+    let version = config
+        .model_version
+        .as_deref()
+        .map(|v| ember_core::model::check_version(v).map(|()| v.to_string()))
+        .transpose()
+        .map_err(Error::Config)?;
+    let (dir, options) = (model_dir(config).await?, config.engine_options());
+    let mut engine = tokio::task::spawn_blocking(move || Engine::load(&dir, options))
         .await
-        .map_err(|e| Error::Internal(format!("model loading panicked: {e}")))?
+        .map_err(|e| Error::Internal(format!("model loading panicked: {e}")))??;
+    if let Some(version) = version {
+        let mut spec = (*engine.spec).clone();
+        spec.version = version;
+        engine.spec = Arc::new(spec);
+    }
+    Ok(engine)
 }
 
 /// `--check`: loads the model directory, validates it against the graph, runs one warm-up,
@@ -152,6 +174,10 @@ async fn start(config: &Config) -> Result<(Context, Admin, Option<crate::gpu::Sa
     metrics
         .device
         .with_label_values(&[device.to_string(), config.device.to_string()])
+        .set(1);
+    metrics
+        .model
+        .with_label_values(&[model.as_str(), engine.spec.version.as_str()])
         .set(1);
     let sampling = match gpu {
         Some(gpu) => Some(sample_gpu(gpu, &metrics, config)?),
