@@ -748,6 +748,11 @@ fn s3_problem(error: object_store::Error) -> Problem {
             while let Some(e) = source {
                 if let Some(http) = e.downcast_ref::<object_store::client::HttpError>() {
                     let root = root_cause(http);
+                    if root.contains("certificate") {
+                        return Problem::Tls(format!(
+                            "{root} (give the store's CA with --model-ca-file)"
+                        ));
+                    }
                     return match http.kind() {
                         object_store::client::HttpErrorKind::Connect => Problem::Unreachable(root),
                         object_store::client::HttpErrorKind::Timeout => Problem::Timeout(root),

@@ -167,10 +167,11 @@ impl Worker {
 /// archive at `iris/iris-classifier.tar.gz`, then makes moto check every request's signature
 /// against its IAM (reset-auth 0). Prints the key as JSON.
 const MOTO_SETUP: &str = r#"
-import json, sys, urllib.request
+import json, ssl, sys, urllib.request
 import boto3
 endpoint, archive = sys.argv[1], sys.argv[2]
-anyone = dict(endpoint_url=endpoint, region_name="us-east-1",
+ca = sys.argv[3] if len(sys.argv) > 3 else None
+anyone = dict(endpoint_url=endpoint, region_name="us-east-1", verify=ca,
               aws_access_key_id="setup", aws_secret_access_key="setup")
 iam, s3 = boto3.client("iam", **anyone), boto3.client("s3", **anyone)
 iam.create_user(UserName="ember-worker")
@@ -183,31 +184,42 @@ with open(archive, "rb") as f:
     s3.put_object(Bucket="models", Key="iris/iris-classifier.tar.gz", Body=f.read())
 urllib.request.urlopen(urllib.request.Request(
     endpoint + "/moto-api/reset-auth", data=b"0", method="POST",
-    headers={"Content-Type": "text/plain"})).read()
+    headers={"Content-Type": "text/plain"}), context=ssl.create_default_context(cafile=ca)).read()
 print(json.dumps({"id": key["AccessKeyId"], "secret": key["SecretAccessKey"]}))
 "#;
 
 struct Moto {
     _process: Process,
     endpoint: String,
+    ca_file: Option<PathBuf>,
     key_id: String,
     secret: String,
 }
 
 impl Moto {
-    fn start(archive: &Path) -> Self {
+    /// Starts moto on a free port, over TLS with a certificate of a CA made here when `tls` names
+    /// a directory for the PEM files, and sets it up (see [`MOTO_SETUP`]).
+    fn start(archive: &Path, tls: Option<&Path>) -> Self {
         let port = free_port();
         let log = Path::new(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("moto-{}.log", uuid::Uuid::new_v4().simple()));
-        let process = Process::spawn(
-            Command::new(root().join(".venv/bin/moto_server")).args([
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ]),
-            log,
-        );
+        let mut command = Command::new(root().join(".venv/bin/moto_server"));
+        command.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+        let ca_file = tls.map(|dir| {
+            let ca = ca("ember moto CA");
+            let (cert, key) = leaf(&ca, &["127.0.0.1"], ExtendedKeyUsagePurpose::ServerAuth);
+            for (name, pem) in [
+                ("moto-ca.pem", &ca.pem),
+                ("moto.pem", &cert),
+                ("moto.key", &key),
+            ] {
+                std::fs::write(dir.join(name), pem).unwrap();
+            }
+            command.arg("-c").arg(dir.join("moto.pem"));
+            command.arg("-k").arg(dir.join("moto.key"));
+            dir.join("moto-ca.pem")
+        });
+        let process = Process::spawn(&mut command, log);
         let started = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
@@ -218,10 +230,12 @@ impl Moto {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        let endpoint = format!("http://127.0.0.1:{port}");
+        let scheme = if ca_file.is_some() { "https" } else { "http" };
+        let endpoint = format!("{scheme}://127.0.0.1:{port}");
         let mut setup = Command::new(root().join(".venv/bin/python"));
         setup
             .args(["-c", MOTO_SETUP, &endpoint, archive.to_str().unwrap()])
+            .args(&ca_file)
             .env("AWS_CONFIG_FILE", "/dev/null")
             .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null");
         for name in FOREIGN_ENV {
@@ -237,6 +251,7 @@ impl Moto {
         Self {
             _process: process,
             endpoint,
+            ca_file,
             key_id: key["id"].as_str().unwrap().to_string(),
             secret: key["secret"].as_str().unwrap().to_string(),
         }
@@ -260,7 +275,7 @@ impl Moto {
 async fn an_s3_model_is_served_and_each_store_failure_is_a_clear_startup_error() {
     let dir = ember_testkit::tempdir!("s3");
     let (archive, _, digest) = iris_archive(&dir);
-    let moto = Moto::start(&archive);
+    let moto = Moto::start(&archive, None);
     let env = moto.env(&moto.key_id, &moto.secret);
     let uri = "s3://models/iris/iris-classifier.tar.gz";
     let cache = dir.join("cache");
@@ -973,5 +988,48 @@ async fn the_model_version_flag_replaces_model_tomls_version() {
         verdict.error().contains("model version `v/2`"),
         "{}",
         verdict.json
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_s3_compatible_store_behind_a_private_ca_is_trusted_with_the_ca_file() {
+    let dir = ember_testkit::tempdir!("s3-tls");
+    let (archive, _, digest) = iris_archive(&dir);
+    let moto = Moto::start(&archive, Some(&dir));
+    let env = moto.env(&moto.key_id, &moto.secret);
+    let ca_file = moto.ca_file.as_ref().unwrap().to_str().unwrap();
+    let uri = "s3://models/iris/iris-classifier.tar.gz";
+    let trusted = check(
+        &[
+            "--model-uri",
+            uri,
+            "--model-sha256",
+            &digest,
+            "--model-ca-file",
+            ca_file,
+            "--model-cache-dir",
+            dir.join("c1").to_str().unwrap(),
+        ],
+        &env,
+    )
+    .await;
+    assert!(trusted.ok, "{}\n{}", trusted.json, trusted.log);
+    assert_eq!(trusted.json["model"], "iris-classifier");
+    let untrusted = check(
+        &[
+            "--model-uri",
+            uri,
+            "--model-sha256",
+            &digest,
+            "--model-cache-dir",
+            dir.join("c2").to_str().unwrap(),
+        ],
+        &env,
+    )
+    .await;
+    let error = untrusted.error();
+    assert!(
+        error.contains("TLS:") && error.contains("--model-ca-file"),
+        "{error}"
     );
 }
