@@ -86,6 +86,22 @@ pub struct Config {
     )]
     pub worker_args: Vec<String>,
 
+    /// A TOML file of pools (local backend), instead of `--model-dir`: `[[pool]]` entries with
+    /// `model`, `source` (a model directory, relative to the file, or a URI), optional `sha256`
+    /// and `version`. Re-read when it changes; a changed source or version rolls the pool out.
+    #[arg(long, env = "EMBER_AUTOSCALER_POOLS_FILE")]
+    pub pools_file: Option<PathBuf>,
+
+    /// Where the local backend writes its pools' status as JSON (versions, rollout phase,
+    /// events); default with `--pools-file`: beside it, `<name>.status.json`.
+    #[arg(long, env = "EMBER_AUTOSCALER_STATUS_FILE")]
+    pub status_file: Option<PathBuf>,
+
+    /// A rollout whose new workers are not all ready this long after it began is rolled back
+    /// (local backend).
+    #[arg(long, env = "EMBER_AUTOSCALER_ROLLOUT_DEADLINE", default_value = "120s", value_parser = humantime::parse_duration)]
+    pub rollout_deadline: Duration,
+
     /// How often to decide.
     #[arg(long, env = "EMBER_AUTOSCALER_TICK", default_value = "1s", value_parser = humantime::parse_duration)]
     pub tick: Duration,

@@ -15,6 +15,8 @@
 //! - [`kubernetes`]: the `kubernetes` backend (the `InferencePool` CRD, Deployments' scale, the
 //!   leader Lease, pod deletion costs, Events and status).
 //! - [`policy`]: signals -> replicas, with reasons. Pure and table-tested.
+//! - [`rollout`]: a new model version over a pool, surge then retire, with rollback. Pure and
+//!   table-tested; the local backend carries it out.
 //! - [`signals`]: heartbeats -> per-model view and rates.
 //! - [`sim`]: a deterministic simulator comparing the policy with a KEDA-like one.
 //! - [`config`], [`metrics`].
@@ -26,6 +28,7 @@ pub mod kubernetes;
 pub mod local;
 pub mod metrics;
 pub mod policy;
+pub mod rollout;
 pub mod signals;
 pub mod sim;
 
