@@ -483,7 +483,7 @@ async fn bad_tensors_get_400_invalid_input_saying_what_was_expected_and_the_work
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_versioned_routes_answer_for_a_version_a_worker_reports_and_404_for_others() {
+async fn the_versioned_routes_pin_a_version_and_404_for_a_version_without_a_queue() {
     let _serial = common::serial().await;
     let dir = root().join("models/iris-classifier");
     let model = ember_testkit::unique_model("versions");
@@ -534,16 +534,56 @@ async fn the_versioned_routes_answer_for_a_version_a_worker_reports_and_404_for_
         }
     }
 
-    // A version no worker reports, and a model not served: 404 model_not_found, nothing queued.
-    for path in [
-        format!("/v2/models/{model}/versions/2/infer"),
-        "/v2/models/no-such-model/versions/1/infer".to_string(),
-    ] {
-        let response = dispatcher.post(&path).json(&request).send().await.unwrap();
-        let (status, body) = json_of(response).await;
-        assert_eq!(status, 404, "{path}: {body}");
-        assert_eq!(body["code"], "model_not_found", "{path}: {body}");
-    }
+    // A version with no queue bound (no worker of it, none coming): the pinned job is
+    // unroutable and refused at once, 404 model_version_not_found; a model not served is 404
+    // model_not_found before anything is published; a version that cannot be a routing key
+    // is 400.
+    let response = dispatcher
+        .post(&format!("/v2/models/{model}/versions/2/infer"))
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json_of(response).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["code"], "model_version_not_found", "{body}");
+    let response = dispatcher
+        .post(&format!("/v1/models/{model}/jobs?wait=10s"))
+        .header("content-type", "application/json")
+        .header("ember-model-version", "2")
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json_of(response).await;
+    assert_eq!(status, 404, "the jobs API pins by header too: {body}");
+    assert_eq!(body["error"]["code"], "model_version_not_found", "{body}");
+    let response = dispatcher
+        .post(&format!("/v2/models/{model}/versions/1/infer"))
+        .header("content-type", "application/json")
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let response = dispatcher
+        .post("/v2/models/no-such-model/versions/1/infer")
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json_of(response).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["code"], "model_not_found", "{body}");
+    let response = dispatcher
+        .post(&format!("/v2/models/{model}/versions/a%20b/infer"))
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    let (status, body) = json_of(response).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["code"], "invalid_version", "{body}");
     for path in [
         format!("/v2/models/{model}/versions/2/ready"),
         format!("/v2/models/{model}/versions/2"),
@@ -556,8 +596,8 @@ async fn the_versioned_routes_answer_for_a_version_a_worker_reports_and_404_for_
     let metrics = dispatcher.metrics().await;
     assert_eq!(
         ember_testkit::metric(&metrics, "ember_dispatcher_publish_confirm_seconds_count"),
-        1.0,
-        "only the versioned infer of a served version was published"
+        4.0,
+        "published: the two version 1 infers and the two unroutable version 2 jobs"
     );
 }
 
