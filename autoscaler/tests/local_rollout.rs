@@ -170,7 +170,7 @@ async fn a_pool_rolls_from_v1_to_v2_under_load_losing_nothing_and_refuses_a_brok
                 "--worker-arg",
                 "--intra-threads 1 --heartbeat-interval 200ms",
             ])
-            .env("EMBER_LOG", "info,ort=warn"),
+            .env("EMBER_LOG", "info,ort=warn,lapin::returned_messages=error"),
         scratch.join("autoscaler.log"),
     )
     .terminate_on_drop();

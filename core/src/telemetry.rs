@@ -23,7 +23,11 @@ pub struct LogConfig {
     #[arg(long = "log-format", env = "EMBER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub format: String,
     /// Log filter in `tracing` EnvFilter syntax (e.g. `info,ember_worker=debug`).
-    #[arg(long = "log", env = "EMBER_LOG", default_value = "info,ort=warn")]
+    #[arg(
+        long = "log",
+        env = "EMBER_LOG",
+        default_value = "info,ort=warn,lapin::returned_messages=error"
+    )]
     pub filter: String,
 }
 
