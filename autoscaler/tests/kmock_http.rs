@@ -1,5 +1,6 @@
 //! The real binary, kubernetes backend, over HTTP against the PyPI `kmock` Kubernetes API
-//! emulator with a kubeconfig (tests/clients/kmock_cluster.py), and the real broker.
+//! emulator with a kubeconfig (tests/clients/kmock_cluster.py, kmock_rollout.py), and the real
+//! broker.
 #![allow(clippy::unwrap_used)]
 
 use std::process::Command;
@@ -36,4 +37,74 @@ fn the_binary_takes_the_lease_scales_the_deployment_and_reports_through_a_kubeco
     // The previous holder's lease had expired: taken over, transitions counted.
     assert_eq!(seen["lease_holder"], "autoscaler-under-test");
     assert_eq!(seen["lease_transitions"], 5);
+}
+
+#[test]
+fn the_binary_rolls_a_new_model_version_out_and_a_broken_one_back() {
+    let root = ember_testkit::root();
+    let model = format!("kmock-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let output = Command::new(root.join(".venv/bin/python"))
+        .current_dir(&root)
+        .arg("tests/clients/kmock_rollout.py")
+        .args(["--autoscaler", env!("CARGO_BIN_EXE_ember-autoscaler")])
+        .args(["--model", &model, "--timeout", "90"])
+        .output()
+        .expect("run scripts/setup first: it creates .venv with kmock");
+    assert!(
+        output.status.success(),
+        "kmock rollout scenario failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    // Version 1 was on the template already: adopted without a write.
+    assert_eq!(seen["adopted_generation"], 1, "{seen}");
+    // v1 -> v2 completes; v3's pods never become ready: back to v2, and v3 is not tried again.
+    assert_eq!(
+        seen["phases"],
+        serde_json::json!([
+            "2:Progressing",
+            "2:Complete",
+            "3:Progressing",
+            "3:RolledBack"
+        ]),
+        "{seen}"
+    );
+    assert_eq!(
+        seen["templates"],
+        serde_json::json!(["1", "2", "3", "2"]),
+        "{seen}"
+    );
+    assert_eq!(
+        seen["final_generation"], seen["rolled_back_generation"],
+        "no write after the rollback"
+    );
+    assert_eq!(seen["final_template_version"], "2");
+    let reasons: Vec<(&str, &str)> = seen["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["reason"].as_str().unwrap(), e["type"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            ("RolloutStarted", "Normal"),
+            ("RolloutComplete", "Normal"),
+            ("RolloutStarted", "Normal"),
+            ("RolledBack", "Warning"),
+        ],
+        "{seen}"
+    );
+    let warning = seen["events"][3]["note"].as_str().unwrap();
+    assert!(
+        warning.starts_with("v3: 0/2 new pods ready after "),
+        "{warning}"
+    );
+    assert!(warning.ends_with(" s; rolled back to v2"), "{warning}");
+    let status = &seen["model"];
+    assert_eq!(status["current"]["version"], "2");
+    assert_eq!(status["previous"]["version"], "1");
+    assert_eq!(status["failed"]["version"], "3");
+    assert_eq!(status["rollout"]["phase"], "RolledBack");
+    assert_eq!(status["rollout"]["message"], warning);
 }

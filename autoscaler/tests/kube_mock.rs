@@ -93,7 +93,7 @@ fn pool() -> InferencePool {
         "apiVersion": "ember.dev/v1alpha1",
         "kind": "InferencePool",
         "metadata": {"name": "ssd", "namespace": "ember", "uid": "u-1"},
-        "spec": {"model": "ssdlite-person", "deployment": "workers", "minReplicas": 0, "maxReplicas": 5,
+        "spec": {"model": {"name": "ssdlite-person"}, "deployment": "workers", "minReplicas": 0, "maxReplicas": 5,
                  "targetDrainTimeSeconds": 10, "targetUtilisation": 1.0, "initialServiceRate": 10,
                  "scaleDownWindowSeconds": 0, "scaleDownStep": 5, "idleToZeroSeconds": 0}
     }))
@@ -146,6 +146,13 @@ async fn a_backlog_scales_the_deployment_up_with_an_event_and_a_status() {
             .body(|b| {
                 assert_eq!(b["reason"], "ScaledUp");
                 assert_eq!(b["action"], "Scale");
+                // Named as client-go names Events: <object>.<hex nanoseconds>.
+                let name = b["metadata"]["name"].as_str().unwrap();
+                assert!(
+                    name.strip_prefix("ssd.")
+                        .is_some_and(|hex| u128::from_str_radix(hex, 16).is_ok()),
+                    "{name}"
+                );
                 assert_eq!(b["type"], "Normal");
                 assert_eq!(b["regarding"]["kind"], "InferencePool");
                 assert_eq!(b["regarding"]["name"], "ssd");
@@ -358,6 +365,328 @@ async fn leader_election_creates_renews_respects_and_takes_over_the_lease() {
         !me.acquire_or_renew(&client, "ember").await.unwrap(),
         "lost the race"
     );
+    server.await.unwrap();
+}
+
+// --- rollouts ------------------------------------------------------------------------------
+
+const DEPLOYMENT: &str = "/apis/apps/v1/namespaces/ember/deployments/workers";
+const STATUS: &str = "/apis/ember.dev/v1alpha1/namespaces/ember/inferencepools/ssd/status";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/ember/events";
+const URI: &str = "EMBER_WORKER_MODEL_URI";
+const SHA: &str = "EMBER_WORKER_MODEL_SHA256";
+const VERSION: &str = "EMBER_WORKER_MODEL_VERSION";
+
+fn artifact(version: u32) -> String {
+    format!("s3://models/ssdlite-person/{version}.tar.gz")
+}
+
+fn digest(version: u32) -> String {
+    format!("{version}").repeat(64)
+}
+
+/// The pool asking for `version` (its artifact and digest), with a status as a previous tick
+/// wrote it.
+fn versioned_pool(version: u32, status: Option<Value>) -> InferencePool {
+    let mut value = serde_json::to_value(pool()).unwrap();
+    value["spec"]["model"] = json!({"name": "ssdlite-person", "uri": artifact(version),
+                                    "sha256": digest(version), "version": version.to_string()});
+    value["spec"]["rollout"] = json!({"progressDeadlineSeconds": 600});
+    if let Some(status) = status {
+        value["status"] = status;
+    }
+    serde_json::from_value(value).unwrap()
+}
+
+struct Rolled {
+    generation: i64,
+    observed: i64,
+    replicas: u32,
+    status_replicas: u32,
+    updated: u32,
+    ready: u32,
+}
+
+/// The worker Deployment carrying `version`'s source, as its controller reports it.
+fn worker_deployment(version: u32, r: &Rolled) -> Value {
+    json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "workers", "namespace": "ember", "generation": r.generation},
+        "spec": {"replicas": r.replicas,
+                 "selector": {"matchLabels": {"app": "ember-worker", "model": "ssd"}},
+                 "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+                 "template": {"metadata": {"labels": {"app": "ember-worker", "model": "ssd"}},
+                              "spec": {"containers": [{"name": "worker", "image": "ember-worker", "env": [
+                                  {"name": "EMBER_WORKER_ID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                                  {"name": URI, "value": artifact(version)},
+                                  {"name": SHA, "value": digest(version)},
+                                  {"name": VERSION, "value": version.to_string()},
+                              ]}]}}},
+        "status": {"observedGeneration": r.observed, "replicas": r.status_replicas, "updatedReplicas": r.updated,
+                   "readyReplicas": r.ready, "availableReplicas": r.ready}
+    })
+}
+
+/// The JSON Patch that moves the worker container's source to `version` from any other.
+fn expected_source_patch(version: u32) -> Value {
+    let env = "/spec/template/spec/containers/0/env";
+    json!([
+        {"op": "test", "path": "/spec/template/spec/containers/0/name", "value": "worker"},
+        {"op": "test", "path": format!("{env}/1/name"), "value": URI},
+        {"op": "replace", "path": format!("{env}/1"), "value": {"name": URI, "value": artifact(version)}},
+        {"op": "test", "path": format!("{env}/2/name"), "value": SHA},
+        {"op": "replace", "path": format!("{env}/2"), "value": {"name": SHA, "value": digest(version)}},
+        {"op": "test", "path": format!("{env}/3/name"), "value": VERSION},
+        {"op": "replace", "path": format!("{env}/3"), "value": {"name": VERSION, "value": version.to_string()}},
+    ])
+}
+
+/// A status written by one tick, kept for the next one to read.
+type Written = std::sync::Arc<std::sync::Mutex<Value>>;
+
+fn keep(written: &Written) -> impl Fn(&Value) + Send + 'static {
+    let written = written.clone();
+    move |b: &Value| *written.lock().unwrap() = b["status"].clone()
+}
+
+async fn tick(client: &Client, pool: &InferencePool, ready_jobs: u64) {
+    let mut state = PolicyState::default();
+    kubernetes::reconcile(
+        client,
+        pool,
+        (ready_jobs, 0.0, false),
+        &ModelView::default(),
+        &mut state,
+        Duration::ZERO,
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_new_model_version_rolls_the_template_while_scaling_goes_on_then_completes() {
+    let (client, handle) = client();
+    let first = Written::default();
+    let second = Written::default();
+    let complete_v1 = json!({"model": {
+        "current": {"uri": artifact(1), "sha256": digest(1), "version": "1"},
+        "rollout": {"phase": "Complete", "version": "1", "target": {"uri": artifact(1), "sha256": digest(1), "version": "1"},
+                    "message": "v1: 2/2 pods updated and available after 20 s", "startedAt": "2026-01-01T00:00:00Z"}}});
+    let at_v1 = Rolled {
+        generation: 3,
+        observed: 3,
+        replicas: 2,
+        status_replicas: 2,
+        updated: 2,
+        ready: 2,
+    };
+    let patched = Rolled {
+        generation: 4,
+        ..at_v1
+    };
+    let done = Rolled {
+        generation: 5,
+        observed: 5,
+        replicas: 3,
+        status_replicas: 3,
+        updated: 3,
+        ready: 3,
+    };
+    let server = serve(
+        handle,
+        vec![
+            // Tick 1: spec.model says v2, the template carries v1.
+            step(Method::GET, DEPLOYMENT, worker_deployment(1, &at_v1)),
+            step(Method::PATCH, DEPLOYMENT, worker_deployment(2, &patched))
+                .content_type("application/json-patch+json")
+                .body(|b| assert_eq!(b, &expected_source_patch(2), "{b:#}")),
+            step(Method::POST, EVENTS, event()).body(|b| {
+                assert_eq!(b["reason"], "RolloutStarted");
+                assert_eq!(b["action"], "Rollout");
+                assert_eq!(b["type"], "Normal");
+                assert_eq!(b["regarding"]["name"], "ssd");
+                let note = b["note"].as_str().unwrap();
+                assert!(
+                    note.starts_with("rolling out version 2, s3://models/ssdlite-person/2.tar.gz"),
+                    "{note}"
+                );
+                assert!(note.contains("(replacing version 1,"), "{note}");
+                assert!(
+                    note.ends_with("rolled back unless ready within 600 s"),
+                    "{note}"
+                );
+            }),
+            // Scaling goes on during the rollout: 300 jobs want 3 replicas.
+            step(
+                Method::PATCH,
+                "/apis/apps/v1/namespaces/ember/deployments/workers/scale",
+                scale(3),
+            )
+            .body(|b| assert_eq!(b, &json!({"spec": {"replicas": 3}}))),
+            step(Method::POST, EVENTS, event()).body(|b| assert_eq!(b["reason"], "ScaledUp")),
+            step(Method::PATCH, STATUS, serde_json::to_value(pool()).unwrap())
+                .content_type("application/merge-patch+json")
+                .body({
+                    let keep = keep(&first);
+                    move |b| {
+                        keep(b);
+                        let model = &b["status"]["model"];
+                        assert_eq!(model["current"]["version"], "1", "{model:#}");
+                        assert_eq!(model["rollout"]["phase"], "Progressing");
+                        assert_eq!(model["rollout"]["version"], "2");
+                        assert_eq!(model["rollout"]["target"]["uri"], artifact(2));
+                        // The generation the patch answered with: the one to wait for.
+                        assert_eq!(model["rollout"]["generation"], 4);
+                        assert_eq!(model["failed"], Value::Null);
+                        assert_eq!(b["status"]["desiredReplicas"], 3);
+                    }
+                }),
+            // Tick 2: scaled to 3 (generation 5), which the controller has not acted on yet: its
+            // status does not speak of the new template: still progressing.
+            step(
+                Method::GET,
+                DEPLOYMENT,
+                worker_deployment(
+                    2,
+                    &Rolled {
+                        generation: 5,
+                        observed: 4,
+                        replicas: 3,
+                        ..patched
+                    },
+                ),
+            ),
+            step(Method::PATCH, STATUS, serde_json::to_value(pool()).unwrap()).body({
+                let keep = keep(&second);
+                move |b| {
+                    keep(b);
+                    assert_eq!(b["status"]["model"]["rollout"]["phase"], "Progressing");
+                }
+            }),
+            // Tick 3: every replica on the new template and available.
+            step(Method::GET, DEPLOYMENT, worker_deployment(2, &done)),
+            step(Method::POST, EVENTS, event()).body(|b| {
+                assert_eq!(b["reason"], "RolloutComplete");
+                assert_eq!(b["type"], "Normal");
+                let note = b["note"].as_str().unwrap();
+                assert!(
+                    note.starts_with("v2: 3/3 pods updated and available after "),
+                    "{note}"
+                );
+                assert!(note.ends_with("(replacing v1)"), "{note}");
+            }),
+            step(Method::PATCH, STATUS, serde_json::to_value(pool()).unwrap()).body(|b| {
+                let model = &b["status"]["model"];
+                assert_eq!(model["current"]["version"], "2", "{model:#}");
+                assert_eq!(model["previous"]["version"], "1");
+                assert_eq!(model["rollout"]["phase"], "Complete");
+                assert_eq!(model["rollout"]["updatedReplicas"], 3);
+                assert!(model["rollout"]["finishedAt"].is_string());
+            }),
+        ],
+    );
+    let mut v2 = versioned_pool(2, Some(complete_v1));
+    // Before the tick: the loop keeps v1's queue (the rollout has not started).
+    assert_eq!(kubernetes::served_versions(&v2), ["1"]);
+    tick(&client, &v2, 300).await;
+    v2.status = serde_json::from_value(first.lock().unwrap().clone()).unwrap();
+    assert_eq!(
+        kubernetes::served_versions(&v2),
+        ["1", "2"],
+        "both during the rollout"
+    );
+    tick(&client, &v2, 300).await;
+    v2.status = serde_json::from_value(second.lock().unwrap().clone()).unwrap();
+    tick(&client, &v2, 300).await;
+    server.await.unwrap();
+}
+
+#[tokio::test]
+async fn new_pods_not_ready_by_the_deadline_roll_back_with_a_warning_and_are_not_retried() {
+    let (client, handle) = client();
+    let rolled_back = Written::default();
+    let started =
+        k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(601);
+    let progressing_v3 = json!({"model": {
+        "current": {"uri": artifact(2), "sha256": digest(2), "version": "2"},
+        "previous": {"uri": artifact(1), "sha256": digest(1), "version": "1"},
+        "rollout": {"phase": "Progressing", "version": "3", "target": {"uri": artifact(3), "sha256": digest(3), "version": "3"},
+                    "message": "", "startedAt": started.to_string(), "generation": 6}}});
+    // Two new pods that never become ready beside the two old ones, which stay (maxUnavailable 0).
+    let stuck = Rolled {
+        generation: 6,
+        observed: 6,
+        replicas: 2,
+        status_replicas: 4,
+        updated: 2,
+        ready: 2,
+    };
+    let back = Rolled {
+        generation: 7,
+        observed: 7,
+        replicas: 2,
+        status_replicas: 2,
+        updated: 2,
+        ready: 2,
+    };
+    let server = serve(
+        handle,
+        vec![
+            step(Method::GET, DEPLOYMENT, worker_deployment(3, &stuck)),
+            // The template goes back to v2.
+            step(Method::PATCH, DEPLOYMENT, worker_deployment(2, &back))
+                .content_type("application/json-patch+json")
+                .body(|b| assert_eq!(b, &expected_source_patch(2), "{b:#}")),
+            step(Method::POST, EVENTS, event()).body(|b| {
+                assert_eq!(b["reason"], "RolledBack");
+                assert_eq!(b["action"], "Rollout");
+                assert_eq!(b["type"], "Warning");
+                let note = b["note"].as_str().unwrap();
+                assert!(
+                    note.starts_with("v3: 0/2 new pods ready after 60"),
+                    "{note}"
+                );
+                assert!(note.ends_with(" s; rolled back to v2"), "{note}");
+            }),
+            step(Method::PATCH, STATUS, serde_json::to_value(pool()).unwrap()).body({
+                let keep = keep(&rolled_back);
+                move |b| {
+                    keep(b);
+                    let model = &b["status"]["model"];
+                    assert_eq!(model["current"]["version"], "2", "{model:#}");
+                    assert_eq!(model["failed"]["version"], "3");
+                    assert_eq!(model["failed"]["uri"], artifact(3));
+                    assert_eq!(model["rollout"]["phase"], "RolledBack");
+                    assert!(
+                        model["rollout"]["message"]
+                            .as_str()
+                            .unwrap()
+                            .starts_with("v3: 0/2 new pods ready after 60")
+                    );
+                    assert_eq!(model["rollout"]["readyReplicas"], 2);
+                    assert_eq!(model["rollout"]["updatedReplicas"], 2);
+                }
+            }),
+            // The next tick: spec.model still says v3, which failed: no patch, no Event.
+            step(Method::GET, DEPLOYMENT, worker_deployment(2, &back)),
+            step(Method::PATCH, STATUS, serde_json::to_value(pool()).unwrap()).body(|b| {
+                let model = &b["status"]["model"];
+                assert_eq!(model["rollout"]["phase"], "RolledBack");
+                assert_eq!(model["failed"]["version"], "3");
+            }),
+        ],
+    );
+    // Two ready jobs per replica's worth: 200 jobs keep the 2 replicas (no scale request).
+    let mut v3 = versioned_pool(3, Some(progressing_v3));
+    assert_eq!(kubernetes::served_versions(&v3), ["2", "3"]);
+    tick(&client, &v3, 200).await;
+    v3.status = serde_json::from_value(rolled_back.lock().unwrap().clone()).unwrap();
+    assert_eq!(
+        kubernetes::served_versions(&v3),
+        ["2"],
+        "after a rollback: the previous only"
+    );
+    tick(&client, &v3, 200).await;
     server.await.unwrap();
 }
 

@@ -166,7 +166,7 @@ async def main():
         k8s.objects[pools, NS, "ssd"] = {
             "apiVersion": "ember.dev/v1alpha1", "kind": "InferencePool",
             "metadata": {"name": "ssd", "namespace": NS, "uid": "pool-uid-1"},
-            "spec": {"model": args.model, "deployment": "workers", "minReplicas": 0,
+            "spec": {"model": {"name": args.model}, "deployment": "workers", "minReplicas": 0,
                      "maxReplicas": 4, "initialServiceRate": 10, "targetDrainTimeSeconds": 5},
         }
 

@@ -38,7 +38,7 @@ ROOT_EXEMPT = {("kube-system", "nvidia-device-plugin-daemonset")}
 EXPECTED_RULES = {
     ("ember.dev", "inferencepools", (), ("get", "list", "watch")),
     ("ember.dev", "inferencepools/status", (), ("patch",)),
-    ("apps", "deployments", (), ("get",)),
+    ("apps", "deployments", (), ("get", "patch")),
     ("apps", "deployments/scale", (), ("patch",)),
     ("", "pods", (), ("list", "patch")),
     ("events.k8s.io", "events", (), ("create",)),
@@ -258,7 +258,7 @@ def test_worker_is_identified_by_pod_name_and_scaled_by_the_autoscaler(overlay):
     labels = dep["spec"]["template"]["metadata"]["labels"]
     (pool,) = find(objs, "InferencePool")
     assert pool["spec"]["deployment"] == dep["metadata"]["name"]
-    assert labels["ember.dev/model"] == pool["spec"]["model"]
+    assert labels["ember.dev/model"] == pool["spec"]["model"]["name"]
     assert ns(pool) == ns(dep) == "ember"
 
 
