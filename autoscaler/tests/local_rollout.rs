@@ -40,15 +40,33 @@ fn iris_version(parent: &Path, version: &str, broken: bool) -> PathBuf {
     dir
 }
 
-fn write_pools(path: &Path, model: &str, dir: &Path) {
+/// `dir` packed as a model artifact (a .tar.gz of the directory), and its SHA-256.
+fn artifact(dir: &Path) -> (PathBuf, String) {
+    let archive = dir.with_extension("tar.gz");
+    let packed = Command::new("tar")
+        .arg("czf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(dir)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(packed.success());
+    let sum = Command::new("sha256sum").arg(&archive).output().unwrap();
+    let digest = String::from_utf8(sum.stdout).unwrap();
+    (
+        archive,
+        digest.split_whitespace().next().unwrap().to_string(),
+    )
+}
+
+/// The pools file with one pool: `source` and the rest of its entry (TOML lines).
+fn write_pools(path: &Path, model: &str, source: &str, rest: &str) {
     // Written beside and renamed, as a ConfigMap update is: never read half-written.
     let temporary = path.with_extension("new");
     std::fs::write(
         &temporary,
-        format!(
-            "[[pool]]\nmodel = \"{model}\"\nsource = \"{}\"\n",
-            dir.display()
-        ),
+        format!("[[pool]]\nmodel = \"{model}\"\nsource = \"{source}\"\n{rest}"),
     )
     .unwrap();
     std::fs::rename(&temporary, path).unwrap();
@@ -148,9 +166,15 @@ async fn a_pool_rolls_from_v1_to_v2_under_load_losing_nothing_and_refuses_a_brok
         iris_version(&scratch, "2", false),
         iris_version(&scratch, "3", true),
     );
+    // v2 comes as an artifact pinned by its digest (the worker fetches, verifies and unpacks it
+    // into its cache), v1 and v3 as directories.
+    let (v2_archive, v2_digest) = artifact(&v2);
+    let v2_source = format!("file://{}", v2_archive.display());
+    let v2_rest = format!("sha256 = \"{v2_digest}\"\nversion = \"2\"\n");
+    let cache = scratch.join("cache");
     let pools = scratch.join("pools.toml");
     let status_file = scratch.join("pools.status.json");
-    write_pools(&pools, &model, &v1);
+    write_pools(&pools, &model, v1.to_str().unwrap(), "");
     let admin = free_port();
     let autoscaler = Process::spawn(
         Command::new(env!("CARGO_BIN_EXE_ember-autoscaler"))
@@ -168,7 +192,10 @@ async fn a_pool_rolls_from_v1_to_v2_under_load_losing_nothing_and_refuses_a_brok
             .args(["--rollout-deadline", "90s"])
             .args([
                 "--worker-arg",
-                "--intra-threads 1 --heartbeat-interval 200ms",
+                &format!(
+                    "--intra-threads 1 --heartbeat-interval 200ms --model-cache-dir {}",
+                    cache.display()
+                ),
             ])
             .env("EMBER_LOG", "info,ort=warn,lapin::returned_messages=error"),
         scratch.join("autoscaler.log"),
@@ -202,7 +229,7 @@ async fn a_pool_rolls_from_v1_to_v2_under_load_losing_nothing_and_refuses_a_brok
     for i in 0..600u32 {
         ticker.tick().await;
         if !asked && load_started.elapsed() >= Duration::from_secs(5) {
-            write_pools(&pools, &model, &v2);
+            write_pools(&pools, &model, &v2_source, &v2_rest);
             asked = true;
         }
         if asked && (!rolling || !complete) {
@@ -343,7 +370,7 @@ async fn a_pool_rolls_from_v1_to_v2_under_load_losing_nothing_and_refuses_a_brok
 
     // Version 3 cannot load: its workers exit; the pool is rolled back to v2 and says why,
     // and jobs sent meanwhile are answered by v2.
-    write_pools(&pools, &model, &v3);
+    write_pools(&pools, &model, v3.to_str().unwrap(), "");
     let mut during = Vec::new();
     let rolled_back = {
         let started = Instant::now();
@@ -399,6 +426,8 @@ async fn a_pool_rolls_from_v1_to_v2_under_load_losing_nothing_and_refuses_a_brok
     let later = status(&status_file, &model);
     assert_eq!(later["phase"], "RolledBack", "{later:#}");
     assert_eq!(later["workers"]["by_version"], json!({"2": 2}), "{later:#}");
+    assert_eq!(later["current"]["sha256"], v2_digest.as_str(), "{later:#}");
+    println!("final status: {later:#}");
 
     let mut autoscaler = autoscaler;
     autoscaler.signal("TERM");
