@@ -7,8 +7,6 @@ use std::time::Instant;
 
 use ember_core::telemetry::Admin;
 use ember_core::topology::{self, QueueSettings};
-use lapin::options::QueueDeclareOptions;
-use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
@@ -210,9 +208,11 @@ async fn measure(
 ) -> lapin::Result<Observed> {
     let now = Instant::now();
     // Jobs pinned to a version wait in its queue: part of the model's backlog.
-    let mut ready = ready_messages(channel, &topology::jobs_queue(model)).await?;
+    let queue = topology::jobs_queue(model);
+    let mut ready = u64::from(topology::ready_messages(channel, &queue).await?);
     for version in versions {
-        ready += ready_messages(channel, &topology::version_queue(model, version)).await?;
+        let queue = topology::version_queue(model, version);
+        ready += u64::from(topology::ready_messages(channel, &queue).await?);
     }
     let workers = heartbeats.workers(model, now, ctx.config.heartbeat_timeout);
     let view = ModelView::from_workers(&workers);
@@ -224,20 +224,6 @@ async fn measure(
         backlog_growing,
         view,
     })
-}
-
-async fn ready_messages(channel: &Channel, queue: &str) -> lapin::Result<u64> {
-    let queue = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await?;
-    Ok(u64::from(queue.message_count()))
 }
 
 fn record(metrics: &Metrics, model: &str, view: &ModelView, scaled: &Scaled) {

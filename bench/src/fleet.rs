@@ -476,20 +476,7 @@ impl Broker {
     }
 }
 
-/// The ready messages of `queue`, by a passive declare (which, failing, closes `channel`).
-pub async fn ready_messages(channel: &lapin::Channel, queue: &str) -> lapin::Result<u32> {
-    channel
-        .queue_declare(
-            queue.into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            lapin::types::FieldTable::default(),
-        )
-        .await
-        .map(|q| q.message_count())
-}
+pub use ember_core::topology::ready_messages;
 
 /// A connection to the first of `urls` that takes one (a cluster's live node).
 pub async fn connect_any(urls: &[String]) -> anyhow::Result<lapin::Connection> {

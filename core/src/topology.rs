@@ -98,6 +98,22 @@ pub fn moved_properties(
     properties.clone().with_headers(headers.into_table())
 }
 
+/// Ready messages in `queue`, by a passive declare (which fails, closing `channel`, when the
+/// queue does not exist).
+pub async fn ready_messages(channel: &Channel, queue: &str) -> lapin::Result<u32> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map(|q| q.message_count())
+}
+
 /// How [`retire_version`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retired {

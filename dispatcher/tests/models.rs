@@ -538,52 +538,58 @@ async fn the_versioned_routes_pin_a_version_and_404_for_a_version_without_a_queu
     // unroutable and refused at once, 404 model_version_not_found; a model not served is 404
     // model_not_found before anything is published; a version that cannot be a routing key
     // is 400.
-    let response = dispatcher
-        .post(&format!("/v2/models/{model}/versions/2/infer"))
-        .json(&request)
-        .send()
-        .await
-        .unwrap();
-    let (status, body) = json_of(response).await;
-    assert_eq!(status, 404, "{body}");
-    assert_eq!(body["code"], "model_version_not_found", "{body}");
-    let response = dispatcher
-        .post(&format!("/v1/models/{model}/jobs?wait=10s"))
-        .header("content-type", "application/json")
-        .header("ember-model-version", "2")
-        .json(&request)
-        .send()
-        .await
-        .unwrap();
-    let (status, body) = json_of(response).await;
-    assert_eq!(status, 404, "the jobs API pins by header too: {body}");
-    assert_eq!(body["error"]["code"], "model_version_not_found", "{body}");
-    let response = dispatcher
-        .post(&format!("/v2/models/{model}/versions/1/infer"))
-        .header("content-type", "application/json")
-        .json(&request)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let response = dispatcher
-        .post("/v2/models/no-such-model/versions/1/infer")
-        .json(&request)
-        .send()
-        .await
-        .unwrap();
-    let (status, body) = json_of(response).await;
-    assert_eq!(status, 404, "{body}");
-    assert_eq!(body["code"], "model_not_found", "{body}");
-    let response = dispatcher
-        .post(&format!("/v2/models/{model}/versions/a%20b/infer"))
-        .json(&request)
-        .send()
-        .await
-        .unwrap();
-    let (status, body) = json_of(response).await;
-    assert_eq!(status, 400, "{body}");
-    assert_eq!(body["code"], "invalid_version", "{body}");
+    // (route, pinned by header, status, where the code is in the body, code)
+    let cases = [
+        (
+            format!("/v2/models/{model}/versions/2/infer"),
+            None,
+            404,
+            "/code",
+            "model_version_not_found",
+        ),
+        (
+            format!("/v1/models/{model}/jobs?wait=10s"),
+            Some("2"),
+            404,
+            "/error/code",
+            "model_version_not_found",
+        ),
+        (
+            format!("/v2/models/{model}/versions/1/infer"),
+            None,
+            200,
+            "/model_version",
+            "1",
+        ),
+        (
+            "/v2/models/no-such-model/versions/1/infer".to_string(),
+            None,
+            404,
+            "/code",
+            "model_not_found",
+        ),
+        (
+            format!("/v2/models/{model}/versions/a%20b/infer"),
+            None,
+            400,
+            "/code",
+            "invalid_version",
+        ),
+    ];
+    for (path, pin, want, pointer, code) in cases {
+        let mut post = dispatcher
+            .post(&path)
+            .header("content-type", "application/json");
+        if let Some(version) = pin {
+            post = post.header("ember-model-version", version);
+        }
+        let (status, body) = json_of(post.json(&request).send().await.unwrap()).await;
+        assert_eq!(
+            (status, body.pointer(pointer)),
+            (want, Some(&json!(code))),
+            "{path}: {body}"
+        );
+    }
     for path in [
         format!("/v2/models/{model}/versions/2/ready"),
         format!("/v2/models/{model}/versions/2"),

@@ -37,22 +37,6 @@ fn assert_version_not_found(result: &JobResult) {
     assert_eq!(result.model_version, None, "no version ran it: {result:?}");
 }
 
-async fn waiting(client: &Client, queue: &str) -> u32 {
-    client
-        .channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap()
-        .message_count()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn pinned_jobs_are_answered_by_their_version_or_told_it_is_not_served() {
     let model = ember_testkit::unique_model("pin");
@@ -92,7 +76,11 @@ async fn pinned_jobs_are_answered_by_their_version_or_told_it_is_not_served() {
     let coming = client.submit(&body, options(Some("2"), None)).await;
     let version_two = topology::version_queue(&model, "2");
     let deadline = std::time::Instant::now() + ember_testkit::PATIENCE;
-    while waiting(&client, &version_two).await == 0 {
+    while topology::ready_messages(&client.channel, &version_two)
+        .await
+        .unwrap()
+        == 0
+    {
         assert!(std::time::Instant::now() < deadline, "never forwarded");
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
