@@ -20,11 +20,14 @@ async fn tritonclient_infers_the_person_in_astronaut_with_json_and_binary_tensor
     let raw = std::env::temp_dir().join(format!("{model}.rgb"));
     std::fs::write(&raw, common::astronaut_300()).unwrap();
     let url = format!("127.0.0.1:{}", dispatcher.port);
-    for extra in [&[][..], &["--binary"][..]] {
+    // The third run pins the version as tritonclient does (`model_version`: the
+    // /v2/models/<m>/versions/<v>/... routes).
+    for extra in [&[][..], &["--binary"][..], &["--version", "1"][..]] {
         let mut args = vec![raw.to_str().unwrap(), "--url", &url, "--model", &model];
         args.extend_from_slice(extra);
         let out: Value = serde_json::from_str(&python("triton_infer.py", &args)).unwrap();
         assert_eq!(out["model_name"], model.as_str(), "{extra:?}");
+        assert_eq!(out["model_version"], "1", "{extra:?}");
         assert_eq!(out["id"], "triton-1");
         assert_eq!(out["metadata_inputs"][0]["name"], "image_tensor:0");
         let scores: Vec<f64> = serde_json::from_value(out["scores"].clone()).unwrap();

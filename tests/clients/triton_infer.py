@@ -21,20 +21,22 @@ def main():
     parser.add_argument("--height", type=int, default=300)
     parser.add_argument("--width", type=int, default=300)
     parser.add_argument("--binary", action="store_true", help="use the binary tensor extension")
+    parser.add_argument("--version", default="", help="pin a model version (tritonclient's model_version)")
     args = parser.parse_args()
 
     client = httpclient.InferenceServerClient(url=args.url)
     assert client.is_server_live()
     assert client.is_server_ready()
-    assert client.is_model_ready(args.model)
-    metadata = client.get_model_metadata(args.model)
+    assert client.is_model_ready(args.model, model_version=args.version)
+    metadata = client.get_model_metadata(args.model, model_version=args.version)
 
     image = np.fromfile(args.raw_image, dtype=np.uint8).reshape(1, args.height, args.width, 3)
     inputs = [httpclient.InferInput(metadata["inputs"][0]["name"], list(image.shape), "UINT8")]
     inputs[0].set_data_from_numpy(image, binary_data=args.binary)
     names = ["num_detections:0", "detection_boxes:0", "detection_scores:0", "detection_classes:0"]
     outputs = [httpclient.InferRequestedOutput(n, binary_data=args.binary) for n in names]
-    result = client.infer(args.model, inputs, outputs=outputs, request_id="triton-1")
+    result = client.infer(args.model, inputs, outputs=outputs, request_id="triton-1",
+                          model_version=args.version)
 
     count = int(result.as_numpy("num_detections:0")[0])
     scores = result.as_numpy("detection_scores:0")[0]
@@ -44,6 +46,7 @@ def main():
     print(json.dumps({
         "id": response.get("id"),
         "model_name": response.get("model_name"),
+        "model_version": response.get("model_version"),
         "metadata_inputs": metadata["inputs"],
         "count": count,
         "scores": scores[:count].tolist(),
