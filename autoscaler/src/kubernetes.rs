@@ -131,8 +131,10 @@ pub struct ModelSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(r"^[0-9a-fA-F]{64}$"))]
     pub sha256: Option<String>,
-    /// The version the workers report (`EMBER_WORKER_MODEL_VERSION`; overrides model.toml's).
+    /// The version the workers report (`EMBER_WORKER_MODEL_VERSION`; overrides model.toml's):
+    /// up to 64 letters, digits, `.`, `-` and `_`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[A-Za-z0-9._-]{1,64}$"))]
     pub version: Option<String>,
 }
 
@@ -1293,9 +1295,9 @@ async fn roll(
     Ok(status)
 }
 
-/// Ready workers per model version, from their heartbeats.
-fn worker_versions(view: &ModelView) -> Vec<WorkerVersion> {
-    let _ = view;
+/// Ready workers per model version, from their heartbeats. `ModelView` does not carry the
+/// heartbeats' versions yet (`model_info.version`), so this is empty until it does.
+fn worker_versions(_view: &ModelView) -> Vec<WorkerVersion> {
     Vec::new()
 }
 

@@ -10,7 +10,7 @@ import jsonschema
 import pytest
 import yaml
 
-from conftest import HA_OVERLAYS, K8S_VERSIONS, NODE_MODULES, OVERLAYS, ROOT, find, pod_spec, render, render_text, run, tool
+from conftest import HA_OVERLAYS, K8S_VERSIONS, MODEL_STORE_OVERLAYS, NODE_MODULES, OVERLAYS, ROOT, find, pod_spec, render, render_text, run, tool
 from secure_defaults import Endpoint, Network, _file_source, k8s_violations
 
 # Kinds kubernetes-validate has no schema for; each is validated against its CRD schema below.
@@ -260,6 +260,49 @@ def test_worker_is_identified_by_pod_name_and_scaled_by_the_autoscaler(overlay):
     assert pool["spec"]["deployment"] == dep["metadata"]["name"]
     assert labels["ember.dev/model"] == pool["spec"]["model"]["name"]
     assert ns(pool) == ns(dep) == "ember"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_worker_caches_models_on_a_volume_and_leaves_the_source_to_the_pool(overlay):
+    objs = render(overlay)
+    dep, c = worker(objs)
+    env = env_of(c)
+    cache = env["EMBER_WORKER_MODEL_CACHE_DIR"]["value"]
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == cache]
+    (volume,) = [v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert "emptyDir" in volume or "persistentVolumeClaim" in volume or "ephemeral" in volume, volume
+    # The version the template carries is the pool's, so that applying both rolls nothing.
+    (pool,) = find(objs, "InferencePool")
+    assert env["EMBER_WORKER_MODEL_VERSION"]["value"] == pool["spec"]["model"]["version"]
+    # A source named by the pool (EMBER_WORKER_MODEL_URI) conflicts with a model directory given
+    # here: the image's own is the default.
+    assert "EMBER_WORKER_MODEL_DIR" not in env and "EMBER_WORKER_MODEL_URI" not in env
+    # New pods ready before old ones go (the autoscaler keeps it so at every rollout).
+    rolling = dep["spec"]["strategy"]["rollingUpdate"]
+    assert dep["spec"]["strategy"]["type"] == "RollingUpdate" and rolling["maxUnavailable"] == 0 and rolling["maxSurge"] >= 1
+
+
+@pytest.mark.parametrize("overlay", MODEL_STORE_OVERLAYS)
+def test_model_store_workers_get_a_web_identity_and_no_api_token(overlay):
+    objs = render(overlay)
+    dep, c = worker(objs)
+    spec = dep["spec"]["template"]["spec"]
+    (sa,) = find(objs, "ServiceAccount", spec["serviceAccountName"])
+    assert sa["automountServiceAccountToken"] is False and spec["automountServiceAccountToken"] is False
+    env = env_of(c)
+    token = env["AWS_WEB_IDENTITY_TOKEN_FILE"]["value"]
+    (mount,) = [m for m in c["volumeMounts"] if token.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert mount.get("readOnly") is True and not mount.get("subPath")
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    (source,) = volume["projected"]["sources"]
+    projected = source["serviceAccountToken"]
+    assert projected["audience"] == "sts.amazonaws.com" and projected["path"] == token.rsplit("/", 1)[1]
+    assert projected["expirationSeconds"] <= 86400
+    for name in ("AWS_ROLE_ARN", "AWS_REGION"):
+        assert env[name]["valueFrom"]["configMapKeyRef"]["name"] == "ember-model-store", name
+    # No static keys anywhere: not in env, not from a Secret.
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"} & set(env)
+    assert not [s for s in c.get("envFrom", []) if "secretRef" in s]
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -552,8 +595,11 @@ def test_network_policies_admit_only_what_each_part_needs(overlay):
         (client, rabbitmq, 15672, False), (prometheus, rabbitmq, 15672, False),
         # The result store: the dispatcher only.
         (dispatcher, redis, 6379, True), (worker, redis, 6379, False), (autoscaler, redis, 6379, False), (client, redis, 6379, False),
-        # Out: the worker reaches the broker and nothing else.
-        (worker, internet, 443, False), (worker, apiserver, 443, False), (worker, dispatcher, 8080, False),
+        # Out: the worker reaches the broker and nothing else; with a model store, HTTPS to public
+        # addresses too (S3, STS), never private ranges or the cloud metadata endpoint.
+        (worker, internet, 443, overlay in MODEL_STORE_OVERLAYS), (worker, internet6, 443, overlay in MODEL_STORE_OVERLAYS),
+        (worker, internet, 80, False), (worker, metadata, 80, False), (worker, metadata, 443, False),
+        (worker, private, 443, False), (worker, apiserver, 443, False), (worker, dispatcher, 8080, False),
         # The autoscaler: the broker and the API server's ports.
         (autoscaler, apiserver, 443, True), (autoscaler, apiserver, 6443, True), (autoscaler, internet, 80, False),
         # The dispatcher: callbacks to public addresses on any port, not into private ranges.
