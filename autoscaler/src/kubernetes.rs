@@ -1152,7 +1152,15 @@ pub async fn reconcile(
         gpu_utilisation: view.gpu_utilisation,
         backlog_growing,
     };
-    let model = roll(client, pool, &namespace, &deployment, view).await?;
+    // A rollout step that fails (a rejected patch, an Event not posted) is tried again at the
+    // next tick, from the status as it was: scaling goes on meanwhile.
+    let model = match roll(client, pool, &namespace, &deployment, view).await {
+        Ok(model) => model,
+        Err(error) => {
+            tracing::warn!(pool = %pool.name_any(), %error, "rollout step failed; scaling goes on");
+            pool.status.as_ref().and_then(|s| s.model.clone())
+        }
+    };
     let decision = policy::decide(&pool.spec.settings(), state, &signals, now);
     let changed = decision.replicas != spec_replicas;
     if decision.replicas < spec_replicas {

@@ -690,6 +690,46 @@ async fn new_pods_not_ready_by_the_deadline_roll_back_with_a_warning_and_are_not
     server.await.unwrap();
 }
 
+#[tokio::test]
+async fn a_rejected_template_patch_does_not_stop_scaling() {
+    let (client, handle) = client();
+    let at_v1 = Rolled {
+        generation: 3,
+        observed: 3,
+        replicas: 1,
+        status_replicas: 1,
+        updated: 1,
+        ready: 1,
+    };
+    let complete_v1 = json!({"model": {
+        "current": {"uri": artifact(1), "sha256": digest(1), "version": "1"}, "rollout": null}});
+    let invalid = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Invalid", "code": 422,
+                         "message": "the server rejected our request due to an error in our request"});
+    let server = serve(
+        handle,
+        vec![
+            step(Method::GET, DEPLOYMENT, worker_deployment(1, &at_v1)),
+            // Someone edited the container between the read and the patch: a test op fails.
+            step(Method::PATCH, DEPLOYMENT, invalid).status(422),
+            step(
+                Method::PATCH,
+                "/apis/apps/v1/namespaces/ember/deployments/workers/scale",
+                scale(3),
+            )
+            .body(|b| assert_eq!(b, &json!({"spec": {"replicas": 3}}))),
+            step(Method::POST, EVENTS, event()).body(|b| assert_eq!(b["reason"], "ScaledUp")),
+            // The status keeps the model as it was: the rollout starts again at the next tick.
+            step(Method::PATCH, STATUS, serde_json::to_value(pool()).unwrap()).body(|b| {
+                assert_eq!(b["status"]["desiredReplicas"], 3);
+                assert_eq!(b["status"]["model"]["current"]["version"], "1");
+                assert_eq!(b["status"]["model"]["rollout"], Value::Null);
+            }),
+        ],
+    );
+    tick(&client, &versioned_pool(2, Some(complete_v1)), 300).await;
+    server.await.unwrap();
+}
+
 #[test]
 fn the_crd_in_the_manifests_is_the_one_the_code_generates() {
     let path = ember_testkit::root().join("manifests/base/crd-inferencepool.yaml");
