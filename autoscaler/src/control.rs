@@ -97,7 +97,7 @@ async fn serve<B: Backend>(
             },
             _ = ticker.tick() => {
                 tick(ctx, backend, state, &channel, &mut declared).await?;
-                retire(state, connection).await?;
+                retire(ctx, state, connection, &mut declared).await?;
             }
         }
     }
@@ -170,11 +170,31 @@ fn track_versions(state: &mut State, key: &str, model: &str, versions: &[String]
     }
 }
 
-/// Retires the queues of versions that left their pool, once no worker of theirs consumes
-/// them (see [`topology::retire_version`]); the rest are tried again next tick.
-async fn retire(state: &mut State, connection: &Connection) -> lapin::Result<()> {
+/// Retires the queues of versions that left their pool, once no worker of theirs is heard
+/// from (a draining worker still holds jobs it may hand back to its version's queue) and none
+/// consumes them (see [`topology::retire_version`]); the rest are tried again next tick.
+async fn retire(
+    ctx: &Context,
+    state: &mut State,
+    connection: &Connection,
+    declared: &mut HashSet<String>,
+) -> lapin::Result<()> {
     let mut done = Vec::new();
+    let now = Instant::now();
     for (model, version) in &state.retiring {
+        let alive = state
+            .heartbeats
+            .workers(model, now, ctx.config.heartbeat_timeout)
+            .iter()
+            .any(|w| {
+                w.beat
+                    .model_info
+                    .as_ref()
+                    .is_some_and(|i| i.version == *version)
+            });
+        if alive {
+            continue;
+        }
         match topology::retire_version(connection, model, version).await? {
             topology::Retired::Done { moved } => {
                 tracing::info!(%model, %version, moved, "version queue retired; jobs that pinned it are answered model_version_not_found");
@@ -185,8 +205,10 @@ async fn retire(state: &mut State, connection: &Connection) -> lapin::Result<()>
             }
         }
     }
-    for key in done {
-        state.retiring.remove(&key);
+    for (model, version) in done {
+        // Declared again should it come back (a rollback to it).
+        declared.remove(&topology::version_queue(&model, &version));
+        state.retiring.remove(&(model, version));
     }
     Ok(())
 }
@@ -264,5 +286,31 @@ fn record(metrics: &Metrics, model: &str, view: &ModelView, scaled: &Scaled) {
     }
     if let Some(load) = view.model_load_seconds {
         metrics.model_load_seconds.with_label_values(&m).set(load);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_is_retired_when_its_pool_stops_listing_it_and_not_when_listed_again() {
+        let mut state = State::default();
+        let list = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        track_versions(&mut state, "pool", "m", &list(&["1"]));
+        assert!(state.retiring.is_empty());
+        track_versions(&mut state, "pool", "m", &list(&["1", "2"]));
+        assert!(state.retiring.is_empty(), "a rollout adds a version");
+        track_versions(&mut state, "pool", "m", &list(&["2"]));
+        assert_eq!(
+            state.retiring,
+            BTreeSet::from([("m".to_string(), "1".to_string())])
+        );
+        // Rolled back to 1 before its queue was retired: it stays.
+        track_versions(&mut state, "pool", "m", &list(&["1", "2"]));
+        assert!(state.retiring.is_empty());
+        // A target that names no versions manages none.
+        track_versions(&mut state, "pool", "m", &[]);
+        assert!(state.retiring.is_empty());
     }
 }

@@ -541,6 +541,14 @@ pub fn plan_rollout(input: &RolloutInput<'_>) -> RolloutPlan {
                 .rollout
                 .as_ref()
                 .is_some_and(|r| r.phase == RolloutPhase::Failed && &r.message == why);
+            if repeated {
+                // Said already: the status stays as it is (no new timestamps every tick).
+                return RolloutPlan {
+                    status: Some(model),
+                    write: None,
+                    event: None,
+                };
+            }
             let mut rollout = new_rollout(spec, &now_text, progress, worker_versions);
             rollout.phase = RolloutPhase::Failed;
             rollout.message = why.clone();
@@ -549,7 +557,7 @@ pub fn plan_rollout(input: &RolloutInput<'_>) -> RolloutPlan {
             return RolloutPlan {
                 status: Some(model),
                 write: None,
-                event: (!repeated).then(|| RolloutEvent {
+                event: Some(RolloutEvent {
                     warning: true,
                     reason: "RolloutFailed",
                     note: why.clone(),
@@ -1864,6 +1872,7 @@ mod tests {
             again.event, None,
             "the same failure is not posted every tick"
         );
+        assert_eq!(again.status, first.status, "nor its status rewritten");
     }
 
     fn pool(model: Value, status: Option<Value>) -> InferencePool {

@@ -139,6 +139,38 @@ fn read_pools(path: &Path) -> Result<Vec<(String, ModelSource)>, Error> {
     Ok(pools)
 }
 
+/// What the status file said of the pools when this autoscaler started (a restart): the source
+/// each pool served and the one that failed, so that a restart neither forgets a rollback
+/// (and starts the failed source as if it were current) nor rolls out what is running already.
+#[derive(Debug, Deserialize)]
+struct SavedStatus {
+    pools: HashMap<String, SavedPool>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SavedPool {
+    current: ModelSource,
+    #[serde(default)]
+    failed: Option<SavedFailure>,
+}
+
+#[derive(Debug, Deserialize)]
+struct SavedFailure {
+    source: ModelSource,
+    reason: String,
+}
+
+fn read_status(path: &Path) -> Option<SavedStatus> {
+    let text = std::fs::read_to_string(path).ok()?;
+    match serde_json::from_str(&text) {
+        Ok(status) => Some(status),
+        Err(error) => {
+            tracing::warn!(%error, path = %path.display(), "the status file does not parse; starting afresh");
+            None
+        }
+    }
+}
+
 fn modified(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
@@ -164,7 +196,11 @@ struct LocalModel {
 #[derive(Debug)]
 struct Rollout {
     to: Arc<ModelSource>,
-    started: Instant,
+    /// When a new worker last became ready (or the rollout began): the deadline counts from
+    /// there, as Kubernetes' `progressDeadlineSeconds` does.
+    progressed: Instant,
+    /// The most new workers seen ready at once.
+    best_ready: u32,
     started_ms: u64,
     failures: u32,
     /// The last log line of the last new worker that died.
@@ -217,15 +253,38 @@ impl LocalModel {
         });
     }
 
-    /// The versions the pool serves now: the current one, and the one rolling out.
+    /// The versions the pool serves now: the current one, the one rolling out, and that of
+    /// every worker still alive, draining ones included (a version's queue is kept until its
+    /// last worker has exited: a draining worker's unacked jobs go back to it).
     fn versions(&self) -> Vec<String> {
-        let mut versions = vec![self.current.version.clone()];
-        if let Some(rollout) = &self.rollout
-            && rollout.to.version != self.current.version
-        {
-            versions.push(rollout.to.version.clone());
+        let mut versions = std::collections::BTreeSet::from([self.current.version.clone()]);
+        if let Some(rollout) = &self.rollout {
+            versions.insert(rollout.to.version.clone());
         }
-        versions
+        versions.extend(self.pool.versions_alive());
+        versions.into_iter().collect()
+    }
+
+    /// Takes up where the status file left off: the source served before the restart is the
+    /// current one (a changed file then rolls out from it), and a source that failed stays
+    /// failed while the file still asks for it.
+    fn resume(&mut self, saved: &SavedPool) {
+        self.current = Arc::new(saved.current.clone());
+        if let Some(failed) = &saved.failed {
+            self.failed = Some((Arc::new(failed.source.clone()), failed.reason.clone()));
+        }
+        self.event(
+            "Normal",
+            "Resumed",
+            format!(
+                "restarted: serving version {} as before{}",
+                self.current.version,
+                match &self.failed {
+                    Some((source, _)) => format!(", version {} stays rolled back", source.version),
+                    None => String::new(),
+                }
+            ),
+        );
     }
 
     /// Starts, supersedes or leaves alone a rollout, from what the pool is asked to serve.
@@ -233,14 +292,15 @@ impl LocalModel {
         if let Some(rollout) = &self.rollout
             && rollout.to != self.desired
         {
+            // Its workers stay until the next rollout's are ready (they count as old there):
+            // stopping them now could leave the pool with none ready.
             let to = rollout.to.clone();
-            self.pool.stop_generation(&to).await;
             self.rollout = None;
             self.event(
                 "Normal",
                 "RolloutSuperseded",
                 format!(
-                    "version {} is no longer asked for; its workers stop",
+                    "version {} is no longer asked for; its workers go as the next version's are ready",
                     to.version
                 ),
             );
@@ -261,7 +321,8 @@ impl LocalModel {
             );
             self.rollout = Some(Rollout {
                 to,
-                started: Instant::now(),
+                progressed: Instant::now(),
+                best_ready: 0,
                 started_ms: unix_ms(),
                 failures: 0,
                 last_failure: None,
@@ -276,7 +337,9 @@ impl LocalModel {
             return applied;
         };
         for death in self.pool.take_deaths() {
-            if death.source == rollout.to {
+            // A new worker that served and then died (a poison job, an OOM) says nothing
+            // against its version: only deaths before becoming ready count.
+            if death.source == rollout.to && !death.was_ready {
                 rollout.failures += 1;
                 rollout.last_failure = Some(format!(
                     "worker {} exited ({}){}",
@@ -290,6 +353,10 @@ impl LocalModel {
             }
         }
         let (new_live, new_ready) = self.pool.generation(&rollout.to, view);
+        if new_ready > rollout.best_ready {
+            rollout.best_ready = new_ready;
+            rollout.progressed = Instant::now();
+        }
         let old_live = self.pool.live_except(&rollout.to);
         let step = rollout::step(Progress {
             want,
@@ -297,7 +364,7 @@ impl LocalModel {
             new_ready,
             old_live,
             failures: rollout.failures,
-            elapsed: rollout.started.elapsed(),
+            elapsed: rollout.progressed.elapsed(),
             deadline,
         });
         let to = rollout.to.clone();
@@ -403,13 +470,18 @@ impl LocalBackend {
         };
         if let Some(path) = &config.pools_file {
             let stamp = modified(path);
-            for (name, source) in read_pools(path)? {
-                backend.add(name, source);
-            }
-            backend.pools_file = Some((path.clone(), stamp));
             if backend.status_file.is_none() {
                 backend.status_file = Some(path.with_extension("status.json"));
             }
+            let before = backend.status_file.as_deref().and_then(read_status);
+            for (name, source) in read_pools(path)? {
+                let saved = before.as_ref().and_then(|s| s.pools.get(&name));
+                backend.add(name, source);
+                if let (Some(saved), Some(model)) = (saved, backend.models.last_mut()) {
+                    model.resume(saved);
+                }
+            }
+            backend.pools_file = Some((path.clone(), stamp));
             return Ok(backend);
         }
         if config.model.model_name.is_some() && config.model.model_dirs.len() != 1 {
@@ -627,6 +699,8 @@ struct Process {
     source: Arc<ModelSource>,
     /// Its last line on stderr (a worker that cannot start says why there).
     last_line: Arc<Mutex<Option<String>>>,
+    /// It has reported ready at least once.
+    was_ready: bool,
 }
 
 /// A worker that exited without being asked to.
@@ -636,6 +710,8 @@ pub struct Death {
     pub source: Arc<ModelSource>,
     pub status: String,
     pub last_line: Option<String>,
+    /// It had reported ready before it died.
+    pub was_ready: bool,
 }
 
 /// One model's worker processes.
@@ -705,6 +781,7 @@ impl LocalPool {
                             source: process.source.clone(),
                             status: status.to_string(),
                             last_line,
+                            was_ready: process.was_ready,
                         });
                     } else {
                         tracing::info!(worker = %id, %status, "worker drained and exited");
@@ -714,10 +791,11 @@ impl LocalPool {
                 _ => true,
             });
         let mut counts = PoolCounts::default();
-        for (id, process) in &self.processes {
+        for (id, process) in &mut self.processes {
             if process.draining {
                 counts.draining += 1;
             } else if view.ready_ids.iter().any(|w| w == id) {
+                process.was_ready = true;
                 counts.ready += 1;
             } else {
                 counts.starting += 1;
@@ -752,6 +830,11 @@ impl LocalPool {
             .filter(|(_, p)| !p.draining && which(p))
             .map(|(id, _)| id)
             .collect()
+    }
+
+    /// The versions of every worker process still alive, draining ones included.
+    pub fn versions_alive(&self) -> impl Iterator<Item = String> + '_ {
+        self.processes.values().map(|p| p.source.version.clone())
     }
 
     /// Live workers per version served (for the status file).
@@ -893,6 +976,7 @@ impl LocalPool {
                 draining: false,
                 source: source.clone(),
                 last_line,
+                was_ready: false,
             },
         );
         Ok(id)
@@ -918,9 +1002,15 @@ impl LocalPool {
 
 /// Passes a worker's stderr through to ours, remembering its last non-empty line.
 async fn relay_stderr(stderr: tokio::process::ChildStderr, last: Arc<Mutex<Option<String>>>) {
-    let mut lines = tokio::io::BufReader::new(stderr).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
-        eprintln!("{line}");
+    use std::io::Write;
+    let mut reader = tokio::io::BufReader::new(stderr);
+    let mut bytes = Vec::new();
+    // Bytes, not lines of UTF-8: a line that is not UTF-8 must not end the relay (the worker
+    // would then block writing to a pipe no one reads).
+    while matches!(reader.read_until(b'\n', &mut bytes).await, Ok(n) if n > 0) {
+        let _ = std::io::stderr().write_all(&bytes);
+        let line = String::from_utf8_lossy(&bytes).trim_end().to_string();
+        bytes.clear();
         if !line.trim().is_empty() {
             let mut kept: String = line.chars().take(500).collect();
             kept.truncate(kept.trim_end().len());
@@ -935,5 +1025,72 @@ async fn terminate(child: &Child) {
             .args(["-TERM", &pid.to_string()])
             .status()
             .await;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn pools(text: &str) -> Result<Vec<(String, ModelSource)>, Error> {
+        let dir = std::env::temp_dir().join(format!("pools-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let iris = std::fs::canonicalize("../models/iris-classifier").unwrap();
+        let path = dir.join("pools.toml");
+        std::fs::write(&path, text.replace("IRIS", iris.to_str().unwrap())).unwrap();
+        let read = read_pools(&path);
+        let _ = std::fs::remove_dir_all(&dir);
+        read
+    }
+
+    #[test]
+    fn the_pools_file_takes_a_directory_at_its_version_or_a_uri_with_one() {
+        let read = pools(
+            "[[pool]]\nmodel = \"a\"\nsource = \"IRIS\"\n\n\
+             [[pool]]\nmodel = \"b\"\nsource = \"IRIS\"\nversion = \"7\"\n\n\
+             [[pool]]\nmodel = \"c\"\nsource = \"s3://bucket/m.tar.gz\"\nsha256 = \"ab\"\nversion = \"2\"\n",
+        )
+        .unwrap();
+        assert_eq!(read[0].1.version, "1", "model.toml's default");
+        assert_eq!(read[1].1.version, "7");
+        assert_eq!(read[2].1.source, "s3://bucket/m.tar.gz");
+        assert_eq!(
+            read[2].1.worker_args(),
+            [
+                "--model-uri",
+                "s3://bucket/m.tar.gz",
+                "--model-sha256",
+                "ab",
+                "--model-version",
+                "2"
+            ]
+        );
+        assert_eq!(read[0].1.worker_args()[0], "--model-dir");
+        for (bad, why) in [
+            (
+                "[[pool]]\nmodel = \"a\"\nsource = \"https://h/m.onnx\"\n",
+                "a version is needed",
+            ),
+            (
+                "[[pool]]\nmodel = \"a b\"\nsource = \"IRIS\"\n",
+                "model name",
+            ),
+            (
+                "[[pool]]\nmodel = \"a\"\nsource = \"IRIS\"\nversion = \"x/y\"\n",
+                "model version",
+            ),
+            (
+                "[[pool]]\nmodel = \"a\"\nsource = \"IRIS\"\n[[pool]]\nmodel = \"a\"\nsource = \"IRIS\"\n",
+                "twice",
+            ),
+            (
+                "[[pool]]\nmodel = \"a\"\nsource = \"IRIS\"\nreplicas = 3\n",
+                "unknown field",
+            ),
+        ] {
+            let error = pools(bad).unwrap_err().to_string();
+            assert!(error.contains(why), "{bad}: {error}");
+        }
     }
 }

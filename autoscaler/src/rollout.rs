@@ -28,6 +28,7 @@ pub struct Progress {
     pub old_live: u32,
     /// New-version workers that exited without being asked to since the rollout began.
     pub failures: u32,
+    /// Since the rollout began or a new worker last became ready (progress).
     pub elapsed: Duration,
     pub deadline: Duration,
 }
@@ -68,12 +69,15 @@ pub fn step(p: Progress) -> Step {
     }
     if p.elapsed >= p.deadline && p.new_ready < want {
         return hold(Phase::RollBack(format!(
-            "{}/{want} new workers ready after {:.0} s (the deadline)",
+            "{}/{want} new workers ready, none more for {:.0} s (the deadline)",
             p.new_ready,
             p.deadline.as_secs_f64()
         )));
     }
-    if p.old_live == 0 && p.new_ready >= want {
+    // No old worker left and the new version has proven it loads: what is still missing is
+    // ordinary scale-out, not the rollout's (a rollout that waited for a grown target could be
+    // rolled back with every worker of the pool new).
+    if p.old_live == 0 && p.new_ready >= 1 {
         return hold(Phase::Complete);
     }
     // Old workers stay while new ones are not ready: old + new ready >= want at all times.
@@ -110,6 +114,8 @@ mod tests {
             ((2, 2, 1, 2), (0, 1, Phase::Progressing)),
             ((2, 2, 2, 1), (0, 1, Phase::Progressing)),
             ((2, 2, 2, 0), (0, 0, Phase::Complete)),
+            // The policy wants a third while no old one is left: scaling's business now.
+            ((3, 2, 2, 0), (0, 0, Phase::Complete)),
             // Scaled to zero: one new worker still has to prove the version loads.
             ((0, 0, 0, 0), (1, 0, Phase::Progressing)),
             ((0, 1, 1, 0), (0, 0, Phase::Complete)),
@@ -141,7 +147,10 @@ mod tests {
         let Phase::RollBack(why) = step(late).phase else {
             panic!("not rolled back")
         };
-        assert_eq!(why, "1/2 new workers ready after 120 s (the deadline)");
+        assert_eq!(
+            why,
+            "1/2 new workers ready, none more for 120 s (the deadline)"
+        );
         let dying = Progress {
             failures: MAX_FAILURES,
             ..progress(2, 0, 0, 2)

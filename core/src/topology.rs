@@ -140,11 +140,13 @@ pub async fn retire_version(
         passive: true,
         ..QueueDeclareOptions::default()
     };
-    let Ok(found) = probe
+    let found = match probe
         .queue_declare(queue.as_str().into(), passive, FieldTable::default())
         .await
-    else {
-        return Ok(Retired::Done { moved: 0 });
+    {
+        Ok(found) => found,
+        Err(error) if is_not_found(&error) => return Ok(Retired::Done { moved: 0 }),
+        Err(error) => return Err(error),
     };
     let _ = probe.close(200, "probed".into()).await;
     if found.consumer_count() > 0 {
@@ -201,6 +203,11 @@ pub async fn retire_version(
         return Ok(Retired::Done { moved });
     }
     Ok(Retired::InUse { moved })
+}
+
+/// The broker's 404 NOT_FOUND (a passive declare of a queue that does not exist).
+fn is_not_found(error: &lapin::Error) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 404)
 }
 
 /// Moves the jobs waiting in a retired version's `queue` to the model's queue, marked with the

@@ -222,15 +222,16 @@ async fn take_deliveries(
                 Some(Err(error)) => return Some(format!("cancellation consumer failed: {error}")),
                 None => return Some("the broker cancelled the cancellation consumer".to_string()),
             },
-            next = channels.jobs.1.next() => match next {
-                Some(Ok(delivery)) => take_job(ctx, &publisher, tracker, prepared_tx, delivery),
-                Some(Err(error)) => return Some(format!("consumer failed: {error}")),
-                None => return Some("the broker cancelled the consumer".to_string()),
-            },
+            // The version's queue before the model's: its jobs could only be served here.
             next = channels.pinned.1.next() => match next {
-                Some(Ok(delivery)) => take_job(ctx, &publisher, tracker, prepared_tx, delivery),
+                Some(Ok(delivery)) => take_job(ctx, &publisher, tracker, prepared_tx, delivery, true),
                 Some(Err(error)) => return Some(format!("version queue consumer failed: {error}")),
                 None => return Some("the broker cancelled the version queue consumer".to_string()),
+            },
+            next = channels.jobs.1.next() => match next {
+                Some(Ok(delivery)) => take_job(ctx, &publisher, tracker, prepared_tx, delivery, false),
+                Some(Err(error)) => return Some(format!("consumer failed: {error}")),
+                None => return Some("the broker cancelled the consumer".to_string()),
             },
             next = channels.retries.1.next() => match next {
                 Some(Ok(delivery)) => {
@@ -241,7 +242,7 @@ async fn take_deliveries(
                         recovery::settle_moves(&ctx).await;
                         if let Some(version) = recovery::pinned_elsewhere(&ctx, &delivery) {
                             let version = version.to_string();
-                            recovery::forward_pinned(ctx, publisher, delivery, version).await;
+                            forward_or_dead_letter(ctx, publisher, delivery, version).await;
                         } else {
                             intake::accept(&ctx, &publisher, &inner, &prepared_tx, delivery);
                         }
@@ -259,18 +260,21 @@ async fn take_deliveries(
     }
 }
 
-/// A job from the model's queue or the version's: forwarded when pinned to another version,
-/// moved to the retry lane when redelivered, else prepared for the batcher.
+/// A job from the model's queue or the version's (`from_version_queue`): forwarded when
+/// pinned to another version, moved to the retry lane when redelivered (a job from the
+/// version's queue keeps its pin there, even one pinned by routing key alone), else prepared
+/// for the batcher.
 fn take_job(
     ctx: &Arc<Context>,
     publisher: &Channel,
     tracker: &TaskTracker,
     prepared_tx: &mpsc::Sender<(Job, crate::process::Prepared)>,
     delivery: lapin::message::Delivery,
+    from_version_queue: bool,
 ) {
     if let Some(version) = recovery::pinned_elsewhere(ctx, &delivery) {
         let version = version.to_string();
-        tracker.spawn(recovery::forward_pinned(
+        tracker.spawn(forward_or_dead_letter(
             ctx.clone(),
             publisher.clone(),
             delivery,
@@ -278,13 +282,32 @@ fn take_job(
         ));
     } else if recovery::is_redelivery(&delivery) {
         ctx.stats.moving.fetch_add(1, Ordering::SeqCst);
+        let pin = from_version_queue.then(|| ctx.model_info.version.clone());
         tracker.spawn(recovery::to_retry_lane(
             ctx.clone(),
             publisher.clone(),
             delivery,
+            pin,
         ));
     } else {
         intake::accept(ctx, publisher, tracker, prepared_tx, delivery);
+    }
+}
+
+/// Forwards a job pinned to another version, unless it has had the delivery limit already
+/// (each move between the version's queue and the retry lane restarts the broker's count): then
+/// it is dead-lettered, so a pinned job that kills workers cannot go round for ever.
+async fn forward_or_dead_letter(
+    ctx: Arc<Context>,
+    publisher: Channel,
+    delivery: lapin::message::Delivery,
+    version: String,
+) {
+    if recovery::deliveries_so_far(&delivery) >= u64::from(ctx.queue.delivery_limit) {
+        tracing::warn!(%version, "a pinned job reached the delivery limit going round: dead-lettered");
+        recovery::dead_letter(delivery).await;
+    } else {
+        recovery::forward_pinned(ctx, publisher, delivery, version).await;
     }
 }
 

@@ -82,9 +82,15 @@ const MOVE_ATTEMPTS: u32 = 5;
 /// publish is not confirmed after [`MOVE_ATTEMPTS`] tries, the job goes back to the queue). A worker holds one retry-lane job
 /// at a time, so a job that crashes workers is dead-lettered after the delivery limit without
 /// dragging the jobs that happened to be delivered beside it over the limit too.
-pub async fn to_retry_lane(ctx: Arc<Context>, publisher: Channel, delivery: Delivery) {
+pub async fn to_retry_lane(
+    ctx: Arc<Context>,
+    publisher: Channel,
+    delivery: Delivery,
+    pin: Option<String>,
+) {
     let retry_queue = topology::retry_queue(&ctx.model);
-    let properties = topology::moved_properties(&delivery.properties, delivery.redelivered, None);
+    let properties =
+        topology::moved_properties(&delivery.properties, delivery.redelivered, pin.as_deref());
     // A move refused while the lane's quorum queue elects a leader (a broker node lost) is
     // tried again, 0.1 s to 1.6 s apart, before the job goes back to the queue: each return
     // counts as a delivery, and returns in quick succession would take an innocent job to the
@@ -164,6 +170,28 @@ async fn settle_move(acker: lapin::Acker, moved: bool) {
     };
     if let Err(error) = settled {
         tracing::debug!(%error, "cannot settle a moved job; the broker will redeliver it");
+    }
+}
+
+/// Deliveries a job has had in every queue it went through (the broker's count in this one,
+/// and [`header::PRIOR_DELIVERIES`] from those before).
+pub fn deliveries_so_far(delivery: &Delivery) -> u64 {
+    let headers = delivery.properties.headers().as_ref();
+    let here =
+        header_u64(headers, header::DELIVERY_COUNT).unwrap_or(u64::from(delivery.redelivered));
+    here.saturating_add(header_u64(headers, header::PRIOR_DELIVERIES).unwrap_or(0))
+}
+
+/// Dead-letters a job (rejected without requeue: its queue sends it to `ember.dead.<model>`,
+/// and the notice is answered `dead_lettered`): for a pinned job that went round the version's
+/// queue and the retry lane `x-delivery-limit` times, whose count each move started afresh.
+pub async fn dead_letter(delivery: Delivery) {
+    let rejected = delivery
+        .acker
+        .reject(lapin::options::BasicRejectOptions { requeue: false })
+        .await;
+    if let Err(error) = rejected {
+        tracing::debug!(%error, "cannot reject a job; the broker will redeliver it");
     }
 }
 
