@@ -92,7 +92,9 @@ pub struct SourceArgs {
     /// The model artifact instead of --model-dir: a path or file:// (a model directory, used in
     /// place, or an artifact file), https:// (http:// only to 127.0.0.1 or localhost) or
     /// s3://bucket/key. An artifact is a .tar.gz/.tgz/.tar of a model directory or one .onnx file.
-    #[arg(long, env = "EMBER_WORKER_MODEL_URI", conflicts_with = "model_dirs")]
+    /// It wins over --model-dir: an image's EMBER_WORKER_MODEL_DIR (its bundled model) gives way
+    /// to the URI a pool sets, which Kubernetes cannot do by unsetting the image's variable.
+    #[arg(long, env = "EMBER_WORKER_MODEL_URI")]
     pub model_uri: Option<String>,
 
     /// The artifact's SHA-256 (64 hex digits): checked before use, and the cache key (a cached
@@ -284,7 +286,7 @@ mod tests {
     }
 
     #[test]
-    fn a_model_uri_conflicts_with_an_explicit_model_dir_only() {
+    fn a_model_uri_wins_over_a_model_dir() {
         let config = Config::try_parse_from([
             "ember-worker",
             "--model-uri",
@@ -301,15 +303,18 @@ mod tests {
         );
         assert_eq!(config.model_version.as_deref(), Some("2"));
         assert!(!config.source.allow_unverified_model);
-        assert!(
-            Config::try_parse_from([
-                "ember-worker",
-                "--model-uri",
-                "s3://bucket/m.tar.gz",
-                "--model-dir",
-                "models/iris-classifier",
-            ])
-            .is_err()
+        // An image sets EMBER_WORKER_MODEL_DIR; a pool's URI must still be served.
+        let both = Config::try_parse_from([
+            "ember-worker",
+            "--model-uri",
+            "s3://bucket/m.tar.gz",
+            "--model-dir",
+            "models/iris-classifier",
+        ])
+        .expect("parses: the URI wins");
+        assert_eq!(
+            both.source.model_uri.as_deref(),
+            Some("s3://bucket/m.tar.gz")
         );
         assert!(
             Config::try_parse_from(["ember-worker", "--model-sha256", &"ab".repeat(32)]).is_err(),
