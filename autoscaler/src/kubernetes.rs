@@ -1311,10 +1311,15 @@ async fn roll(
     Ok(status)
 }
 
-/// Ready workers per model version, from their heartbeats. `ModelView` does not carry the
-/// heartbeats' versions yet (`model_info.version`), so this is empty until it does.
-fn worker_versions(_view: &ModelView) -> Vec<WorkerVersion> {
-    Vec::new()
+/// Ready workers per model version, from their heartbeats (`model_info.version`).
+fn worker_versions(view: &ModelView) -> Vec<WorkerVersion> {
+    view.ready_by_version
+        .iter()
+        .map(|(version, ready)| WorkerVersion {
+            version: version.clone(),
+            ready: *ready,
+        })
+        .collect()
 }
 
 /// A JSON Patch (`application/json-patch+json`) of a Deployment. kube's `Patch::Json` needs the

@@ -92,6 +92,9 @@ pub struct ModelView {
     pub workers: Vec<(String, u64)>,
     /// Ids of the workers reporting ready.
     pub ready_ids: Vec<String>,
+    /// Ready workers per model version they report (`model_info.version`; workers older than
+    /// it are not counted).
+    pub ready_by_version: std::collections::BTreeMap<String, u32>,
 }
 
 impl ModelView {
@@ -106,6 +109,12 @@ impl ModelView {
                 WorkerState::Ready => {
                     view.ready += 1;
                     view.ready_ids.push(w.beat.worker.clone());
+                    if let Some(info) = &w.beat.model_info {
+                        *view
+                            .ready_by_version
+                            .entry(info.version.clone())
+                            .or_default() += 1;
+                    }
                 }
                 WorkerState::Draining => view.draining += 1,
                 WorkerState::Starting => view.starting += 1,
@@ -219,6 +228,31 @@ mod tests {
         assert_eq!(view.service_rate, Some(40.0));
         assert_eq!(view.busy_ratio, Some(0.5));
         assert_eq!(view.idle_workers, vec!["b".to_string()]);
+        assert!(
+            view.ready_by_version.is_empty(),
+            "no model_info, no version"
+        );
+        // Ready workers are counted by the version they report (a rollout's two).
+        let mut versioned = beat("d", WorkerState::Ready, 0, 0, 0.0);
+        versioned.model_info = Some(ember_core::protocol::ModelInfo {
+            version: "2".into(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            max_batch: 1,
+            input: "tensor".into(),
+            decoder: "tensor".into(),
+        });
+        let mut starting = versioned.clone();
+        starting.worker = "e".into();
+        starting.state = WorkerState::Starting;
+        heartbeats.record(versioned, t0 + Duration::from_secs(1));
+        heartbeats.record(starting, t0 + Duration::from_secs(1));
+        let workers = heartbeats.workers("m", t0 + Duration::from_secs(1), Duration::from_secs(5));
+        let view = ModelView::from_workers(&workers);
+        assert_eq!(
+            view.ready_by_version,
+            std::collections::BTreeMap::from([("2".to_string(), 1)])
+        );
         // Silence ages a worker out.
         let later = heartbeats.workers("m", t0 + Duration::from_secs(10), Duration::from_secs(5));
         assert!(later.is_empty());
