@@ -132,3 +132,55 @@ async fn pinned_jobs_are_answered_by_their_version_or_told_it_is_not_served() {
         )
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_pinned_by_routing_key_keeps_its_pin_when_it_comes_back_through_the_retry_lane() {
+    let model = ember_testkit::unique_model("pinlane");
+    let iris = [
+        "--model-dir",
+        "models/iris-classifier",
+        "--heartbeat-interval",
+        "200ms",
+    ];
+    // A v1 worker that dies on the job (the chaos marker), and a v2 worker beside it.
+    let mut crashing =
+        Worker::spawn_with_env(&model, &iris, &[("EMBER_WORKER_CHAOS_CRASH_ON", "kill-me")]);
+    crashing.wait_ready();
+    let v2 = [&iris[..], &["--model-version", "2"]].concat();
+    let _two = Worker::start(&model, &v2);
+    let mut client = Client::new(&model).await;
+    let (rows, _) = ember_testkit::iris_rows();
+    let body = serde_json::to_vec(&json!({
+        "id": "kill-me",
+        "inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32", "data": &rows[..4]}]
+    }))
+    .unwrap();
+    // Pinned by routing key alone: no header says "1".
+    let job = client.submit(&body, options(None, Some("1"))).await;
+    let status = crashing.exited().await;
+    assert!(!status.success(), "the marked job killed the v1 worker");
+    // A v1 worker without the marker takes the job back from v1's queue (redelivered), moves it
+    // to the model's retry lane, which the v2 worker consumes too: the pin must go with it,
+    // or v2 may answer it.
+    let _one = Worker::start(&model, &iris);
+    client.collect(std::slice::from_ref(&job)).await;
+    client
+        .drain_for(std::time::Duration::from_millis(500))
+        .await;
+    let answers = &client.results[&job];
+    assert_eq!(answers.len(), 1, "{answers:?}");
+    let result = &answers[0];
+    assert_eq!(result.status, Status::Ok, "{result:?}");
+    assert_eq!(result.model_version.as_deref(), Some("1"), "{result:?}");
+    assert!(result.attempt >= 2, "it was redelivered: {result:?}");
+    let channel = client.channel.clone();
+    client.cleanup().await;
+    for version in ["1", "2"] {
+        let _ = channel
+            .queue_delete(
+                topology::version_queue(&model, version).as_str().into(),
+                lapin::options::QueueDeleteOptions::default(),
+            )
+            .await;
+    }
+}

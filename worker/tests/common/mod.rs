@@ -69,6 +69,11 @@ impl Worker {
     }
 
     pub fn spawn(model: &str, extra: &[&str]) -> Self {
+        Self::spawn_with_env(model, extra, &[])
+    }
+
+    /// [`Worker::spawn`] with extra environment variables (e.g. the chaos crash marker).
+    pub fn spawn_with_env(model: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let admin_port = free_port();
         let log = Path::new(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("{model}-{}.log", uuid::Uuid::new_v4().simple()));
@@ -79,6 +84,7 @@ impl Worker {
                 .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
                 .args(["--amqp-url", AMQP_URL])
                 .args(extra)
+                .envs(env.iter().copied())
                 .env("EMBER_LOG", "info,ort=warn"),
             log,
         );
