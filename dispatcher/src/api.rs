@@ -298,7 +298,7 @@ fn publish_error(error: PublishError, model: &str, version: Option<&str>) -> Api
         PublishError::Unroutable => {
             ApiError::unavailable("no_queue", format!("no queue took the job for `{model}`"))
         }
-        PublishError::Unavailable(why) => {
+        PublishError::Refused(why) | PublishError::Unavailable(why) => {
             ApiError::unavailable("broker_unavailable", "the broker is unavailable")
                 .with_detail(why)
         }
@@ -774,7 +774,13 @@ async fn submit(
             // publish whose confirm never came may have reached the queue, so the key stays
             // pending under this job id, and a retry publishes the same id again (one result
             // and one callback per job id), never a second job.
-            let refused = matches!(error, PublishError::QueueFull | PublishError::Unroutable);
+            // A nack below the bound is as definite as one at it (seen in the chaos suite's
+            // overload: a key kept pending after such a nack made every retry 503 until the
+            // client gave up).
+            let refused = matches!(
+                error,
+                PublishError::QueueFull | PublishError::Unroutable | PublishError::Refused(_)
+            );
             if let Some(key) = idempotency_key
                 && refused
             {

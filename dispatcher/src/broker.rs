@@ -49,7 +49,10 @@ pub enum PublishError {
     QueueFull,
     /// No queue took the job.
     Unroutable,
-    /// No broker connection right now.
+    /// Nothing was published: no broker connection, or the broker nacked the job (a quorum
+    /// queue electing a leader, a node going). Worth a retry, and the job is not in any queue.
+    Refused(String),
+    /// The publish's outcome is unknown (its confirm never came): the job may be in the queue.
     Unavailable(String),
 }
 
@@ -104,12 +107,12 @@ impl Link {
             Ok(Ok(queue)) if queue.message_count() >= self.max_length / 2 => {
                 PublishError::QueueFull
             }
-            Ok(Ok(queue)) => PublishError::Unavailable(format!(
+            Ok(Ok(queue)) => PublishError::Refused(format!(
                 "nacked with {} of {} jobs ready: not a full queue",
                 queue.message_count(),
                 self.max_length
             )),
-            _ => PublishError::Unavailable("nacked, and the queue's depth cannot be read".into()),
+            _ => PublishError::Refused("nacked, and the queue's depth cannot be read".into()),
         }
     }
 }
@@ -291,7 +294,7 @@ impl Broker {
             .read()
             .await
             .clone()
-            .ok_or_else(|| PublishError::Unavailable("not connected to the broker".into()))?;
+            .ok_or_else(|| PublishError::Refused("not connected to the broker".into()))?;
         let headers = job_headers(&job, unix_ms());
         let mut properties = BasicProperties::default()
             .with_message_id(job.job_id.into())
