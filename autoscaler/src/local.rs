@@ -287,6 +287,13 @@ impl LocalModel {
         );
     }
 
+    /// The source asked for is the one that failed to roll out (not tried again).
+    fn desired_failed(&self) -> bool {
+        self.failed
+            .as_ref()
+            .is_some_and(|(source, _)| *source == self.desired)
+    }
+
     /// Starts, supersedes or leaves alone a rollout, from what the pool is asked to serve.
     async fn begin_or_supersede(&mut self) {
         if let Some(rollout) = &self.rollout
@@ -305,11 +312,7 @@ impl LocalModel {
                 ),
             );
         }
-        let failed_already = self
-            .failed
-            .as_ref()
-            .is_some_and(|(source, _)| *source == self.desired);
-        if self.rollout.is_none() && self.desired != self.current && !failed_already {
+        if self.rollout.is_none() && self.desired != self.current && !self.desired_failed() {
             let to = self.desired.clone();
             self.event(
                 "Normal",
@@ -420,11 +423,7 @@ impl LocalModel {
         let view_counts = self.counts;
         let phase = if self.rollout.is_some() {
             "Progressing"
-        } else if self
-            .failed
-            .as_ref()
-            .is_some_and(|(source, _)| *source == self.desired)
-        {
+        } else if self.desired_failed() {
             "RolledBack"
         } else {
             "Stable"

@@ -16,12 +16,14 @@
 //! - [`args`]: the model and admin flags every part takes ([`args::ModelArgs`], flattened).
 //! - [`telemetry`]: logging set-up, the per-process metrics registry and the admin server
 //!   (`/metrics`, `/livez`, `/readyz`).
+//! - [`retry`]: exponential backoff with jitter, for tries over the network.
 //! - [`shutdown`]: SIGTERM/SIGINT to a `CancellationToken`; a second signal exits at once.
 
 pub use ember_protocol::{model, protocol};
 
 pub mod amqp;
 pub mod args;
+pub mod retry;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topology;

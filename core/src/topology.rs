@@ -85,13 +85,12 @@ pub fn moved_properties(
     redelivered: bool,
     pin: Option<&str>,
 ) -> BasicProperties {
+    let so_far = deliveries_so_far(properties, redelivered);
     let table = properties.headers().as_ref();
-    let count = header_u64(table, header::DELIVERY_COUNT).unwrap_or(u64::from(redelivered));
-    let prior = header_u64(table, header::PRIOR_DELIVERIES).unwrap_or(0);
     let mut headers = table.map(|h| h.inner().clone()).unwrap_or_default();
     headers.remove(header::DELIVERY_COUNT);
     let mut headers = Headers::from(FieldTable::from(headers));
-    headers.uint(header::PRIOR_DELIVERIES, count.saturating_add(prior));
+    headers.uint(header::PRIOR_DELIVERIES, so_far);
     if let Some(version) = pin {
         headers.text(header::MODEL_VERSION, version);
     }
@@ -112,6 +111,15 @@ pub async fn ready_messages(channel: &Channel, queue: &str) -> lapin::Result<u32
         )
         .await
         .map(|q| q.message_count())
+}
+
+/// Deliveries a job has had in every queue it went through: the broker's count in this one
+/// (`x-delivery-count`, else 1 for a redelivered message) and [`header::PRIOR_DELIVERIES`] from
+/// the queues before.
+pub fn deliveries_so_far(properties: &BasicProperties, redelivered: bool) -> u64 {
+    let table = properties.headers().as_ref();
+    let here = header_u64(table, header::DELIVERY_COUNT).unwrap_or(u64::from(redelivered));
+    here.saturating_add(header_u64(table, header::PRIOR_DELIVERIES).unwrap_or(0))
 }
 
 /// How [`retire_version`] ended.

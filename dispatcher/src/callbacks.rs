@@ -50,12 +50,7 @@ impl RetryPolicy {
         if let Some(retry_after) = retry_after {
             return retry_after.min(self.max_backoff);
         }
-        let exponent = attempt.saturating_sub(1).min(30);
-        let base = self
-            .initial_backoff
-            .saturating_mul(1u32 << exponent)
-            .min(self.max_backoff);
-        base.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+        ember_core::retry::jittered_backoff(self.initial_backoff, self.max_backoff, attempt, jitter)
     }
 }
 

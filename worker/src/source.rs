@@ -479,16 +479,7 @@ fn hex(bytes: &[u8]) -> String {
 /// The backoff before try `tries + 1`: 250 ms doubling up to 4 s, each between half and all
 /// of that (jitter, so that a fleet starting together does not retry in step).
 pub fn backoff(tries: u32, jitter: f64) -> Duration {
-    let full = FIRST_BACKOFF
-        .saturating_mul(1 << tries.saturating_sub(1).min(16))
-        .min(MAX_BACKOFF);
-    full.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
-}
-
-fn jitter() -> f64 {
-    use std::hash::BuildHasher;
-    let random = std::hash::RandomState::new().hash_one(std::time::SystemTime::now());
-    (random % 1024) as f64 / 1023.0
+    ember_core::retry::jittered_backoff(FIRST_BACKOFF, MAX_BACKOFF, tries, jitter)
 }
 
 /// Runs `attempt` until it succeeds, fails for good, or [`MAX_TRIES`] transient failures.
@@ -503,7 +494,7 @@ where
         match attempt().await {
             Ok(value) => return Ok(value),
             Err(problem) if problem.is_transient() && tries < MAX_TRIES => {
-                let delay = backoff(tries, jitter());
+                let delay = backoff(tries, rand::random());
                 tracing::warn!(uri, tries, delay_ms = delay.as_millis() as u64, error = %problem, "model download failed; trying again");
                 tokio::time::sleep(delay).await;
             }
@@ -1083,8 +1074,6 @@ mod tests {
         assert_eq!(backoff(3, 1.0), Duration::from_secs(1));
         assert_eq!(backoff(10, 1.0), MAX_BACKOFF);
         assert_eq!(backoff(u32::MAX, 1.0), MAX_BACKOFF);
-        let j = jitter();
-        assert!((0.0..=1.0).contains(&j));
     }
 
     #[test]

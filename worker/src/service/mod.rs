@@ -303,7 +303,8 @@ async fn forward_or_dead_letter(
     delivery: lapin::message::Delivery,
     version: String,
 ) {
-    if recovery::deliveries_so_far(&delivery) >= u64::from(ctx.queue.delivery_limit) {
+    let so_far = topology::deliveries_so_far(&delivery.properties, delivery.redelivered);
+    if so_far >= u64::from(ctx.queue.delivery_limit) {
         tracing::warn!(%version, "a pinned job reached the delivery limit going round: dead-lettered");
         recovery::dead_letter(delivery).await;
     } else {

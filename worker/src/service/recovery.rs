@@ -173,15 +173,6 @@ async fn settle_move(acker: lapin::Acker, moved: bool) {
     }
 }
 
-/// Deliveries a job has had in every queue it went through (the broker's count in this one,
-/// and [`header::PRIOR_DELIVERIES`] from those before).
-pub fn deliveries_so_far(delivery: &Delivery) -> u64 {
-    let headers = delivery.properties.headers().as_ref();
-    let here =
-        header_u64(headers, header::DELIVERY_COUNT).unwrap_or(u64::from(delivery.redelivered));
-    here.saturating_add(header_u64(headers, header::PRIOR_DELIVERIES).unwrap_or(0))
-}
-
 /// Dead-letters a job (rejected without requeue: its queue sends it to `ember.dead.<model>`,
 /// and the notice is answered `dead_lettered`): for a pinned job that went round the version's
 /// queue and the retry lane `x-delivery-limit` times, whose count each move started afresh.
