@@ -29,7 +29,8 @@ for line in arguments.stdout.splitlines():
     if BOUNDED_SINCE_ISSUE_18.match(name) and "x-max-length" not in args and name not in names:
         names.append(name)
 if names:
-    connection = pika.BlockingConnection(pika.ConnectionParameters("127.0.0.1", 5672))
+    connection = pika.BlockingConnection(pika.ConnectionParameters(
+        "127.0.0.1", 5672, connection_attempts=5, retry_delay=3, stack_timeout=60))
     channel = connection.channel()
     for name in names:
         channel.queue_delete(name)
