@@ -61,13 +61,19 @@ if o:
 
 t = load("throughput")
 if t:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    vals = [t["broker_ceiling_jobs_s"], t["fleet_jobs_s"]]
-    ax.bar(["broker ceiling\n(raw AMQP pattern)", "Ember fleet\n(tiny model)"], [v["median"] for v in vals],
-           yerr=[[v["median"] - v["min"] for v in vals], [v["max"] - v["median"] for v in vals]],
-           color=["tab:gray", "tab:red"], capsize=6)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    kinds = [k for k in ("reply_only", "stored") if k in t]
+    width = 0.38
+    for i, (key, label, color) in enumerate([("broker_ceiling_jobs_s", "broker ceiling (raw AMQP pattern)", "tab:gray"),
+                                             ("fleet_jobs_s", "Ember fleet (tiny model)", "tab:red")]):
+        vals = [t[k][key] for k in kinds]
+        ax.bar(np.arange(len(kinds)) + (i - 0.5) * width, [v["median"] for v in vals], width,
+               yerr=[[v["median"] - v["min"] for v in vals], [v["max"] - v["median"] for v in vals]],
+               color=color, capsize=6, label=label)
+    ax.set_xticks(np.arange(len(kinds)), [f"{k.replace('_', '-')} jobs\nratio {t[k]['ratio']:.2f}" for k in kinds])
     ax.set_ylabel("jobs/s")
-    ax.set_title(f"ratio {t['ratio']:.2f} ({t['publishers']} publishers x {t['window']} outstanding)")
+    ax.set_title(f"{t['publishers']} publishers x {t['window']} outstanding (median round, spread)")
+    ax.legend()
     save(fig, "throughput")
 
 b = load("batching")

@@ -63,7 +63,9 @@ MODEL_DIR = ROOT / "models" / "ssdlite-person"
 EXPECTED_BOX = (3.0, 34.0, 378.0, 509.0)
 MIN_IOU = 0.9
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
-SYSTEMS = ("celery-prefork2x1", "celery-prefork1x2", "ember")
+# Ember's variants: the worker's flags besides --ember-args (`ember`: its defaults).
+EMBER_VARIANTS = {"ember": [], "ember-2x1": ["--instances", "2"]}
+SYSTEMS = ("celery-prefork2x1", "celery-prefork1x2", *EMBER_VARIANTS)
 CELERY_TUNINGS = {"celery-prefork2x1": (2, 1), "celery-prefork1x2": (1, 2)}  # (processes, ORT threads)
 OUTCOMES = ("ok", "error", "wrong", "failed")
 
@@ -735,7 +737,7 @@ def machine() -> dict:
     }
 
 
-WORKER_TUNING_FLAGS = ("--max-batch", "--max-batch-delay", "--prefetch", "--intra-threads", "--ort-spin")
+WORKER_TUNING_FLAGS = ("--max-batch", "--max-batch-delay", "--prefetch", "--intra-threads", "--instances", "--ort-spin")
 
 
 def worker_help(binary: Path) -> dict:
@@ -758,15 +760,16 @@ def worker_help(binary: Path) -> dict:
 
 
 def settings_of(system: str, args, spec: dict, binary: Path) -> dict:
-    if system == "ember":
+    if system in EMBER_VARIANTS:
         return {
             "what": "target/release/ember-worker, one process, jobs published by pika with Direct Reply-to",
-            "worker_flags": args.ember_args or "(none: the documented defaults, docs/worker.md)",
+            "worker_flags": shlex.join([*EMBER_VARIANTS[system], *shlex.split(args.ember_args)])
+            or "(none: the documented defaults, docs/worker.md)",
             "worker_help": worker_help(binary),
             "max_batch": "model.toml's max_batch (%s) unless --max-batch" % spec.get("max_batch"),
             "max_batch_delay": "5ms (default)",
             "prefetch": "2 x max batch (default)",
-            "ort_intra_threads": "0: ONNX Runtime's default, one per core (%d here)" % len(os.sched_getaffinity(0)),
+            "ort_intra_threads": "0: the cores this process may use (%d here), divided among the instances" % len(os.sched_getaffinity(0)),
             "ort_spinning": "off (default)",
             "ort_graph_optimization": "ort's Level3 = ORT_ENABLE_LAYOUT (worker/src/runtime.rs)",
             "queue": "ember.jobs.<model>: quorum, x-delivery-limit 5, x-overflow reject-publish, x-max-length 10000, DLX ember.dlx at-least-once",
@@ -804,9 +807,9 @@ def run(args) -> int:
     unknown = [s for s in systems if s not in SYSTEMS]
     if unknown:
         raise SystemExit(f"unknown systems {unknown}; known: {', '.join(SYSTEMS)}")
-    if "ember" in systems and not binary.exists():
+    if any(s in EMBER_VARIANTS for s in systems) and not binary.exists():
         raise SystemExit(f"{binary} is missing: cargo build --release -p ember-worker (or leave ember out of --systems)")
-    if "ember" in systems and not ort_dylib():
+    if any(s in EMBER_VARIANTS for s in systems) and not ort_dylib():
         raise SystemExit("no libonnxruntime.so for the worker: set ORT_DYLIB_PATH or run scripts/setup")
     try:
         rabbitmq = rabbitmq_version()
@@ -881,10 +884,11 @@ def run(args) -> int:
                 proc = None
                 record = {"round": round_no, "loadavg_before": list(os.getloadavg())}
                 try:
-                    if system == "ember":
-                        model = f"{name}-ember"
+                    if system in EMBER_VARIANTS:
+                        model = f"{name}-{system}"
                         made_queues.extend(ember_queues(model, version))
-                        proc = start_ember(binary, model, shlex.split(args.ember_args), logs)
+                        flags = [*EMBER_VARIANTS[system], *shlex.split(args.ember_args)]
+                        proc = start_ember(binary, model, flags, logs)
                         spec = {**spec_base, "kind": "ember", "target": model}
                     else:
                         queue = f"{name}-{system}"
@@ -903,8 +907,8 @@ def run(args) -> int:
                         proc.stop(grace=30)
                         started.remove(proc)
                     try:
-                        if system == "ember":
-                            delete(queues=ember_queues(f"{name}-ember", version))
+                        if system in EMBER_VARIANTS:
+                            delete(queues=ember_queues(f"{name}-{system}", version))
                         else:
                             delete(queues=[f"{name}-{system}"], exchanges=[f"{name}-{system}"])
                     except Exception as error:  # tried again at the end
@@ -982,10 +986,13 @@ def summarise_doc(doc: dict) -> None:
     if celery:
         best = max(celery, key=lambda k: median(celery[k], "throughput_jobs_s") or 0)
         doc["celery_best"] = {"system": best, "rule": "the Celery tuning with the higher median throughput"}
-        ember = doc["systems"].get("ember")
-        if ember and median(celery[best], "throughput_jobs_s"):
+        embers = {k: v for k, v in doc["systems"].items() if k in EMBER_VARIANTS}
+        if embers and median(celery[best], "throughput_jobs_s"):
             c = celery[best]
+            name = max(embers, key=lambda k: median(embers[k], "throughput_jobs_s") or 0)
+            ember = embers[name]
             doc["comparison"] = {
+                "ember_best": name,
                 "throughput_ratio_ember_over_celery_best": median(ember, "throughput_jobs_s") / median(c, "throughput_jobs_s"),
                 "closed_loop_p95_ms": {"ember": median(ember, "closed_loop_p95_ms"), "celery_best": median(c, "closed_loop_p95_ms")},
                 "sequential_p50_ms": {"ember": median(ember, "sequential_p50_ms"), "celery_best": median(c, "sequential_p50_ms")},

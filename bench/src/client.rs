@@ -21,6 +21,8 @@ type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Vec<u8>>>>>;
 #[derive(Clone)]
 pub struct RpcClient {
     pub channel: Channel,
+    /// Marks each job `ember-store-result` (its result kept for polling, as over HTTP).
+    pub store_results: bool,
     pending: Pending,
     _connection: Arc<Connection>,
 }
@@ -59,6 +61,7 @@ impl RpcClient {
         });
         Ok(Self {
             channel,
+            store_results: false,
             pending,
             _connection: Arc::new(connection),
         })
@@ -104,6 +107,9 @@ impl RpcClient {
             .insert(id.clone(), tx);
         let mut headers = Headers::new();
         headers.uint(header::SUBMITTED_AT, unix_ms());
+        if self.store_results {
+            headers.bool(header::STORE_RESULT, true);
+        }
         if let Some(length) = header_length {
             headers.uint(header::INFERENCE_HEADER_LENGTH, length as u64);
         }

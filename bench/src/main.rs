@@ -229,6 +229,8 @@ async fn overhead(args: &Args, jobs: usize) -> anyhow::Result<()> {
     let dir = fleet::root().join("models/ssdlite-person");
     let (mut bare_p50, mut decode_p50, mut amqp_p50, mut http_p50) =
         (vec![], vec![], vec![], vec![]);
+    let tensor = TensorBodies::new()?;
+    let mut tensor_p50: [Vec<f64>; 3] = Default::default();
     let mut detail = Vec::new();
     for round in 0..args.rounds {
         let (run, decode) = bare(jobs).await?;
@@ -268,6 +270,16 @@ async fn overhead(args: &Args, jobs: usize) -> anyhow::Result<()> {
             let _ = response.bytes().await?;
             via_http.push(started.elapsed().as_secs_f64());
         }
+        let tensors = tensor.run(&client, &http, &model, api, jobs).await?;
+        for (p50s, times) in tensor_p50.iter_mut().zip(&tensors) {
+            p50s.push(summarise(times).p50);
+        }
+        println!(
+            "  300x300 UINT8 tensor p50: AMQP binary {:.2} ms | HTTP OIP binary {:.2} ms | HTTP OIP JSON {:.2} ms",
+            summarise(&tensors[0]).p50 * 1e3,
+            summarise(&tensors[1]).p50 * 1e3,
+            summarise(&tensors[2]).p50 * 1e3
+        );
         let s = |v: &[f64]| summarise(v);
         let (b, d, a, h) = (s(&run), s(&decode), s(&amqp), s(&via_http));
         println!(
@@ -296,7 +308,9 @@ async fn overhead(args: &Args, jobs: usize) -> anyhow::Result<()> {
         detail.push(json!({"bare_run_s": b, "decode_resize_s": d, "amqp_s": a, "http_s": h,
             "amqp_stages_mean_ms": stages.means(),
             "worker_queue_ms": summarise(&queue_ms), "worker_inference_ms": summarise(&inference_ms), "worker_total_ms": summarise(&worker_ms),
-            "client_publish_confirm_ms": summarise(&confirm_ms)}));
+            "client_publish_confirm_ms": summarise(&confirm_ms),
+            "tensor_300_amqp_binary_s": s(&tensors[0]), "tensor_300_http_binary_s": s(&tensors[1]),
+            "tensor_300_http_json_s": s(&tensors[2])}));
         drop(dispatcher);
         drop(worker);
         delete_queues(&model).await;
@@ -309,10 +323,108 @@ async fn overhead(args: &Args, jobs: usize) -> anyhow::Result<()> {
         h.median / b.median,
         (h.median - b.median) * 1e3
     );
-    let doc = json!({"jobs": jobs, "image": "astronaut.png", "threads": "ONNX Runtime default (one per core) in both",
+    let [t_amqp, t_binary, t_json] = tensor_p50.map(across);
+    println!(
+        "300x300 tensor (p50): HTTP binary / AMQP binary {:.2}x, HTTP JSON / HTTP binary {:.2}x",
+        t_binary.median / t_amqp.median,
+        t_json.median / t_binary.median
+    );
+    let doc = json!({"jobs": jobs, "image": "astronaut.png", "threads": "the worker's default in both (the cores this process may use)",
         "bare_run_p50_s": b, "decode_resize_p50_s": across(decode_p50), "amqp_p50_s": a, "http_p50_s": h,
-        "ratio_amqp": a.median / b.median, "ratio_http": h.median / b.median, "rounds_detail": detail});
+        "ratio_amqp": a.median / b.median, "ratio_http": h.median / b.median,
+        "tensor_300": {"what": "astronaut.png resized to 300x300 RGB as a [1,300,300,3] UINT8 tensor, sequential: over AMQP in the binary tensor form, over HTTP POST /v2/models/{m}/infer in the binary form (binary outputs) and in JSON (JSON outputs)",
+            "amqp_binary_p50_s": t_amqp, "http_binary_p50_s": t_binary, "http_json_p50_s": t_json,
+            "ratio_http_binary_to_amqp": t_binary.median / t_amqp.median, "ratio_http_json_to_binary": t_json.median / t_binary.median},
+        "rounds_detail": detail});
     save(&args.out, "overhead", doc)
+}
+
+/// The same image as an Open Inference Protocol tensor, three ways (`run` returns each one's
+/// sequential round trips; an answer that is not `ok` / 200 stops the run).
+struct TensorBodies {
+    binary: Vec<u8>,
+    header_length: usize,
+    json: Vec<u8>,
+}
+
+impl TensorBodies {
+    const INPUT: &str = "image_tensor:0";
+
+    fn new() -> anyhow::Result<Self> {
+        let raw = image::load_from_memory(&sample("astronaut.png")?)?
+            .resize_exact(300, 300, image::imageops::FilterType::Triangle)
+            .into_rgb8()
+            .into_raw();
+        let shape = [1, 300, 300, 3];
+        let head = serde_json::to_vec(&json!({
+            "inputs": [{"name": Self::INPUT, "shape": shape, "datatype": "UINT8",
+                        "parameters": {"binary_data_size": raw.len()}}],
+            "parameters": {"binary_data_output": true}}))?;
+        let header_length = head.len();
+        let mut binary = head;
+        binary.extend_from_slice(&raw);
+        let json = serde_json::to_vec(&json!({
+            "inputs": [{"name": Self::INPUT, "shape": shape, "datatype": "UINT8", "data": raw}]}))?;
+        Ok(Self {
+            binary,
+            header_length,
+            json,
+        })
+    }
+
+    async fn run(
+        &self,
+        client: &RpcClient,
+        http: &reqwest::Client,
+        model: &str,
+        api: u16,
+        jobs: usize,
+    ) -> anyhow::Result<[Vec<f64>; 3]> {
+        let mut times: [Vec<f64>; 3] = Default::default();
+        for _ in 0..jobs {
+            let started = Instant::now();
+            let rx = client
+                .send_with(
+                    topology::JOBS_EXCHANGE,
+                    model,
+                    &self.binary,
+                    ember_core::protocol::content_type::OIP_BINARY,
+                    Some(self.header_length),
+                )
+                .await?;
+            let result: ember_core::protocol::JobResult = serde_json::from_slice(&rx.await?)?;
+            times[0].push(started.elapsed().as_secs_f64());
+            anyhow::ensure!(
+                result.status == ember_core::protocol::Status::Ok,
+                "tensor job failed: {:?}",
+                result.error
+            );
+        }
+        let url = format!("http://127.0.0.1:{api}/v2/models/{model}/infer");
+        for (slot, binary) in [(1, true), (2, false)] {
+            for _ in 0..jobs {
+                let started = Instant::now();
+                let mut request = http.post(&url).header("content-type", "application/json");
+                request = if binary {
+                    request
+                        .header("inference-header-content-length", self.header_length)
+                        .body(self.binary.clone())
+                } else {
+                    request.body(self.json.clone())
+                };
+                let response = request.send().await?;
+                let status = response.status();
+                let body = response.bytes().await?;
+                times[slot].push(started.elapsed().as_secs_f64());
+                anyhow::ensure!(
+                    status == 200,
+                    "HTTP {status}: {}",
+                    String::from_utf8_lossy(&body[..body.len().min(300)])
+                );
+            }
+        }
+        Ok(times)
+    }
 }
 
 /// One AMQP job's round trip cut into stages that add up to it, from the client's clock and the
@@ -366,16 +478,20 @@ impl Stages {
 }
 
 /// The broker's own ceiling: the worker's AMQP pattern without a model. Consume (same prefetch)
-/// -> publish the reply to reply_to and a copy to a durable sink (as the worker's results go to
-/// ember.results.store) with confirms -> ack; clients as in the fleet run.
+/// -> publish the reply to reply_to and the result to a topic exchange, with confirms -> ack;
+/// clients as in the fleet run. With `store`, the exchange routes to a durable quorum sink
+/// drained with acks (a stored result: ember.results.stored to ember.results.store and the
+/// dispatcher's consumer); without, nothing is bound to it (a reply-only job's ember.results).
 async fn raw_ceiling(
     duration: Duration,
     publishers: usize,
     window: usize,
     body: &[u8],
+    store: bool,
 ) -> anyhow::Result<f64> {
     let queue = unique("raw");
     let sink = format!("{queue}.sink");
+    let results = format!("{queue}.results");
     let connection = Connection::connect(client::URL, ConnectionProperties::default()).await?;
     let admin = connection.create_channel().await?;
     let durable = QueueDeclareOptions {
@@ -392,8 +508,27 @@ async fn raw_ceiling(
     let mut quorum = Headers::new();
     quorum.text("x-queue-type", "quorum");
     admin
-        .queue_declare(sink.as_str().into(), durable, quorum.into_table())
+        .exchange_declare(
+            results.as_str().into(),
+            lapin::ExchangeKind::Topic,
+            lapin::options::ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
+    if store {
+        admin
+            .queue_declare(sink.as_str().into(), durable, quorum.into_table())
+            .await?;
+        admin
+            .queue_bind(
+                sink.as_str().into(),
+                results.as_str().into(),
+                "#".into(),
+                lapin::options::QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
     // The consumer side, on its own connection like a worker.
     let worker_conn = Connection::connect(client::URL, ConnectionProperties::default()).await?;
     let consume = worker_conn.create_channel().await?;
@@ -410,11 +545,11 @@ async fn raw_ceiling(
             FieldTable::default(),
         )
         .await?;
-    let sink_name = sink.clone();
+    let results_exchange = results.clone();
     let worker = tokio::spawn(async move {
         while let Some(Ok(delivery)) = deliveries.next().await {
             let publish = publish.clone();
-            let sink = sink_name.clone();
+            let results = results_exchange.clone();
             tokio::spawn(async move {
                 let props = BasicProperties::default()
                     .with_delivery_mode(2)
@@ -442,8 +577,8 @@ async fn raw_ceiling(
                     .await;
                 let b = publish
                     .basic_publish(
-                        "".into(),
-                        sink.as_str().into(),
+                        results.as_str().into(),
+                        "tiny.ok".into(),
                         BasicPublishOptions::default(),
                         &body,
                         props,
@@ -458,35 +593,44 @@ async fn raw_ceiling(
         }
     });
     // Drain the sink like the dispatcher's store consumer.
-    let sink_ch = worker_conn.create_channel().await?;
-    sink_ch.basic_qos(64, BasicQosOptions::default()).await?;
-    let mut sink_consumer = sink_ch
-        .basic_consume(
-            sink.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    let drain = tokio::spawn(async move {
-        while let Some(Ok(d)) = sink_consumer.next().await {
-            let _ = d.ack(BasicAckOptions::default()).await;
-        }
-    });
-    let rate = drive_closed_loop(&queue, "", duration, publishers, window, body).await?;
+    let drain = if store {
+        let sink_ch = worker_conn.create_channel().await?;
+        sink_ch.basic_qos(64, BasicQosOptions::default()).await?;
+        let mut sink_consumer = sink_ch
+            .basic_consume(
+                sink.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Some(tokio::spawn(async move {
+            while let Some(Ok(d)) = sink_consumer.next().await {
+                let _ = d.ack(BasicAckOptions::default()).await;
+            }
+        }))
+    } else {
+        None
+    };
+    let rate = drive_closed_loop(&queue, "", duration, publishers, window, body, false).await?;
     worker.abort();
-    drain.abort();
+    if let Some(drain) = drain {
+        drain.abort();
+    }
     for q in [&queue, &sink] {
         let _ = admin
             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
             .await;
     }
+    let _ = admin
+        .exchange_delete(results.as_str().into(), Default::default())
+        .await;
     Ok(rate)
 }
 
 /// `publishers` clients, each keeping `window` jobs outstanding, for `duration` after a 2 s
 /// warm-up; returns completed jobs/s. `exchange` "" with the queue name for raw mode, or
-/// ember.jobs with the model.
+/// ember.jobs with the model; `store` marks each job `ember-store-result`.
 async fn drive_closed_loop(
     route: &str,
     exchange: &str,
@@ -494,12 +638,14 @@ async fn drive_closed_loop(
     publishers: usize,
     window: usize,
     body: &[u8],
+    store: bool,
 ) -> anyhow::Result<f64> {
     let done = Arc::new(AtomicU64::new(0));
     let stop = Instant::now() + Duration::from_secs(2) + duration;
     let mut tasks = Vec::new();
     for _ in 0..publishers {
-        let client = RpcClient::connect_plain().await?;
+        let mut client = RpcClient::connect_plain().await?;
+        client.store_results = store;
         for _ in 0..window {
             let client = client.clone();
             let done = done.clone();
@@ -545,45 +691,50 @@ async fn throughput(
 ) -> anyhow::Result<()> {
     let body = tiny_png()?;
     let dir = fleet::root().join("models/tiny-ssd");
-    let (mut raw, mut fleet_rates) = (vec![], vec![]);
+    // Per kind of job: (broker ceiling, fleet) jobs/s of each round.
+    let kinds = [("reply_only", false), ("stored", true)];
+    let mut rates: Vec<(Vec<f64>, Vec<f64>)> = vec![(vec![], vec![]); kinds.len()];
     for round in 0..args.rounds {
-        let ceiling = raw_ceiling(duration, publishers, window, &body).await?;
         let model = unique("tiny");
         let worker = fleet::worker(&model, &dir, &["--max-batch", "64", "--prefetch", "128"])?;
         worker.wait_http(worker.admin, "/readyz").await?;
         let (dispatcher, api) = fleet::dispatcher(&model, &dir)?;
         dispatcher.wait_http(api, "/v2/health/ready").await?;
-        let rate = drive_closed_loop(
-            &model,
-            topology::JOBS_EXCHANGE,
-            duration,
-            publishers,
-            window,
-            &body,
-        )
-        .await?;
-        println!(
-            "throughput round {round}: broker ceiling {ceiling:.0} jobs/s, fleet {rate:.0} jobs/s, ratio {:.2}",
-            rate / ceiling
-        );
-        raw.push(ceiling);
-        fleet_rates.push(rate);
+        for ((kind, store), (raw, fleet_rates)) in kinds.iter().zip(rates.iter_mut()) {
+            let ceiling = raw_ceiling(duration, publishers, window, &body, *store).await?;
+            let rate = drive_closed_loop(
+                &model,
+                topology::JOBS_EXCHANGE,
+                duration,
+                publishers,
+                window,
+                &body,
+                *store,
+            )
+            .await?;
+            println!(
+                "throughput round {round}, {kind}: broker ceiling {ceiling:.0} jobs/s, fleet {rate:.0} jobs/s, ratio {:.2}",
+                rate / ceiling
+            );
+            raw.push(ceiling);
+            fleet_rates.push(rate);
+        }
         drop(dispatcher);
         drop(worker);
         delete_queues(&model).await;
     }
-    let (r, f) = (across(raw), across(fleet_rates));
-    let ratio = f.median / r.median;
-    println!(
-        "fleet / broker ceiling: {ratio:.2} ({:.0} / {:.0} jobs/s)",
-        f.median, r.median
-    );
-    save(
-        &args.out,
-        "throughput",
-        json!({"publishers": publishers, "window": window, "duration_s": duration.as_secs_f64(),
-        "message": "8x8 PNG job, persistent, quorum queue; replies by Direct Reply-to", "broker_ceiling_jobs_s": r, "fleet_jobs_s": f, "ratio": ratio}),
-    )
+    let mut doc = json!({"publishers": publishers, "window": window, "duration_s": duration.as_secs_f64(),
+        "message": "8x8 PNG job, persistent, quorum queue; replies by Direct Reply-to; reply_only: a plain AMQP job (result to ember.results, nothing bound), stored: with ember-store-result (result to ember.results.stored -> ember.results.store, drained by the dispatcher into Redis)"});
+    for ((kind, _), (raw, fleet_rates)) in kinds.iter().zip(rates) {
+        let (r, f) = (across(raw), across(fleet_rates));
+        let ratio = f.median / r.median;
+        println!(
+            "{kind}: fleet / broker ceiling: {ratio:.2} ({:.0} / {:.0} jobs/s)",
+            f.median, r.median
+        );
+        doc[*kind] = json!({"broker_ceiling_jobs_s": r, "fleet_jobs_s": f, "ratio": ratio});
+    }
+    save(&args.out, "throughput", doc)
 }
 
 async fn batching(args: &Args, rate: f64, duration: Duration) -> anyhow::Result<()> {

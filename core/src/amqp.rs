@@ -415,6 +415,18 @@ pub fn header_str<'a>(headers: Option<&'a FieldTable>, name: &str) -> Option<&'a
     }
 }
 
+/// Whether the header `name` is set true: a boolean `true`, a non-zero integer, or the text
+/// `true` / `1` (any case, surrounding spaces ignored). Absent or anything else is false.
+pub fn header_flag(headers: Option<&FieldTable>, name: &str) -> bool {
+    match headers.and_then(|h| h.inner().get(name)) {
+        Some(AMQPValue::Boolean(v)) => *v,
+        Some(AMQPValue::LongString(_) | AMQPValue::ShortString(_)) => header_str(headers, name)
+            .is_some_and(|v| v.trim() == "1" || v.trim().eq_ignore_ascii_case("true")),
+        Some(_) => header_u64(headers, name).is_some_and(|v| v != 0),
+        None => false,
+    }
+}
+
 /// The header `name` as an unsigned integer, accepting every integer width clients send (and
 /// decimal strings, which some clients produce for large numbers).
 pub fn header_u64(headers: Option<&FieldTable>, name: &str) -> Option<u64> {
@@ -476,6 +488,13 @@ impl Headers {
         self
     }
 
+    /// Sets `name` to `value` as a boolean ([`header_flag`] reads it back).
+    pub fn bool(&mut self, name: &str, value: bool) -> &mut Self {
+        self.0
+            .insert(ShortString::from(name), AMQPValue::Boolean(value));
+        self
+    }
+
     /// The table, for `BasicProperties::with_headers` or a declaration's arguments.
     pub fn into_table(self) -> FieldTable {
         self.0
@@ -525,6 +544,35 @@ mod tests {
         let path = dir.join(name);
         std::fs::write(&path, contents).unwrap();
         path
+    }
+
+    #[test]
+    fn a_flag_header_is_true_only_when_it_says_so() {
+        let with = |value: AMQPValue| {
+            let mut table = FieldTable::default();
+            table.insert("f".into(), value);
+            header_flag(Some(&table), "f")
+        };
+        assert!(with(AMQPValue::Boolean(true)));
+        assert!(with(AMQPValue::LongString(" TRUE ".into())));
+        assert!(with(AMQPValue::ShortString("1".into())));
+        assert!(with(AMQPValue::LongLongInt(1)));
+        assert!(with(AMQPValue::ShortShortUInt(7)));
+        for no in [
+            AMQPValue::Boolean(false),
+            AMQPValue::LongString("yes please".into()),
+            AMQPValue::LongString("0".into()),
+            AMQPValue::LongInt(0),
+            AMQPValue::LongInt(-1),
+            AMQPValue::Void,
+        ] {
+            assert!(!with(no.clone()), "{no:?}");
+        }
+        assert!(!header_flag(None, "f"));
+        assert!(!header_flag(Some(&FieldTable::default()), "f"));
+        let mut headers = Headers::new();
+        headers.bool("f", true);
+        assert!(header_flag(Some(&headers.into_table()), "f"));
     }
 
     #[test]

@@ -17,8 +17,13 @@ use crate::protocol::{Heartbeat, header};
 pub const JOBS_EXCHANGE: &str = "ember.jobs";
 /// Dead-letter exchange; routes by the job's routing key (the model) to `ember.dead.<model>`.
 pub const DEAD_LETTER_EXCHANGE: &str = "ember.dlx";
-/// Topic exchange carrying every result, routing key `<model>.<status>`.
+/// Topic exchange carrying the results of jobs that did not ask to be stored, routing key
+/// `<model>.<status>`: a reply only, unless a user binds a queue of their own.
 pub const RESULTS_EXCHANGE: &str = "ember.results";
+/// Topic exchange carrying the results of jobs that asked to be stored (header
+/// `ember-store-result`, or a callback URL), routing key `<model>.<status>`; the dispatchers bind
+/// `ember.results.store` to it. Only workers may publish to either.
+pub const RESULTS_STORED_EXCHANGE: &str = "ember.results.stored";
 /// Quorum queue of results whose job asked for an HTTP callback.
 pub const CALLBACKS_QUEUE: &str = "ember.callbacks";
 /// Topic exchange for cancellations, routing key = model, body = the job id. Workers bind a
@@ -297,7 +302,7 @@ pub fn dead_letter_queue(model: &str) -> String {
     format!("ember.dead.{model}")
 }
 
-/// The routing key of a result on [`RESULTS_EXCHANGE`].
+/// The routing key of a result on [`RESULTS_EXCHANGE`] and [`RESULTS_STORED_EXCHANGE`].
 pub fn result_routing_key(model: &str, status: crate::protocol::Status) -> String {
     format!("{model}.{}", status.as_str())
 }
@@ -495,6 +500,7 @@ pub async fn declare_shared(channel: &Channel) -> lapin::Result<()> {
         (JOBS_EXCHANGE, ExchangeKind::Direct),
         (DEAD_LETTER_EXCHANGE, ExchangeKind::Direct),
         (RESULTS_EXCHANGE, ExchangeKind::Topic),
+        (RESULTS_STORED_EXCHANGE, ExchangeKind::Topic),
         (CANCEL_EXCHANGE, ExchangeKind::Topic),
     ] {
         channel

@@ -523,6 +523,8 @@ impl Broker {
 fn job_headers(job: &OutgoingJob<'_>, now_ms: u64) -> FieldTable {
     let mut headers = Headers::new();
     headers.uint(header::SUBMITTED_AT, now_ms);
+    // Every job the dispatcher submits can be polled, so its result is stored.
+    headers.bool(header::STORE_RESULT, true);
     if let Some(deadline) = job.deadline_ms {
         headers.uint(header::DEADLINE, deadline);
     }
@@ -585,9 +587,19 @@ async fn declare_results_store(
     channel
         .queue_bind(
             RESULTS_STORE_QUEUE.into(),
-            topology::RESULTS_EXCHANGE.into(),
+            topology::RESULTS_STORED_EXCHANGE.into(),
             "#".into(),
             QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    // Before results were stored only when asked, the store took every result from
+    // `ember.results`; that binding would now store the reply-only ones (a no-op when absent).
+    channel
+        .queue_unbind(
+            RESULTS_STORE_QUEUE.into(),
+            topology::RESULTS_EXCHANGE.into(),
+            "#".into(),
             FieldTable::default(),
         )
         .await
@@ -687,7 +699,7 @@ async fn take_results(
 
 #[cfg(test)]
 mod tests {
-    use ember_core::amqp::{header_str, header_u64};
+    use ember_core::amqp::{header_flag, header_str, header_u64};
 
     use super::*;
 
@@ -718,6 +730,10 @@ mod tests {
             Some("00-abc-def-01")
         );
         assert_eq!(header_str(headers, header::CALLBACK_URL), None);
+        assert!(
+            header_flag(headers, header::STORE_RESULT),
+            "a job submitted over HTTP can be polled"
+        );
         job.inference_header_length = None;
         let headers = job_headers(&job, 42);
         assert_eq!(

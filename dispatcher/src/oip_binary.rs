@@ -182,7 +182,7 @@ pub fn check_binary(body: &[u8], length: usize) -> Result<InferRequest, ApiError
         };
         let elements = elements(input)?;
         let Some(size) = binary_size(input)? else {
-            if input.data.is_null() {
+            if input.data.is_none() {
                 return Err(invalid(format!(
                     "input `{}` has neither data nor binary_data_size",
                     input.name
@@ -190,7 +190,7 @@ pub fn check_binary(body: &[u8], length: usize) -> Result<InferRequest, ApiError
             }
             continue;
         };
-        if !input.data.is_null() {
+        if input.data.is_some() {
             return Err(invalid(format!(
                 "input `{}` has both data and binary_data_size",
                 input.name
@@ -553,7 +553,7 @@ mod tests {
         assert_eq!(parsed.body, body);
         assert_eq!(parsed.content_type, content_type::OIP_BINARY);
         assert_eq!(parsed.header_length, Some(length as u64));
-        assert!(parsed.request.inputs[0].data.is_null());
+        assert!(parsed.request.inputs[0].data.is_none());
         assert!(wants_binary_output(&parsed.request));
 
         let json = br#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[0.5]}]}"#;

@@ -74,7 +74,7 @@ fn a_binary_request_is_published_as_it_came() {
     assert_eq!(parsed.content_type, content_type::OIP_BINARY);
     let length = usize::try_from(parsed.header_length.unwrap()).unwrap();
     assert_eq!(&parsed.body[length..], &(1..=12).collect::<Vec<u8>>()[..]);
-    assert!(parsed.request.inputs[0].data.is_null());
+    assert!(parsed.request.inputs[0].data.is_none());
 }
 
 fn binary(head: serde_json::Value, tail: &[u8], length: Option<&str>) -> Vec<u8> {

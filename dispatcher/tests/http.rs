@@ -878,3 +878,125 @@ fn an_empty_auth_token_is_a_startup_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("empty --auth-token"), "{stderr}");
 }
+
+/// Results are stored (pollable) only when the job asked: a job over HTTP always, an AMQP job
+/// with `ember-store-result` (a boolean or the text `true`) or a callback URL; a plain AMQP job
+/// gets its reply and a publish to `ember.results`, and no durable copy.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_amqp_job_is_stored_only_when_it_asks() {
+    use ember_core::amqp::Headers;
+    use ember_core::topology;
+    use futures_util::StreamExt;
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueBindOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+
+    let _serial = common::serial().await;
+    let model = ember_testkit::unique_model("stored");
+    let dispatcher = Dispatcher::start(&model, &[]).await;
+    let _worker = InProcessWorker::start(&model);
+    dispatcher.wait_model_ready(&model).await;
+    let connection = ember_testkit::amqp::connect().await;
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    let (reply_to, mut replies) = ember_testkit::amqp::reply_queue(&channel).await;
+    // A user's own subscriptions, one on each results exchange.
+    let watch = connection.create_channel().await.unwrap();
+    let mut seen = Vec::new();
+    for exchange in [
+        topology::RESULTS_EXCHANGE,
+        topology::RESULTS_STORED_EXCHANGE,
+    ] {
+        let (queue, consumer) = topology::private_queue(&watch).await.unwrap();
+        watch
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.into(),
+                format!("{model}.*").as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        seen.push(consumer);
+    }
+    let image = std::fs::read(ember_testkit::root().join("tests/samples/astronaut.png")).unwrap();
+    let cases: [(&str, Option<AMQPValue>); 3] = [
+        ("plain", None),
+        ("flag", Some(AMQPValue::Boolean(true))),
+        ("text", Some(AMQPValue::LongString("true".into()))),
+    ];
+    for (name, flag) in &cases {
+        let mut headers = Headers::new().into_table();
+        if let Some(flag) = flag {
+            headers.insert(
+                ember_core::protocol::header::STORE_RESULT.into(),
+                flag.clone(),
+            );
+        }
+        let properties = lapin::BasicProperties::default()
+            .with_content_type("image/png".into())
+            .with_message_id(format!("{model}-{name}").as_str().into())
+            .with_reply_to(reply_to.as_str().into())
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        let confirm = channel
+            .basic_publish(
+                topology::JOBS_EXCHANGE.into(),
+                model.as_str().into(),
+                BasicPublishOptions::default(),
+                &image,
+                properties,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        assert!(confirm.is_ack());
+    }
+    // Every job is answered by its reply, and the stored ones can be polled.
+    for _ in &cases {
+        let reply = tokio::time::timeout(ember_testkit::PATIENCE, replies.next())
+            .await
+            .expect("a reply")
+            .unwrap()
+            .unwrap();
+        let result: Value = serde_json::from_slice(&reply.data).unwrap();
+        assert_eq!(result["status"], "ok", "{result}");
+    }
+    for name in ["flag", "text"] {
+        let view = dispatcher.wait_done(&format!("{model}-{name}")).await;
+        assert_eq!(view["status"], "done", "{name}: {view}");
+        assert_eq!(
+            view["result"]["outputs"]["detections"][0]["label"],
+            "person"
+        );
+    }
+    // The plain job's result went to ember.results only, and was not stored.
+    let mut ids = Vec::new();
+    for consumer in &mut seen {
+        let mut got = Vec::new();
+        while let Ok(Some(Ok(delivery))) =
+            tokio::time::timeout(Duration::from_secs(2), consumer.next()).await
+        {
+            let result: Value = serde_json::from_slice(&delivery.data).unwrap();
+            got.push(result["job_id"].as_str().unwrap().to_string());
+        }
+        got.sort();
+        ids.push(got);
+    }
+    assert_eq!(
+        ids,
+        [
+            vec![format!("{model}-plain")],
+            vec![format!("{model}-flag"), format!("{model}-text")]
+        ]
+    );
+    let plain = dispatcher
+        .get(&format!("/v1/jobs/{model}-plain"))
+        .await
+        .unwrap();
+    assert_eq!(plain.status(), 404);
+}

@@ -671,8 +671,8 @@ async fn the_results_store_queue_stays_bounded_with_no_dispatcher_and_its_droppe
         assert_eq!(status, 202, "{body}");
         ids.push(body["job_id"].as_str().unwrap().to_string());
     }
-    // No dispatcher: the worker answers every job into ember.results, where only the store
-    // queue is bound.
+    // No dispatcher: the worker answers every job (each submitted over HTTP) into
+    // ember.results.stored, where only the store queue is bound.
     assert!(dispatcher.terminate().await.success());
     let worker = InProcessWorker::start_with_args(&model, &iris(), &["--amqp-url", &url]);
     let connection = lapin::Connection::connect(&url, lapin::ConnectionProperties::default())

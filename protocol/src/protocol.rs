@@ -30,6 +30,11 @@ pub mod header {
     /// `model_version_not_found` when no such queue is bound (the version is not served and
     /// not coming).
     pub const MODEL_VERSION: &str = "ember-model-version";
+    /// Job: keep a durable copy of the result for `GET /v1/jobs/{id}` (the worker publishes it to
+    /// `ember.results.stored`, which `ember.results.store` is bound to, instead of
+    /// `ember.results`). `true` (a boolean, or the text `true` / `1`). The dispatcher sets it on
+    /// every job it submits; a job with a callback URL is stored without it.
+    pub const STORE_RESULT: &str = "ember-store-result";
 }
 
 /// Content types a job body may have.
@@ -151,7 +156,7 @@ pub mod oip {
     use serde::{Deserialize, Serialize};
 
     /// `POST /v2/models/{model}/infer` body, and a tensor job's body.
-    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[derive(Debug, Clone, Serialize, Deserialize)]
     pub struct InferRequest {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub id: Option<String>,
@@ -163,14 +168,17 @@ pub mod oip {
     }
 
     /// An input tensor; `data` is row-major, flat or nested.
-    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    #[derive(Debug, Clone, Serialize, Deserialize)]
     pub struct InputTensor {
         pub name: String,
         pub shape: Vec<i64>,
         pub datatype: String,
-        /// Absent when the tensor travels in binary (then `parameters.binary_data_size`).
+        /// Absent (or `null`) when the tensor travels in binary (then
+        /// `parameters.binary_data_size`). Kept as its JSON text: checked for syntax only here,
+        /// and read once, straight into a typed buffer, by whoever needs the values (the worker),
+        /// rather than into one `serde_json::Value` per element.
         #[serde(default)]
-        pub data: serde_json::Value,
+        pub data: Option<Box<serde_json::value::RawValue>>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub parameters: Option<serde_json::Value>,
     }

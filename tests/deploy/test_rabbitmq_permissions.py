@@ -73,7 +73,7 @@ def test_the_template_names_one_user_per_part_and_no_tags_for_them():
 EXPECTED = [
     # Everyone declares the shared topology (declare_shared) and the model queues (declare_model).
     *[(p, "configure", n, True) for p in PARTS for n in (
-        "ember.jobs", "ember.dlx", "ember.results", "ember.cancel", "ember.telemetry", "ember.callbacks",
+        "ember.jobs", "ember.dlx", "ember.results", "ember.results.stored", "ember.cancel", "ember.telemetry", "ember.callbacks",
         f"ember.jobs.{MODEL}", f"ember.retry.{MODEL}", f"ember.dead.{MODEL}", f"ember.deadnotice.{MODEL}", "amq.gen-AbC_12")],
     *[(p, "configure", n, False) for p in PARTS for n in ("other", "ember.jobs.a.b", "ember.jobs.", "amq.default", "ember.jobs.x$y")],
     ("dispatcher", "configure", "ember.results.store", True), ("dispatcher", "configure", "ember.callbacks.dead", True),
@@ -85,6 +85,7 @@ EXPECTED = [
     ("dispatcher", "write", "ember.jobs", True), ("worker", "write", "ember.jobs", False), ("autoscaler", "write", "ember.jobs", False),
     ("dispatcher", "write", "ember.cancel", True), ("worker", "write", "ember.cancel", False), ("autoscaler", "write", "ember.cancel", False),
     ("worker", "write", "ember.results", True), ("dispatcher", "write", "ember.results", False), ("autoscaler", "write", "ember.results", False),
+    ("worker", "write", "ember.results.stored", True), ("dispatcher", "write", "ember.results.stored", False), ("autoscaler", "write", "ember.results.stored", False),
     ("worker", "write", "ember.telemetry", True), ("dispatcher", "write", "ember.telemetry", False), ("autoscaler", "write", "ember.telemetry", False),
     ("dispatcher", "write", "amq.default", True), ("worker", "write", "amq.default", True), ("autoscaler", "write", "amq.default", False),
     *[(p, "write", n, True) for p in PARTS for n in ("ember.dlx", f"ember.jobs.{MODEL}", f"ember.dead.{MODEL}", f"ember.deadnotice.{MODEL}", "amq.gen-x")],
@@ -99,6 +100,7 @@ EXPECTED = [
     ("worker", "read", "ember.cancel", True), ("dispatcher", "read", "ember.cancel", False), ("autoscaler", "read", "ember.cancel", False),
     ("dispatcher", "read", "ember.telemetry", True), ("autoscaler", "read", "ember.telemetry", True), ("worker", "read", "ember.telemetry", False),
     ("dispatcher", "read", "ember.results", True), ("worker", "read", "ember.results", False), ("autoscaler", "read", "ember.results", False),
+    ("dispatcher", "read", "ember.results.stored", True), ("worker", "read", "ember.results.stored", False), ("autoscaler", "read", "ember.results.stored", False),
 ]
 
 
@@ -175,7 +177,8 @@ def bounded(overflow):
 
 
 def declare_shared(ch):
-    for name, kind in (("ember.jobs", "direct"), ("ember.dlx", "direct"), ("ember.results", "topic"), ("ember.cancel", "topic")):
+    for name, kind in (("ember.jobs", "direct"), ("ember.dlx", "direct"), ("ember.results", "topic"), ("ember.results.stored", "topic"),
+                       ("ember.cancel", "topic")):
         ch.exchange_declare(name, kind, durable=True)
     ch.exchange_declare("ember.telemetry", "topic", durable=False)
     ch.queue_declare("ember.callbacks", durable=True, arguments=bounded("reject-publish"))
@@ -212,7 +215,8 @@ def dispatcher_calls(conn):
     ch.queue_declare("ember.results.expired", durable=True, arguments=results)
     ch.queue_declare("ember.results.store", durable=True, arguments={
         **results, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": "ember.results.expired"})
-    ch.queue_bind("ember.results.store", "ember.results", "#")
+    ch.queue_bind("ember.results.store", "ember.results.stored", "#")
+    ch.queue_unbind("ember.results.store", "ember.results", "#")
     ch.basic_consume("amq.rabbitmq.reply-to", lambda *a: None, auto_ack=True)
     publish(ch, "ember.jobs", MODEL, reply_to="amq.rabbitmq.reply-to", correlation_id="j1", message_id="j1", delivery_mode=2)
     publish(ch, "ember.cancel", MODEL, expiration="3600000")
@@ -239,6 +243,7 @@ def worker_calls(conn):
         consumer.basic_qos(prefetch_count=1)
         consumer.basic_consume(queue, lambda *a: None)
     publish(ch, "ember.results", f"{MODEL}.ok", message_id="j1", delivery_mode=2)
+    publish(ch, "ember.results.stored", f"{MODEL}.ok", message_id="j2", delivery_mode=2)
     publish(ch, "", "ember.callbacks", message_id="j1")
     publish(ch, "", f"ember.retry.{MODEL}", message_id="j1")
     publish(ch, "ember.telemetry", f"{MODEL}.w1", expiration="10000")
@@ -260,6 +265,7 @@ CALLS = {"dispatcher": dispatcher_calls, "worker": worker_calls, "autoscaler": a
 REFUSED = {
     "dispatcher": {
         "forge a result": lambda ch: publish(ch, "ember.results", f"{MODEL}.ok"),
+        "forge a stored result": lambda ch: publish(ch, "ember.results.stored", f"{MODEL}.ok"),
         "fake a heartbeat": lambda ch: publish(ch, "ember.telemetry", f"{MODEL}.w1"),
         "read the dead letters": lambda ch: ch.basic_consume(f"ember.dead.{MODEL}", lambda *a: None),
         "read the dead-letter notices": lambda ch: ch.basic_consume(f"ember.deadnotice.{MODEL}", lambda *a: None),
@@ -272,11 +278,13 @@ REFUSED = {
         "read the callbacks (their URLs)": lambda ch: ch.basic_consume("ember.callbacks", lambda *a: None),
         "read the dead letters": lambda ch: ch.basic_consume(f"ember.dead.{MODEL}", lambda *a: None),
         "delete the result store": lambda ch: ch.queue_delete("ember.results.store"),
+        "read stored results": lambda ch: exclusive_consumer(ch, "ember.results.stored", "#"),
     },
     "autoscaler": {
         "submit a job": lambda ch: publish(ch, "ember.jobs", MODEL),
         "publish by queue name": lambda ch: publish(ch, "", f"ember.jobs.{MODEL}"),
         "publish a result": lambda ch: publish(ch, "ember.results", f"{MODEL}.ok"),
+        "publish a stored result": lambda ch: publish(ch, "ember.results.stored", f"{MODEL}.ok"),
         "fake a heartbeat": lambda ch: publish(ch, "ember.telemetry", f"{MODEL}.w1"),
         "read the callbacks": lambda ch: ch.basic_consume("ember.callbacks", lambda *a: None),
         "read the dead-letter notices": lambda ch: ch.basic_consume(f"ember.deadnotice.{MODEL}", lambda *a: None),

@@ -190,9 +190,17 @@ pub struct Config {
     #[command(flatten)]
     pub cuda: CudaOptions,
 
-    /// ONNX Runtime intra-op threads (0 = ONNX Runtime's default: one per core).
+    /// ONNX Runtime intra-op threads per model instance (0 = the cores this process may use,
+    /// CPU affinity and a cgroup quota such as a pod's limits.cpu counted, divided among the
+    /// instances).
     #[arg(long, env = "EMBER_WORKER_INTRA_THREADS", default_value_t = 0)]
     pub intra_threads: usize,
+
+    /// Independent sessions of the model in this worker, each running its own batches on its
+    /// own thread (Triton's instance groups). Each holds its own copy of the weights.
+    #[arg(long, env = "EMBER_WORKER_INSTANCES", default_value_t = 1,
+          value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u16).range(1..=64), usize::from))]
+    pub instances: usize,
 
     /// Let ONNX Runtime's intra-op threads spin while waiting for work (lower latency on a
     /// dedicated machine; burns a core that the broker or other workers may need otherwise).

@@ -1,7 +1,9 @@
 //! The model, loaded once and kept: [`Engine::load`] is the one bootstrap (runtime, session,
 //! graph signature, processing pipeline, warm-up) shared by the worker, the offline pipeline and
-//! the benchmarks; a dedicated thread then runs one `session.run` per batch: the jobs' tensors
-//! stacked along the batch axis, the outputs split back per job.
+//! the benchmarks; a dedicated thread per model instance then runs one `session.run` per batch:
+//! the jobs' tensors stacked along the batch axis, the outputs split back per job. Instances
+//! (Triton's instance groups) are independent sessions of the same model, each on its own thread
+//! with its share of the cores, taking batches from one queue.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,8 +27,11 @@ pub struct EngineOptions {
     pub device: Device,
     pub allow_cpu_fallback: bool,
     pub cuda: CudaOptions,
-    /// ONNX Runtime intra-op threads (0: ONNX Runtime's default).
+    /// ONNX Runtime intra-op threads per instance (0: the cores this process may use, divided
+    /// among the instances; see [`cpu_share`]).
     pub intra_threads: usize,
+    /// Independent sessions of the model, each running its own batches (at least 1).
+    pub instances: usize,
     pub spin: bool,
     /// Load the model for every batch (the stateless baseline).
     pub reload_per_job: bool,
@@ -43,6 +48,7 @@ impl Default for EngineOptions {
             allow_cpu_fallback: false,
             cuda: CudaOptions::default(),
             intra_threads: 0,
+            instances: 1,
             spin: false,
             reload_per_job: false,
             limits: InputLimits::DEFAULT,
@@ -66,6 +72,8 @@ pub struct BatchOutput {
     pub outputs: Vec<Vec<Tensor>>,
     /// Time inside `session.run` (plus the session load with reload-per-job).
     pub inference: Duration,
+    /// Which instance ran it (0-based).
+    pub instance: usize,
 }
 
 /// Handle to the inference thread, and what was learnt at load.
@@ -82,6 +90,19 @@ pub struct Engine {
     pub ort_dylib: PathBuf,
     /// Seconds from the start of loading to ready (warm-up included).
     pub load_seconds: f64,
+    /// Sessions running batches side by side.
+    pub instances: usize,
+    /// ONNX Runtime intra-op threads of each.
+    pub intra_threads: usize,
+}
+
+/// Intra-op threads per instance when none are asked for: the cores this process may use,
+/// divided among the instances (at least 1 each). `available_parallelism` counts the CPU
+/// affinity mask and a cgroup's CPU quota (a pod's `limits.cpu`), where ONNX Runtime's own
+/// default counts the machine's cores.
+pub fn cpu_share(instances: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / instances.max(1)).max(1)
 }
 
 impl Engine {
@@ -91,18 +112,23 @@ impl Engine {
         let started = Instant::now();
         let spec = Arc::new(ModelSpec::load(model_dir).map_err(Error::Config)?);
         let dylib = runtime::resolve_dylib(options.ort_dylib.as_deref())?;
+        let instances = options.instances.max(1);
+        let intra_threads = match options.intra_threads {
+            0 => cpu_share(instances),
+            n => n,
+        };
         let session = SessionOptions {
             model_path: model_dir.join(&spec.file),
             ort_dylib: dylib.clone(),
             device: options.device,
             allow_cpu_fallback: options.allow_cpu_fallback,
             cuda: options.cuda.clone(),
-            intra_threads: options.intra_threads,
+            intra_threads,
             spin: options.spin,
         };
-        tracing::info!(model = %spec.name, path = %session.model_path.display(), device = %options.device, ort = %dylib.display(), "loading the model");
+        tracing::info!(model = %spec.name, path = %session.model_path.display(), device = %options.device, ort = %dylib.display(), instances, intra_threads, "loading the model");
         let env = runtime::init_runtime(&dylib)?;
-        let loaded = ResidentSession::new(env, session, options.reload_per_job)?;
+        let loaded = ResidentSession::new(env.clone(), session.clone(), options.reload_per_job)?;
         let signature = loaded.signature().clone();
         let ceiling = options
             .max_batch
@@ -121,22 +147,37 @@ impl Engine {
         }
         let pipeline = Arc::new(Pipeline::new(&spec, signature, options.limits, ceiling)?);
         let device = loaded.device();
-        let mut engine = Self {
-            tx: start_thread(loaded)?,
+        let mut sessions = vec![loaded];
+        for _ in 1..instances {
+            sessions.push(ResidentSession::new(
+                env.clone(),
+                session.clone(),
+                options.reload_per_job,
+            )?);
+        }
+        // Each instance is warmed up before its thread starts, so every one has paid its first
+        // run (and on a GPU each batch size's kernel search) before the worker says ready.
+        let sizes = if matches!(device, Device::Cuda(_)) {
+            max_batch
+        } else {
+            1
+        };
+        for loaded in &mut sessions {
+            for rows in 1..=sizes {
+                warm(loaded, &pipeline, rows)?;
+            }
+        }
+        let engine = Self {
+            tx: start_threads(sessions)?,
             pipeline,
             spec,
             device,
             max_batch,
             ort_dylib: dylib,
-            load_seconds: 0.0,
+            load_seconds: started.elapsed().as_secs_f64(),
+            instances,
+            intra_threads,
         };
-        engine.warm_up(1)?;
-        if matches!(device, Device::Cuda(_)) {
-            for n in 2..=max_batch {
-                engine.warm_up(n)?;
-            }
-        }
-        engine.load_seconds = started.elapsed().as_secs_f64();
         Ok(engine)
     }
 
@@ -145,17 +186,10 @@ impl Engine {
         self.pipeline.signature.info(&self.spec, self.max_batch)
     }
 
-    /// Runs one blank batch of `rows` rows and waits for it (from a blocking context). Models
-    /// whose non-batch dimensions are dynamic get 1 there: when such a graph refuses that
-    /// shape, the warm-up is skipped with a warning rather than failing the start.
+    /// Runs one blank batch of `rows` rows through whichever instance is free and waits for it
+    /// (from a blocking context); see [`warm`].
     pub fn warm_up(&self, rows: usize) -> Result<()> {
         let blank = self.pipeline.blank(rows)?;
-        let fixed = self
-            .pipeline
-            .signature
-            .inputs
-            .iter()
-            .all(|p| p.shape.iter().skip(1).all(|&d| d >= 0));
         let (reply, rx) = oneshot::channel();
         self.tx
             .blocking_send(BatchRequest {
@@ -167,14 +201,7 @@ impl Engine {
         let ran = rx
             .blocking_recv()
             .map_err(|_| Error::Internal("inference thread gone".into()))?;
-        match ran {
-            Ok(_) => Ok(()),
-            Err(error) if !fixed && error.code() == ember_core::protocol::ErrorCode::ModelError => {
-                tracing::warn!(%error, "warm-up with 1 in every dynamic dimension failed; skipped");
-                Ok(())
-            }
-            Err(error) => Err(error),
-        }
+        warmed(&self.pipeline, ran)
     }
 
     /// Runs one batch of prepared jobs (equal batch keys), in order.
@@ -194,19 +221,58 @@ impl Engine {
     }
 }
 
-fn start_thread(loaded: ResidentSession) -> Result<mpsc::Sender<BatchRequest>> {
-    let (tx, mut rx) = mpsc::channel::<BatchRequest>(2);
-    std::thread::Builder::new()
-        .name("ember-inference".into())
-        .spawn(move || {
-            let mut loaded = loaded;
-            while let Some(request) = rx.blocking_recv() {
-                let output = run_batch(&mut loaded, request.jobs, &request.rows);
-                // The asker may have gone (connection lost): nothing to do then.
-                let _ = request.reply.send(output);
-            }
-        })
-        .map_err(|e| Error::Internal(format!("cannot start the inference thread: {e}")))?;
+/// Runs one blank batch of `rows` rows on `loaded`. Models whose non-batch dimensions are
+/// dynamic get 1 there: when such a graph refuses that shape, the warm-up is skipped with a
+/// warning rather than failing the start.
+fn warm(loaded: &mut ResidentSession, pipeline: &Pipeline, rows: usize) -> Result<()> {
+    let blank = pipeline.blank(rows)?;
+    let ran = run_batch(loaded, vec![blank.inputs], &[blank.rows]);
+    warmed(pipeline, ran)
+}
+
+fn warmed(pipeline: &Pipeline, ran: Result<BatchOutput>) -> Result<()> {
+    let fixed = pipeline
+        .signature
+        .inputs
+        .iter()
+        .all(|p| p.shape.iter().skip(1).all(|&d| d >= 0));
+    match ran {
+        Ok(_) => Ok(()),
+        Err(error) if !fixed && error.code() == ember_core::protocol::ErrorCode::ModelError => {
+            tracing::warn!(%error, "warm-up with 1 in every dynamic dimension failed; skipped");
+            Ok(())
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// One thread per instance, all taking batches from one queue: whichever is free runs the next.
+fn start_threads(sessions: Vec<ResidentSession>) -> Result<mpsc::Sender<BatchRequest>> {
+    let (tx, rx) = mpsc::channel::<BatchRequest>(2 * sessions.len());
+    let rx = Arc::new(std::sync::Mutex::new(rx));
+    for (index, loaded) in sessions.into_iter().enumerate() {
+        let rx = rx.clone();
+        std::thread::Builder::new()
+            .name(format!("ember-inference-{index}"))
+            .spawn(move || {
+                let mut loaded = loaded;
+                loop {
+                    // One idle thread waits on the queue at a time, the others on the lock.
+                    let request = rx.lock().unwrap_or_else(|e| e.into_inner()).blocking_recv();
+                    let Some(request) = request else { break };
+                    let output =
+                        run_batch(&mut loaded, request.jobs, &request.rows).map(|output| {
+                            BatchOutput {
+                                instance: index,
+                                ..output
+                            }
+                        });
+                    // The asker may have gone (connection lost): nothing to do then.
+                    let _ = request.reply.send(output);
+                }
+            })
+            .map_err(|e| Error::Internal(format!("cannot start the inference thread: {e}")))?;
+    }
     Ok(tx)
 }
 
@@ -247,7 +313,11 @@ fn run_batch(
     } else {
         split(outputs, rows, total)?
     };
-    Ok(BatchOutput { outputs, inference })
+    Ok(BatchOutput {
+        outputs,
+        inference,
+        instance: 0,
+    })
 }
 
 /// Per graph input, the jobs' tensors stacked along the batch axis (one job: as it is).

@@ -73,6 +73,7 @@ impl Config {
             allow_cpu_fallback: self.allow_cpu_fallback,
             cuda: self.cuda.clone(),
             intra_threads: self.intra_threads,
+            instances: self.instances,
             spin: self.ort_spin,
             reload_per_job: self.reload_per_job,
             limits: InputLimits {

@@ -56,7 +56,7 @@ pub struct OfflineConfig {
     #[command(flatten)]
     pub cuda: CudaOptions,
 
-    /// ONNX Runtime intra-op threads (0 = one per core).
+    /// ONNX Runtime intra-op threads (0 = the cores this process may use).
     #[arg(long, default_value_t = 0)]
     pub intra_threads: usize,
 

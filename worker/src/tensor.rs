@@ -9,6 +9,8 @@ use ember_core::protocol::oip::{OutputTensor, TensorData};
 use half::f16;
 use ort::session::SessionInputValue;
 use ort::value::{DynValue, TensorElementType, TensorRef, ValueType};
+use serde::de::DeserializeSeed;
+use serde_json::value::RawValue;
 
 use crate::Error;
 
@@ -483,69 +485,159 @@ impl Tensor {
     }
 }
 
-/// Decodes OIP v2 JSON `data` (flat or nested, row-major) of `dtype` into `count` elements.
-pub fn from_json(dtype: DataType, value: &serde_json::Value, count: usize) -> Result<Data, Error> {
-    let mut data = Data::with_capacity(dtype, count.min(1 << 20));
-    let mut stack = vec![value];
-    // Depth-first, left to right: push children reversed.
-    while let Some(value) = stack.pop() {
-        if let serde_json::Value::Array(items) = value {
-            stack.extend(items.iter().rev());
-            continue;
-        }
-        if data.len() >= count {
-            return Err(Error::InvalidInput(format!(
-                "more data than the shape's {count} values"
-            )));
-        }
-        push_json(&mut data, value)?;
+/// Decodes OIP v2 JSON `data` (flat or nested, row-major) of `dtype` into `count` elements,
+/// straight from its text into the typed buffer: no `serde_json::Value` per element.
+pub fn from_json(dtype: DataType, data: &RawValue, count: usize) -> Result<Data, Error> {
+    let mut out = Data::with_capacity(dtype, count.min(1 << 20));
+    let mut reader = serde_json::Deserializer::from_str(data.get());
+    Elements {
+        data: &mut out,
+        count,
     }
-    if data.len() != count {
+    .deserialize(&mut reader)
+    .map_err(|e| Error::InvalidInput(e.to_string()))?;
+    if out.len() != count {
         return Err(Error::InvalidInput(format!(
             "the shape needs {count} values, the data has {}",
-            data.len()
+            out.len()
         )));
     }
-    Ok(data)
+    Ok(out)
 }
 
-fn push_json(data: &mut Data, value: &serde_json::Value) -> Result<(), Error> {
-    let dtype = data.dtype();
-    let bad = || {
-        Error::InvalidInput(format!(
-            "{} is not a valid {} value",
-            truncate(&value.to_string()),
-            dtype.oip()
-        ))
-    };
-    // A finite JSON number past the type's range would become an infinity.
-    let float = |max: f64| value.as_f64().filter(|v| v.abs() <= max).ok_or_else(bad);
-    macro_rules! int {
-        ($v:expr, $t:ty) => {{
-            let n = value
-                .as_i64()
-                .and_then(|n| <$t>::try_from(n).ok())
-                .or_else(|| value.as_u64().and_then(|n| <$t>::try_from(n).ok()))
-                .ok_or_else(bad)?;
-            $v.push(n)
-        }};
+/// Appends the elements of a JSON value (a scalar, or arrays nested to any depth, depth first)
+/// to `data`, each checked against its type and range, refusing more than `count`.
+struct Elements<'a> {
+    data: &'a mut Data,
+    count: usize,
+}
+
+/// One JSON scalar, as the parser gave it.
+#[derive(Clone, Copy)]
+enum Scalar<'s> {
+    Bool(bool),
+    Int(i64),
+    Uint(u64),
+    Float(f64),
+    Text(&'s str),
+}
+
+impl std::fmt::Display for Scalar<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Scalar::Bool(v) => write!(f, "{v}"),
+            Scalar::Int(v) => write!(f, "{v}"),
+            Scalar::Uint(v) => write!(f, "{v}"),
+            Scalar::Float(v) => write!(f, "{v}"),
+            Scalar::Text(v) => write!(f, "{:?}", truncate(v)),
+        }
     }
-    match data {
-        Data::Bool(v) => v.push(value.as_bool().ok_or_else(bad)?),
-        Data::U8(v) => int!(v, u8),
-        Data::U16(v) => int!(v, u16),
-        Data::U32(v) => int!(v, u32),
-        Data::U64(v) => int!(v, u64),
-        Data::I8(v) => int!(v, i8),
-        Data::I16(v) => int!(v, i16),
-        Data::I32(v) => int!(v, i32),
-        Data::I64(v) => int!(v, i64),
-        Data::F16(v) => v.push(f16::from_f64(float(f64::from(f16::MAX))?)),
-        Data::F32(v) => v.push(float(f64::from(f32::MAX))? as f32),
-        Data::F64(v) => v.push(value.as_f64().ok_or_else(bad)?),
-        Data::Bytes(v) => v.push(value.as_str().ok_or_else(bad)?.to_string()),
+}
+
+impl Scalar<'_> {
+    fn as_f64(self) -> Option<f64> {
+        match self {
+            Scalar::Int(v) => Some(v as f64),
+            Scalar::Uint(v) => Some(v as f64),
+            Scalar::Float(v) => Some(v),
+            Scalar::Bool(_) | Scalar::Text(_) => None,
+        }
     }
-    Ok(())
+}
+
+impl Elements<'_> {
+    fn push<E: serde::de::Error>(self, value: Scalar<'_>) -> Result<(), E> {
+        if self.data.len() >= self.count {
+            return Err(E::custom(format!(
+                "more data than the shape's {} values",
+                self.count
+            )));
+        }
+        let dtype = self.data.dtype();
+        let bad = || E::custom(format!("{value} is not a valid {} value", dtype.oip()));
+        // A finite JSON number past the type's range would become an infinity.
+        let float = |max: f64| value.as_f64().filter(|v| v.abs() <= max).ok_or_else(bad);
+        macro_rules! int {
+            ($v:expr, $t:ty) => {{
+                let n = match value {
+                    Scalar::Int(n) => <$t>::try_from(n).ok(),
+                    Scalar::Uint(n) => <$t>::try_from(n).ok(),
+                    _ => None,
+                };
+                $v.push(n.ok_or_else(bad)?)
+            }};
+        }
+        match self.data {
+            Data::Bool(v) => match value {
+                Scalar::Bool(b) => v.push(b),
+                _ => return Err(bad()),
+            },
+            Data::U8(v) => int!(v, u8),
+            Data::U16(v) => int!(v, u16),
+            Data::U32(v) => int!(v, u32),
+            Data::U64(v) => int!(v, u64),
+            Data::I8(v) => int!(v, i8),
+            Data::I16(v) => int!(v, i16),
+            Data::I32(v) => int!(v, i32),
+            Data::I64(v) => int!(v, i64),
+            Data::F16(v) => v.push(f16::from_f64(float(f64::from(f16::MAX))?)),
+            Data::F32(v) => v.push(float(f64::from(f32::MAX))? as f32),
+            Data::F64(v) => v.push(value.as_f64().ok_or_else(bad)?),
+            Data::Bytes(v) => match value {
+                Scalar::Text(text) => v.push(text.to_string()),
+                _ => return Err(bad()),
+            },
+        }
+        Ok(())
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Elements<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, reader: D) -> Result<(), D::Error> {
+        reader.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Elements<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "tensor data: numbers, booleans or strings, in arrays")
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut items: A) -> Result<(), A::Error> {
+        let Elements { data, count } = self;
+        while items
+            .next_element_seed(Elements {
+                data: &mut *data,
+                count,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<(), E> {
+        self.push(Scalar::Bool(v))
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<(), E> {
+        self.push(Scalar::Int(v))
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<(), E> {
+        self.push(Scalar::Uint(v))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<(), E> {
+        self.push(Scalar::Float(v))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+        self.push(Scalar::Text(v))
+    }
 }
 
 fn truncate(text: &str) -> &str {
@@ -671,34 +763,78 @@ mod tests {
                     b
                 }),
             };
-            let a = from_json(dtype, &value, 2).expect("json decodes");
+            let a = from_json(dtype, &raw(value), 2).expect("json decodes");
             let b = from_binary(dtype, &bytes, 2).expect("binary decodes");
             assert_eq!(a, b, "{}", dtype.oip());
             assert_eq!(a.dtype(), dtype);
         }
     }
 
+    fn raw(value: serde_json::Value) -> Box<RawValue> {
+        serde_json::value::to_raw_value(&value).expect("raw")
+    }
+
+    #[test]
+    fn nested_and_flat_data_decode_alike_and_errors_name_the_value() {
+        let nested = from_json(DataType::F32, &raw(json!([[1, 2.5], [[-3]], 4])), 4);
+        assert_eq!(
+            nested.expect("decodes"),
+            Data::F32(vec![1.0, 2.5, -3.0, 4.0])
+        );
+        let scalar = from_json(DataType::I64, &raw(json!(7)), 1);
+        assert_eq!(scalar.expect("decodes"), Data::I64(vec![7]));
+        let big = from_json(DataType::U64, &raw(json!([u64::MAX])), 1);
+        assert_eq!(big.expect("decodes"), Data::U64(vec![u64::MAX]));
+        let text = |r: Result<Data, Error>| r.expect_err("fails").to_string();
+        assert!(
+            text(from_json(DataType::U8, &raw(json!([1, 300])), 2))
+                .contains("300 is not a valid UINT8 value")
+        );
+        assert!(
+            text(from_json(DataType::I32, &raw(json!([1.5])), 1))
+                .contains("1.5 is not a valid INT32 value")
+        );
+        assert!(
+            text(from_json(DataType::F16, &raw(json!([1e6])), 1))
+                .contains("is not a valid FP16 value")
+        );
+        assert!(
+            text(from_json(DataType::Bytes, &raw(json!([null])), 1)).contains("invalid type: null")
+        );
+        assert!(
+            text(from_json(DataType::F32, &raw(json!({"a": 1})), 1)).contains("invalid type: map")
+        );
+        assert!(
+            text(from_json(DataType::I8, &raw(json!([1, 2, 3])), 2))
+                .contains("more data than the shape's 2 values")
+        );
+        assert!(
+            text(from_json(DataType::F32, &raw(json!([1])), 2))
+                .contains("the shape needs 2 values, the data has 1")
+        );
+    }
+
     #[test]
     fn wrong_counts_ranges_and_types_are_invalid_input() {
         let code = |r: Result<Data, Error>| r.expect_err("fails").code();
         assert_eq!(
-            code(from_json(DataType::U8, &json!([1, 300]), 2)),
+            code(from_json(DataType::U8, &raw(json!([1, 300])), 2)),
             ErrorCode::InvalidInput
         );
         assert_eq!(
-            code(from_json(DataType::I8, &json!([1, 2, 3]), 2)),
+            code(from_json(DataType::I8, &raw(json!([1, 2, 3])), 2)),
             ErrorCode::InvalidInput
         );
         assert_eq!(
-            code(from_json(DataType::F32, &json!([1]), 2)),
+            code(from_json(DataType::F32, &raw(json!([1])), 2)),
             ErrorCode::InvalidInput
         );
         assert_eq!(
-            code(from_json(DataType::Bool, &json!([1, 0]), 2)),
+            code(from_json(DataType::Bool, &raw(json!([1, 0])), 2)),
             ErrorCode::InvalidInput
         );
         assert_eq!(
-            code(from_json(DataType::Bytes, &json!([1]), 1)),
+            code(from_json(DataType::Bytes, &raw(json!([1])), 1)),
             ErrorCode::InvalidInput
         );
         assert_eq!(

@@ -404,3 +404,79 @@ fn check_gives_a_verdict_naming_the_graph_and_both_sides_of_a_mismatch() {
     );
     std::fs::remove_dir_all(dir).ok();
 }
+
+/// `--instances 2`: two sessions, each with its share of the cores, take batches from one queue;
+/// batches sent together run on both and answer exactly what one instance answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_instances_share_the_batches_and_answer_alike() {
+    use ember_worker::engine::{Engine, EngineOptions, cpu_share};
+
+    let dir = root().join("models/ssdlite-person");
+    let options = EngineOptions {
+        instances: 2,
+        ..EngineOptions::default()
+    };
+    let engine = tokio::task::spawn_blocking(move || Engine::load(&dir, options))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(engine.instances, 2);
+    assert_eq!(engine.intra_threads, cpu_share(2));
+    let cores = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(cpu_share(2), (cores / 2).max(1));
+    assert_eq!(cpu_share(1), cores);
+    let image = std::fs::read(root().join("tests/samples/astronaut.png")).unwrap();
+    let prepared = engine
+        .pipeline
+        .prepare(Some("image/png"), None, &image)
+        .unwrap();
+    let runs = (0..8).map(|_| {
+        let engine = engine.clone();
+        let mut job = prepared.clone();
+        tokio::spawn(async move { engine.infer(vec![&mut job]).await.unwrap() })
+    });
+    let outputs: Vec<_> = futures_util::future::join_all(runs)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let mut used: Vec<usize> = outputs.iter().map(|o| o.instance).collect();
+    used.sort_unstable();
+    used.dedup();
+    assert_eq!(used, [0, 1], "8 batches sent at once ran on both instances");
+    for output in &outputs[1..] {
+        assert_eq!(output.outputs, outputs[0].outputs, "instances answer alike");
+    }
+}
+
+/// A worker with `--instances 2 --max-batch 1`: jobs through the queue are answered once each,
+/// all finding the astronaut, with no batch larger than one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_with_two_instances_answers_every_job_once() {
+    let model = ember_testkit::unique_model("instances");
+    let _worker = Worker::start(&model, &["--instances", "2", "--max-batch", "1"]);
+    let mut client = Client::new(&model).await;
+    let mut ids = Vec::new();
+    for _ in 0..12 {
+        ids.push(client.submit_png("astronaut.png").await);
+    }
+    client.collect(&ids).await;
+    client
+        .drain_for(std::time::Duration::from_millis(500))
+        .await;
+    for id in &ids {
+        assert_eq!(client.results[id].len(), 1, "answered once");
+        let result = client.result(id);
+        assert_eq!(result.status, Status::Ok, "{result:?}");
+        assert_eq!(result.timing.batch_size, 1);
+        let detections = result
+            .outputs
+            .as_ref()
+            .unwrap()
+            .detections
+            .as_ref()
+            .unwrap();
+        assert_eq!(detections[0].label, "person");
+    }
+    client.cleanup().await;
+}

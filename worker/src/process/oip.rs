@@ -76,7 +76,12 @@ pub fn decode(
                 tail = rest;
                 tensor::from_binary(dtype, bytes, count)
             }
-            None => tensor::from_json(dtype, &input.data, count),
+            None => match &input.data {
+                Some(data) => tensor::from_json(dtype, data, count),
+                None => Err(Error::InvalidInput(
+                    "neither data nor binary_data_size".into(),
+                )),
+            },
         }
         .map_err(|e| Error::InvalidInput(format!("input `{}`: {e}", input.name)))?;
         if inputs.iter().any(|(name, _)| *name == input.name) {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use ember_core::amqp::unix_ms;
 use ember_core::protocol::Timing;
 use lapin::Channel;
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::task::TaskTracker;
 
 use super::Context;
@@ -21,7 +21,9 @@ use crate::Error;
 use crate::batcher::next_batch;
 use crate::process::Prepared;
 
-/// Gathers, buckets and runs batches until the intake side closes.
+/// Gathers, buckets and runs batches until the intake side closes. A batch is gathered only
+/// once a model instance is free to run it, so jobs that come while every instance is busy join
+/// the next batch rather than wait behind a small one.
 pub async fn batch_loop(
     ctx: Arc<Context>,
     publisher: Channel,
@@ -31,7 +33,15 @@ pub async fn batch_loop(
     let more_coming = || ctx.stats.preparing.load(Ordering::SeqCst) > 0;
     let max_rows = ctx.engine.max_batch;
     let batching = ctx.engine.pipeline.signature.batching;
-    while let Some(batch) = next_batch(&mut rx, max_rows, ctx.max_batch_delay, more_coming).await {
+    let instances = Arc::new(Semaphore::new(ctx.engine.instances));
+    loop {
+        let Ok(free) = instances.clone().acquire_owned().await else {
+            break;
+        };
+        let Some(batch) = next_batch(&mut rx, max_rows, ctx.max_batch_delay, more_coming).await
+        else {
+            break;
+        };
         let now_ms = unix_ms();
         let mut refused = Vec::new();
         let mut live = Vec::with_capacity(batch.len());
@@ -44,9 +54,21 @@ pub async fn batch_loop(
         if !refused.is_empty() {
             tracker.spawn(finish(ctx.clone(), publisher.clone(), refused));
         }
+        let mut free = Some(free);
         for bucket in buckets(live, max_rows, batching) {
-            let done = run(&ctx, bucket, now_ms).await;
-            tracker.spawn(finish(ctx.clone(), publisher.clone(), done));
+            let instance = match free.take() {
+                Some(instance) => instance,
+                None => match instances.clone().acquire_owned().await {
+                    Ok(instance) => instance,
+                    Err(_) => break,
+                },
+            };
+            let (ctx, publisher) = (ctx.clone(), publisher.clone());
+            tracker.spawn(async move {
+                let done = run(&ctx, bucket, now_ms).await;
+                drop(instance);
+                finish(ctx, publisher, done).await;
+            });
         }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use ember_core::amqp::{header_str, header_u64, unix_ms};
+use ember_core::amqp::{header_flag, header_str, header_u64, unix_ms};
 use ember_core::protocol::header;
 use lapin::message::Delivery;
 use lapin::types::{LongString, ShortString};
@@ -32,6 +32,9 @@ pub struct Envelope {
     pub correlation_id: Option<ShortString>,
     pub callback_url: Option<LongString>,
     pub traceparent: Option<LongString>,
+    /// The result is to be stored (`ember-store-result`, or a callback URL): it goes to
+    /// `ember.results.stored` instead of `ember.results`.
+    pub store_result: bool,
     /// 1 for the first delivery, 2 after one redelivery, ...
     pub attempt: u32,
     pub submitted_at_ms: Option<u64>,
@@ -53,6 +56,7 @@ pub fn decode_envelope(properties: &BasicProperties, redelivered: bool) -> Envel
     };
     let attempt = u32::try_from(deliveries.saturating_add(prior)).unwrap_or(u32::MAX);
     let long = |name: &str| header_str(headers, name).map(LongString::from);
+    let callback_url = long(header::CALLBACK_URL);
     Envelope {
         job_id: properties
             .message_id()
@@ -61,7 +65,8 @@ pub fn decode_envelope(properties: &BasicProperties, redelivered: bool) -> Envel
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
         reply_to: properties.reply_to().clone(),
         correlation_id: properties.correlation_id().clone(),
-        callback_url: long(header::CALLBACK_URL),
+        store_result: header_flag(headers, header::STORE_RESULT) || callback_url.is_some(),
+        callback_url,
         traceparent: long(header::TRACEPARENT),
         attempt,
         submitted_at_ms: header_u64(headers, header::SUBMITTED_AT),
@@ -269,7 +274,14 @@ mod tests {
                 .as_deref(),
             Some("http://h/x")
         );
+        assert!(envelope.store_result, "a callback's result is stored");
+        let stored = decode_envelope(
+            &properties(&[(header::STORE_RESULT, AMQPValue::Boolean(true))]),
+            false,
+        );
+        assert!(stored.store_result && stored.callback_url.is_none());
         let fresh = decode_envelope(&BasicProperties::default(), false);
+        assert!(!fresh.store_result, "a plain job's result is a reply only");
         assert_eq!(fresh.attempt, 1);
         assert!(
             !fresh.job_id.is_empty(),

@@ -1,5 +1,5 @@
-//! Replies: each finished job's result published to `ember.results`, its reply queue and the
-//! callbacks queue, with publisher confirms; then the job is acked (or requeued when a confirm
+//! Replies: each finished job's result published to `ember.results` (`ember.results.stored` when
+//! the job asked for it to be stored), its reply queue and the callbacks queue, with publisher confirms; then the job is acked (or requeued when a confirm
 //! failed or the failure is transient) and counted.
 
 use std::sync::Arc;
@@ -52,7 +52,7 @@ fn result_headers(result: &JobResult, traceparent: Option<&LongString>) -> Heade
     headers
 }
 
-/// Publishes the results of `done` (to `reply_to`, `ember.results`, and `ember.callbacks` when a
+/// Publishes the results of `done` (to `reply_to`, `ember.results` or `ember.results.stored`, and `ember.callbacks` when a
 /// callback was asked for), waits for every confirm, then acks each job; a job whose result was
 /// not confirmed, or whose failure is transient, is requeued.
 pub async fn finish(ctx: Arc<Context>, publisher: Channel, done: Vec<Answer>) {
@@ -143,10 +143,15 @@ async fn publish_result(
     }
     let mut confirms = Vec::with_capacity(3);
     let routing_key = topology::result_routing_key(&ctx.model, result.status);
+    let exchange = if job.envelope.store_result {
+        topology::RESULTS_STORED_EXCHANGE
+    } else {
+        topology::RESULTS_EXCHANGE
+    };
     confirms.push(
         publisher
             .basic_publish(
-                topology::RESULTS_EXCHANGE.into(),
+                exchange.into(),
                 routing_key.as_str().into(),
                 BasicPublishOptions::default(),
                 &body,
