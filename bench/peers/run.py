@@ -64,7 +64,11 @@ EXPECTED_BOX = (3.0, 34.0, 378.0, 509.0)
 MIN_IOU = 0.9
 DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
 # Ember's variants: the worker's flags besides --ember-args (`ember`: its defaults).
-EMBER_VARIANTS = {"ember": [], "ember-2x1": ["--instances", "2"]}
+EMBER_VARIANTS = {
+    "ember": [],
+    "ember-2x1": ["--instances", "2"],
+    "ember-2x1-rt1": ["--instances", "2", "--runtime-threads", "1"],
+}
 SYSTEMS = ("celery-prefork2x1", "celery-prefork1x2", *EMBER_VARIANTS)
 CELERY_TUNINGS = {"celery-prefork2x1": (2, 1), "celery-prefork1x2": (1, 2)}  # (processes, ORT threads)
 OUTCOMES = ("ok", "error", "wrong", "failed")
@@ -737,7 +741,7 @@ def machine() -> dict:
     }
 
 
-WORKER_TUNING_FLAGS = ("--max-batch", "--max-batch-delay", "--prefetch", "--intra-threads", "--instances", "--ort-spin")
+WORKER_TUNING_FLAGS = ("--max-batch", "--max-batch-delay", "--prefetch", "--intra-threads", "--instances", "--runtime-threads", "--ort-spin")
 
 
 def worker_help(binary: Path) -> dict:

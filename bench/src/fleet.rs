@@ -171,6 +171,10 @@ impl Drop for Proc {
 }
 
 /// A worker for `model` from `model_dir` with extra args.
+/// Flags added to every worker a benchmark starts (whitespace-separated), to measure a setting
+/// without changing the scenario; recorded in the JSON as `worker_args_extra`.
+pub const WORKER_ARGS_ENV: &str = "EMBER_BENCH_WORKER_ARGS";
+
 pub fn worker(model: &str, model_dir: &Path, extra: &[&str]) -> anyhow::Result<Proc> {
     let admin = free_port();
     let mut args: Vec<String> = vec![
@@ -182,6 +186,9 @@ pub fn worker(model: &str, model_dir: &Path, extra: &[&str]) -> anyhow::Result<P
         format!("127.0.0.1:{admin}"),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
+    if let Ok(more) = std::env::var(WORKER_ARGS_ENV) {
+        args.extend(more.split_whitespace().map(str::to_string));
+    }
     Proc::start("ember-worker", &args, admin)
 }
 

@@ -124,6 +124,9 @@ fn unique(prefix: &str) -> String {
 fn save(out: &PathBuf, name: &str, mut doc: Value) -> anyhow::Result<()> {
     doc["machine"] = fleet::machine();
     doc["command"] = json!(std::env::args().collect::<Vec<_>>().join(" "));
+    if let Ok(extra) = std::env::var(fleet::WORKER_ARGS_ENV) {
+        doc["worker_args_extra"] = json!(extra);
+    }
     std::fs::create_dir_all(out)?;
     let path = out.join(format!("{name}.json"));
     std::fs::write(&path, serde_json::to_vec_pretty(&doc)?)?;
@@ -192,7 +195,9 @@ async fn residency(args: &Args, jobs: usize) -> anyhow::Result<()> {
     save(&args.out, "residency", doc)
 }
 
-async fn bare(jobs: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+/// Bare in-process figures, seconds per job: `session.run` alone, decode+resize alone, and the
+/// two together (one job's decode, then its run, timed as one).
+async fn bare(jobs: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>, Vec<f64>)> {
     use ember_worker::engine::{Engine, EngineOptions};
     let dir = fleet::root().join("models/ssdlite-person");
     let options = EngineOptions {
@@ -221,7 +226,14 @@ async fn bare(jobs: usize) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
         let output = engine.infer(vec![&mut job]).await?;
         run.push(output.inference.as_secs_f64());
     }
-    Ok((run, decode))
+    let mut both = Vec::with_capacity(jobs);
+    for _ in 0..jobs {
+        let started = Instant::now();
+        let mut job = engine.pipeline.prepare(Some("image/png"), None, &image)?;
+        engine.infer(vec![&mut job]).await?;
+        both.push(started.elapsed().as_secs_f64());
+    }
+    Ok((run, decode, both))
 }
 
 async fn overhead(args: &Args, jobs: usize) -> anyhow::Result<()> {
@@ -229,11 +241,12 @@ async fn overhead(args: &Args, jobs: usize) -> anyhow::Result<()> {
     let dir = fleet::root().join("models/ssdlite-person");
     let (mut bare_p50, mut decode_p50, mut amqp_p50, mut http_p50) =
         (vec![], vec![], vec![], vec![]);
+    let (mut both_p50, mut confirm_p50) = (vec![], vec![]);
     let tensor = TensorBodies::new()?;
     let mut tensor_p50: [Vec<f64>; 3] = Default::default();
     let mut detail = Vec::new();
     for round in 0..args.rounds {
-        let (run, decode) = bare(jobs).await?;
+        let (run, decode, both) = bare(jobs).await?;
         let model = unique("overhead");
         let worker = fleet::worker(&model, &dir, &[])?;
         worker.wait_http(worker.admin, "/readyz").await?;
@@ -299,13 +312,15 @@ async fn overhead(args: &Args, jobs: usize) -> anyhow::Result<()> {
         );
         bare_p50.push(b.p50);
         decode_p50.push(d.p50);
+        both_p50.push(summarise(&both).p50);
+        confirm_p50.push(summarise(&confirm_ms).p50 / 1e3);
         amqp_p50.push(a.p50);
         http_p50.push(h.p50);
         println!(
             "  one job's path, means over the round (ms): {}",
             stages.means()
         );
-        detail.push(json!({"bare_run_s": b, "decode_resize_s": d, "amqp_s": a, "http_s": h,
+        detail.push(json!({"bare_run_s": b, "decode_resize_s": d, "bare_decode_and_run_s": s(&both), "amqp_s": a, "http_s": h,
             "amqp_stages_mean_ms": stages.means(),
             "worker_queue_ms": summarise(&queue_ms), "worker_inference_ms": summarise(&inference_ms), "worker_total_ms": summarise(&worker_ms),
             "client_publish_confirm_ms": summarise(&confirm_ms),
@@ -324,6 +339,13 @@ async fn overhead(args: &Args, jobs: usize) -> anyhow::Result<()> {
         (h.median - b.median) * 1e3
     );
     let [t_amqp, t_binary, t_json] = tensor_p50.map(across);
+    // Goal 4 of issue 17: what the queue adds to a lone job, against the durable enqueue.
+    let (both, confirm) = (across(both_p50), across(confirm_p50));
+    let gap_ms = (a.median - both.median) * 1e3;
+    let budget_ms = confirm.median * 1e3 + 1.0;
+    println!(
+        "AMQP p50 - bare decode+run p50 = {gap_ms:.2} ms; durable enqueue (publish to confirm) p50 + 1 ms = {budget_ms:.2} ms"
+    );
     println!(
         "300x300 tensor (p50): HTTP binary / AMQP binary {:.2}x, HTTP JSON / HTTP binary {:.2}x",
         t_binary.median / t_amqp.median,
@@ -332,6 +354,9 @@ async fn overhead(args: &Args, jobs: usize) -> anyhow::Result<()> {
     let doc = json!({"jobs": jobs, "image": "astronaut.png", "threads": "the worker's default in both (the cores this process may use)",
         "bare_run_p50_s": b, "decode_resize_p50_s": across(decode_p50), "amqp_p50_s": a, "http_p50_s": h,
         "ratio_amqp": a.median / b.median, "ratio_http": h.median / b.median,
+        "bare_decode_and_run_p50_s": both, "client_publish_confirm_p50_s": confirm,
+        "queue_cost": {"what": "median AMQP p50 minus median bare decode+run p50, against the median publish-to-confirm p50 (the durable enqueue) plus 1 ms",
+            "gap_ms": gap_ms, "budget_ms": budget_ms, "within": gap_ms <= budget_ms},
         "tensor_300": {"what": "astronaut.png resized to 300x300 RGB as a [1,300,300,3] UINT8 tensor, sequential: over AMQP in the binary tensor form, over HTTP POST /v2/models/{m}/infer in the binary form (binary outputs) and in JSON (JSON outputs)",
             "amqp_binary_p50_s": t_amqp, "http_binary_p50_s": t_binary, "http_json_p50_s": t_json,
             "ratio_http_binary_to_amqp": t_binary.median / t_amqp.median, "ratio_http_json_to_binary": t_json.median / t_binary.median},

@@ -196,6 +196,11 @@ pub struct Config {
     #[arg(long, env = "EMBER_WORKER_INTRA_THREADS", default_value_t = 0)]
     pub intra_threads: usize,
 
+    /// Threads of the async runtime (AMQP, decoding of small bodies, results); 0 = one per
+    /// core. The model's instances run on threads of their own besides these.
+    #[arg(long, env = "EMBER_WORKER_RUNTIME_THREADS", default_value_t = 0)]
+    pub runtime_threads: usize,
+
     /// Independent sessions of the model in this worker, each running its own batches on its
     /// own thread (Triton's instance groups). Each holds its own copy of the weights.
     #[arg(long, env = "EMBER_WORKER_INSTANCES", default_value_t = 1,

@@ -1,8 +1,15 @@
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let config = ember_worker::Config::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.runtime_threads > 0 {
+        runtime.worker_threads(config.runtime_threads);
+    }
+    runtime.enable_all().build()?.block_on(serve(config))
+}
+
+async fn serve(config: ember_worker::Config) -> anyhow::Result<()> {
     ember_core::telemetry::init(&config.log).map_err(|e| anyhow::anyhow!(e))?;
     if config.check {
         // Load, validate against the graph, warm up once, print the verdict, exit.
