@@ -106,3 +106,18 @@ if m:
     ax.set_title(f"soak: {sent} jobs sent per round at {m['rate_jobs_s']}/s")
     ax.legend(fontsize="small")
     save(fig, "memory")
+
+p = load("peers")
+if p:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    names = list(p["systems"])
+    for ax, key, label in [(left, "throughput_jobs_s", "ok answers/s, 8 clients x 1 outstanding"),
+                           (right, "sequential_p50_ms", "sequential p50, ms")]:
+        vals = [p["systems"][n]["summary"][key] for n in names]
+        ax.bar(np.arange(len(names)), [v["median"] for v in vals],
+               yerr=[[v["median"] - v["min"] for v in vals], [v["max"] - v["median"] for v in vals]],
+               color=["tab:gray" if n.startswith("celery") else "tab:red" for n in names], capsize=6)
+        ax.set_xticks(np.arange(len(names)), names, rotation=20)
+        ax.set_title(label)
+    fig.suptitle("SSD on astronaut.png, same broker, median of rounds (spread)")
+    save(fig, "peers")
