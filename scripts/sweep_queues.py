@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Deletes the per-test model queues earlier test runs left on the local broker (a test that
 is killed cannot clean up after itself, and RabbitMQ slows down under hundreds of idle quorum
-queues). Only names the tests make: ember.{jobs,retry,dead,deadnotice}.{test,http,bench,chaos,deploy,drain,kmock}-<model>-<id>."""
+queues). Only names the tests make: ember.{jobs,retry,dead,deadnotice}.{test,http,bench,chaos,deploy,drain,kmock}-<model>-<id>,
+and the version queues of those models (ember.jobs.<that model>@<version>)."""
 
 import re
 import subprocess
@@ -9,7 +10,7 @@ import sys
 
 import pika
 
-TEST_QUEUE = re.compile(r"^ember\.(jobs|retry|dead|deadnotice)\.(test|http|bench|chaos|deploy|drain|kmock)-[A-Za-z0-9_-]+$")
+TEST_QUEUE = re.compile(r"^ember\.(jobs|retry|dead|deadnotice)\.(test|http|bench|chaos|deploy|drain|kmock)-[A-Za-z0-9_-]+(@[A-Za-z0-9._-]+)?$")
 
 listed = subprocess.run(["rabbitmqctl", "list_queues", "name", "-q", "--no-table-headers"],
                         capture_output=True, text=True, timeout=120)
