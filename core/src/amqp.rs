@@ -415,7 +415,7 @@ pub fn header_str<'a>(headers: Option<&'a FieldTable>, name: &str) -> Option<&'a
     }
 }
 
-/// Whether the header `name` is set true: a boolean `true`, a non-zero integer, or the text
+/// Whether the header `name` is set true: a boolean `true`, a positive integer, or the text
 /// `true` / `1` (any case, surrounding spaces ignored). Absent or anything else is false.
 pub fn header_flag(headers: Option<&FieldTable>, name: &str) -> bool {
     match headers.and_then(|h| h.inner().get(name)) {

@@ -592,17 +592,11 @@ async fn declare_results_store(
             QueueBindOptions::default(),
             FieldTable::default(),
         )
-        .await?;
-    // Before results were stored only when asked, the store took every result from
-    // `ember.results`; that binding would now store the reply-only ones (a no-op when absent).
-    channel
-        .queue_unbind(
-            RESULTS_STORE_QUEUE.into(),
-            topology::RESULTS_EXCHANGE.into(),
-            "#".into(),
-            FieldTable::default(),
-        )
         .await
+    // A broker upgraded from before results were stored only when asked still binds the store
+    // to `ember.results` with `#`. It is left alone: while older workers run, or jobs queued by
+    // older dispatchers (without `ember-store-result`) are served, their results come that way.
+    // docs/deploy.md says when to remove it.
 }
 
 /// Which results queue [`take_results`] consumes.

@@ -220,7 +220,7 @@ pub struct Config {
 
     /// Most results `ember.results.store` holds while no dispatcher takes them in; beyond it
     /// the oldest are dropped from it (`drop-head`: still routed to any other queue bound to
-    /// `ember.results`) and their jobs read `expired`. Its message TTL is --result-ttl.
+    /// `ember.results.stored`) and their jobs read `expired`. Its message TTL is --result-ttl.
     #[arg(
         long,
         env = "EMBER_DISPATCHER_RESULTS_STORE_MAX_LENGTH",

@@ -155,20 +155,16 @@ impl Engine {
                 options.reload_per_job,
             )?);
         }
-        // Each instance is warmed up before its thread starts, so every one has paid its first
-        // run (and on a GPU each batch size's kernel search) before the worker says ready.
+        // Each instance warms up on its own thread (where it will run: a GPU provider keeps
+        // per-thread state) before taking batches, so every one has paid its first run (and on
+        // a GPU each batch size's kernel search) before the worker says ready.
         let sizes = if matches!(device, Device::Cuda(_)) {
             max_batch
         } else {
             1
         };
-        for loaded in &mut sessions {
-            for rows in 1..=sizes {
-                warm(loaded, &pipeline, rows)?;
-            }
-        }
         let engine = Self {
-            tx: start_threads(sessions)?,
+            tx: start_threads(sessions, &pipeline, sizes)?,
             pipeline,
             spec,
             device,
@@ -247,15 +243,29 @@ fn warmed(pipeline: &Pipeline, ran: Result<BatchOutput>) -> Result<()> {
 }
 
 /// One thread per instance, all taking batches from one queue: whichever is free runs the next.
-fn start_threads(sessions: Vec<ResidentSession>) -> Result<mpsc::Sender<BatchRequest>> {
+/// Each first warms its session up with batches of 1..=`sizes` rows; returns once all have.
+fn start_threads(
+    sessions: Vec<ResidentSession>,
+    pipeline: &Arc<Pipeline>,
+    sizes: usize,
+) -> Result<mpsc::Sender<BatchRequest>> {
     let (tx, rx) = mpsc::channel::<BatchRequest>(2 * sessions.len());
     let rx = Arc::new(std::sync::Mutex::new(rx));
+    let (warmed_tx, warmed_rx) = std::sync::mpsc::channel::<Result<()>>();
+    let instances = sessions.len();
     for (index, loaded) in sessions.into_iter().enumerate() {
         let rx = rx.clone();
+        let (pipeline, warmed) = (pipeline.clone(), warmed_tx.clone());
         std::thread::Builder::new()
             .name(format!("ember-inference-{index}"))
             .spawn(move || {
                 let mut loaded = loaded;
+                let warm_up = (1..=sizes).try_for_each(|rows| warm(&mut loaded, &pipeline, rows));
+                let failed = warm_up.is_err();
+                let _ = warmed.send(warm_up);
+                if failed {
+                    return;
+                }
                 loop {
                     // One idle thread waits on the queue at a time, the others on the lock.
                     let request = rx.lock().unwrap_or_else(|e| e.into_inner()).blocking_recv();
@@ -272,6 +282,14 @@ fn start_threads(sessions: Vec<ResidentSession>) -> Result<mpsc::Sender<BatchReq
                 }
             })
             .map_err(|e| Error::Internal(format!("cannot start the inference thread: {e}")))?;
+    }
+    drop(warmed_tx);
+    for _ in 0..instances {
+        // A thread that died before saying so closes the channel: an error too. On an error
+        // the sender is dropped on return and the other threads end.
+        warmed_rx
+            .recv()
+            .map_err(|_| Error::Internal("an inference thread died warming up".into()))??;
     }
     Ok(tx)
 }

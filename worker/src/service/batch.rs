@@ -58,6 +58,7 @@ pub async fn batch_loop(
         for bucket in buckets(live, max_rows, batching) {
             let instance = match free.take() {
                 Some(instance) => instance,
+                // The semaphore is never closed, so this waits for a free instance.
                 None => match instances.clone().acquire_owned().await {
                     Ok(instance) => instance,
                     Err(_) => break,
@@ -115,9 +116,14 @@ async fn run(ctx: &Context, bucket: Vec<(Job, Prepared)>, now_ms: u64) -> Vec<An
         Ok(output) => {
             let seconds = output.inference.as_secs_f64();
             ctx.metrics.inference.observe(seconds);
-            ctx.stats
-                .busy_nanos
-                .fetch_add(output.inference.as_nanos() as u64, Ordering::Relaxed);
+            // Divided among the instances: busy_seconds stays the worker's busy time (its rate
+            // of change the busy ratio, completed / busy_seconds its service rate) however many
+            // instances share the work.
+            let instances = ctx.engine.instances.max(1) as u128;
+            ctx.stats.busy_nanos.fetch_add(
+                (output.inference.as_nanos() / instances) as u64,
+                Ordering::Relaxed,
+            );
             let pipeline = &ctx.engine.pipeline;
             jobs.into_iter()
                 .zip(prepared)
