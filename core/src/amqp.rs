@@ -421,7 +421,8 @@ pub fn header_flag(headers: Option<&FieldTable>, name: &str) -> bool {
     match headers.and_then(|h| h.inner().get(name)) {
         Some(AMQPValue::Boolean(v)) => *v,
         Some(AMQPValue::LongString(_) | AMQPValue::ShortString(_)) => header_str(headers, name)
-            .is_some_and(|v| v.trim() == "1" || v.trim().eq_ignore_ascii_case("true")),
+            .map(str::trim)
+            .is_some_and(|v| v == "1" || v.eq_ignore_ascii_case("true")),
         Some(_) => header_u64(headers, name).is_some_and(|v| v != 0),
         None => false,
     }

@@ -584,6 +584,10 @@ async fn declare_results_store(
             results_queue_arguments(settings, true),
         )
         .await?;
+    // A broker upgraded from before results were stored only when asked still binds the store
+    // to `ember.results` with `#`. It is left alone: while older workers run, or jobs queued by
+    // older dispatchers (without `ember-store-result`) are served, their results come that way.
+    // docs/deploy.md says when to remove it.
     channel
         .queue_bind(
             RESULTS_STORE_QUEUE.into(),
@@ -593,10 +597,6 @@ async fn declare_results_store(
             FieldTable::default(),
         )
         .await
-    // A broker upgraded from before results were stored only when asked still binds the store
-    // to `ember.results` with `#`. It is left alone: while older workers run, or jobs queued by
-    // older dispatchers (without `ember-store-result`) are served, their results come that way.
-    // docs/deploy.md says when to remove it.
 }
 
 /// Which results queue [`take_results`] consumes.

@@ -505,8 +505,9 @@ pub fn from_json(dtype: DataType, data: &RawValue, count: usize) -> Result<Data,
     Ok(out)
 }
 
-/// Appends the elements of a JSON value (a scalar, or arrays nested to any depth, depth first)
-/// to `data`, each checked against its type and range, refusing more than `count`.
+/// Appends the elements of a JSON value (a scalar, or nested arrays, depth first, as deep as
+/// serde_json's nesting limit of 128) to `data`, each checked against its type and range,
+/// refusing more than `count`.
 struct Elements<'a> {
     data: &'a mut Data,
     count: usize,

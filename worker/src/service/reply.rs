@@ -1,6 +1,7 @@
 //! Replies: each finished job's result published to `ember.results` (`ember.results.stored` when
-//! the job asked for it to be stored), its reply queue and the callbacks queue, with publisher confirms; then the job is acked (or requeued when a confirm
-//! failed or the failure is transient) and counted.
+//! the job asked for it to be stored), its reply queue and the callbacks queue, with publisher
+//! confirms; then the job is acked (or requeued when a confirm failed or the failure is
+//! transient) and counted.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -52,9 +53,9 @@ fn result_headers(result: &JobResult, traceparent: Option<&LongString>) -> Heade
     headers
 }
 
-/// Publishes the results of `done` (to `reply_to`, `ember.results` or `ember.results.stored`, and `ember.callbacks` when a
-/// callback was asked for), waits for every confirm, then acks each job; a job whose result was
-/// not confirmed, or whose failure is transient, is requeued.
+/// Publishes the results of `done` (to `reply_to`, `ember.results` or `ember.results.stored`,
+/// and `ember.callbacks` when a callback was asked for), waits for every confirm, then acks each
+/// job; a job whose result was not confirmed, or whose failure is transient, is requeued.
 pub async fn finish(ctx: Arc<Context>, publisher: Channel, done: Vec<Answer>) {
     let mut pending = Vec::with_capacity(done.len());
     for Answer {
