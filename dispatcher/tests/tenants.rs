@@ -376,11 +376,12 @@ async fn tokens_are_rotated_and_revoked_without_a_restart() {
     assert_eq!(status("old-token").await, 200);
 
     // A broken file leaves the tenants as they were, and says so.
-    std::fs::write(
+    // Renamed into place like every other write here: written in place, the watcher could
+    // read the truncated (empty, so valid) file first and drop every tenant.
+    write_tenants(
         &file,
-        "[tenants.team-a]\ntoken_sha256 = [\"not hex\"]\nmodels = [\"*\"]\n",
-    )
-    .unwrap();
+        &["[tenants.team-a]\ntoken_sha256 = [\"not hex\"]\nmodels = [\"*\"]\n".to_string()],
+    );
     let started = Instant::now();
     while metric(
         &dispatcher.metrics().await,
