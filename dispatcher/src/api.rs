@@ -30,7 +30,7 @@ use crate::tenants::{Caller, Tenants};
 use crate::{middleware, oip_binary, ssrf};
 
 /// A heartbeat older than this does not count a worker as alive.
-const WORKER_FRESHNESS: Duration = Duration::from_secs(5);
+pub(crate) const WORKER_FRESHNESS: Duration = Duration::from_secs(5);
 
 /// What every handler shares.
 #[derive(Debug)]
@@ -114,7 +114,11 @@ async fn server_ready(
 
 /// The model `name`, if it is served here and the caller's tenant may use it (403
 /// `model_forbidden` otherwise, counted).
-fn model<'a>(state: &'a AppState, caller: &Caller, name: &str) -> Result<&'a ModelSpec, ApiError> {
+pub(crate) fn model<'a>(
+    state: &'a AppState,
+    caller: &Caller,
+    name: &str,
+) -> Result<&'a ModelSpec, ApiError> {
     let spec = state
         .models
         .get(name)
@@ -165,7 +169,7 @@ async fn model_version_metadata(
 /// What the workers report about `version` of `name`: `None` when no worker of the model has
 /// reported yet and `version` is the model directory's; 404 `model_not_found` for a version no
 /// worker reported (nor the model directory's, before any worker has).
-fn served_version(
+pub(crate) fn served_version(
     state: &AppState,
     name: &str,
     spec: &ModelSpec,
@@ -186,13 +190,16 @@ fn served_version(
     Ok(report)
 }
 
+/// The platform a model's metadata names: every model is an ONNX graph run by ONNX Runtime.
+pub(crate) const PLATFORM: &str = "onnxruntime_onnx";
+
 /// The model metadata body: from the workers' report when there is one, else from the spec.
 fn metadata(name: &str, spec: &ModelSpec, report: Option<&ModelReport>) -> serde_json::Value {
     match report {
         Some(report) => json!({
             "name": name,
             "versions": report.versions,
-            "platform": "onnxruntime_onnx",
+            "platform": PLATFORM,
             "inputs": report.info.inputs,
             "outputs": report.info.outputs,
             "parameters": {
@@ -205,7 +212,7 @@ fn metadata(name: &str, spec: &ModelSpec, report: Option<&ModelReport>) -> serde
         None => json!({
             "name": name,
             "versions": [spec.version],
-            "platform": "onnxruntime_onnx",
+            "platform": PLATFORM,
             "inputs": [],
             "outputs": [],
             "parameters": {
@@ -245,7 +252,7 @@ async fn model_version_ready(
 }
 
 /// The readiness body, or 503 `model_not_ready` when no worker (of `version`) is ready.
-fn ready(
+pub(crate) fn ready(
     state: &AppState,
     name: &str,
     version: Option<&str>,
@@ -396,7 +403,7 @@ async fn infer_version(
 }
 
 /// A version a client pinned, checked (it becomes part of a routing key).
-fn pinned_version(version: Option<&str>) -> Result<Option<&str>, ApiError> {
+pub(crate) fn pinned_version(version: Option<&str>) -> Result<Option<&str>, ApiError> {
     match version {
         Some(version) => ember_core::model::check_version(version)
             .map(|()| Some(version))
@@ -415,38 +422,87 @@ async fn run_infer(
 ) -> Result<Response, OipError> {
     let body = body_or_error(body, state.limits.max_body_bytes)?;
     let parsed = oip_binary::parse_infer(body, header_value(headers, oip_binary::HEADER_LENGTH))?;
-    let request = &parsed.request;
-    let job_id = uuid::Uuid::new_v4().to_string();
     let respond_async =
         header_value(headers, "prefer").is_some_and(|p| p.contains("respond-async"));
+    let call = InferCall {
+        name: &name,
+        version,
+        traceparent: header_value(headers, "traceparent"),
+        wait: (!respond_async).then_some(state.infer_timeout),
+        deadline_ms: None,
+    };
+    let response = match infer_parsed(state, caller, spec, &parsed, call).await? {
+        Inferred::Accepted(job_id) => return Ok(accepted(&job_id)),
+        Inferred::Answered(response) => response,
+    };
+    if oip_binary::wants_binary_output(&parsed.request) {
+        return Ok(oip_binary::encode_response(&response, &parsed.request)?);
+    }
+    Ok(Json(response).into_response())
+}
+
+/// An inference call, over either protocol (REST or gRPC).
+#[derive(Debug)]
+pub(crate) struct InferCall<'a> {
+    pub name: &'a str,
+    /// Pinned by the client (checked).
+    pub version: Option<&'a str>,
+    pub traceparent: Option<&'a str>,
+    /// How long to wait for the answer; `None`: do not (202, the job goes on).
+    pub wait: Option<Duration>,
+    /// The job's deadline (unix ms), after which a worker answers `deadline_exceeded`.
+    pub deadline_ms: Option<u64>,
+}
+
+/// What came of an inference call.
+#[derive(Debug)]
+pub(crate) enum Inferred {
+    /// Enqueued without waiting: the job's id.
+    Accepted(String),
+    /// The answer, its outputs those the request asked for.
+    Answered(InferResponse),
+}
+
+/// Enqueues a checked inference request as a job and waits for its answer: the one path of
+/// the REST and gRPC infer calls. A job the worker failed is its error code's status; no answer
+/// within the wait is 504 `timeout` (the job goes on).
+pub(crate) async fn infer_parsed(
+    state: &AppState,
+    caller: &Caller,
+    spec: &ModelSpec,
+    parsed: &oip_binary::InferBody,
+    call: InferCall<'_>,
+) -> Result<Inferred, ApiError> {
+    let (name, version) = (call.name, call.version);
+    let request = &parsed.request;
+    let job_id = uuid::Uuid::new_v4().to_string();
     let job = OutgoingJob {
         job_id: &job_id,
-        model: &name,
+        model: name,
         body: &parsed.body,
         content_type: parsed.content_type,
         inference_header_length: parsed.header_length,
         callback_url: None,
-        deadline_ms: None,
-        traceparent: header_value(headers, "traceparent"),
+        deadline_ms: call.deadline_ms,
+        traceparent: call.traceparent,
         version,
-        reply: !respond_async,
+        reply: call.wait.is_some(),
     };
     let receiver = enqueue(state, caller, job)
         .await
-        .map_err(|e| e.into_api(&name, version))?;
-    let Some(receiver) = receiver else {
-        return Ok(accepted(&job_id));
+        .map_err(|e| e.into_api(name, version))?;
+    let (Some(receiver), Some(wait)) = (receiver, call.wait) else {
+        return Ok(Inferred::Accepted(job_id));
     };
-    let Some(result) = wait_for(state, &job_id, receiver, state.infer_timeout).await? else {
-        return Err(OipError(ApiError::new(
+    let Some(result) = wait_for(state, &job_id, receiver, wait).await? else {
+        return Err(ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
             "timeout",
             format!(
-                "no result within {:?}; the job goes on: {}",
-                state.infer_timeout,
+                "no result within {wait:?}; the job goes on: {}",
                 status_url(&job_id)
             ),
-        )));
+        ));
     };
     if let Some(error) = result.error {
         let status = job_error_status(error.code);
@@ -457,7 +513,7 @@ async fn run_infer(
         } else {
             ApiError::new(status, error.code.as_str(), error.message)
         };
-        return Err(OipError(failure));
+        return Err(failure);
     }
     let mut outputs = result
         .outputs
@@ -469,17 +525,13 @@ async fn run_infer(
     let version = result
         .model_version
         .clone()
-        .unwrap_or_else(|| model_version(state, &name, spec, &result.worker));
-    let response = InferResponse {
-        model_name: name,
+        .unwrap_or_else(|| model_version(state, name, spec, &result.worker));
+    Ok(Inferred::Answered(InferResponse {
+        model_name: name.to_string(),
         model_version: Some(version),
         id: request.id.clone(),
         outputs,
-    };
-    if oip_binary::wants_binary_output(request) {
-        return Ok(oip_binary::encode_response(&response, request)?);
-    }
-    Ok(Json(response).into_response())
+    }))
 }
 
 /// The version a result came from: what its worker reports, else what the model's workers

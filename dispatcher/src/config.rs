@@ -34,6 +34,12 @@ pub struct Config {
     )]
     pub listen: SocketAddr,
 
+    /// Open Inference Protocol v2 over gRPC (`inference.GRPCInferenceService`, what
+    /// `tritonclient.grpc` calls) on this address, with the API's auth, limits and errors. Off
+    /// unless given (e.g. `127.0.0.1:8081`).
+    #[arg(long, env = "EMBER_DISPATCHER_GRPC_LISTEN", value_name = "ADDR")]
+    pub grpc_listen: Option<SocketAddr>,
+
     /// `--admin-addr`, `--model-dir` (repeatable), `--model-name`.
     #[command(flatten)]
     pub model: ModelArgs<DispatcherPart>,

@@ -96,7 +96,7 @@ fn error_id() -> String {
 
 impl ApiError {
     /// For a 5xx: a fresh error id, logged with the code and the internal detail.
-    fn log_server_error(&self) -> Option<String> {
+    pub(crate) fn log_server_error(&self) -> Option<String> {
         if !self.status.is_server_error() {
             return None;
         }

@@ -20,6 +20,7 @@
 //! - [`store`]: job records, results, idempotency keys in Redis.
 //! - [`callbacks`]: Standard Webhooks signing, retries, dead-lettering; [`ssrf`]: where a
 //!   callback may go (the SSRF guard, at submit and at connect time).
+//! - [`grpc`]: the same protocol over gRPC (`inference.GRPCInferenceService`), on its own port.
 //! - [`metrics`], [`error`].
 
 pub mod api;
@@ -27,6 +28,7 @@ pub mod broker;
 pub mod callbacks;
 pub mod config;
 pub mod error;
+pub mod grpc;
 pub mod limits;
 pub mod metrics;
 pub mod middleware;
@@ -298,6 +300,10 @@ pub async fn run_with_resolver(
             readiness.set(false);
         })
     };
+    let grpc_server = match config.grpc_listen {
+        Some(addr) => Some(serve_grpc(addr, state.clone(), shutdown.clone()).await?),
+        None => None,
+    };
     let server_shutdown = shutdown.clone();
     let app = api::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
     let served = axum::serve(listener, app)
@@ -321,6 +327,32 @@ pub async fn run_with_resolver(
     };
     let _ = ready_probe.await;
     let _ = tenants_watch.await;
+    if let Some(grpc_server) = grpc_server {
+        let _ = grpc_server.await;
+    }
     admin.stop();
     outcome.map_err(Error::Io)
+}
+
+/// Serves the Open Inference Protocol over gRPC on `addr` (HTTP/2 through axum, as the REST
+/// API is served: the peer's address for the rate limits, no timeout of tonic's own, so that a
+/// client's `grpc-timeout` is answered `DEADLINE_EXCEEDED` by the call itself) until `shutdown`.
+async fn serve_grpc(
+    addr: std::net::SocketAddr,
+    state: Arc<api::AppState>,
+    shutdown: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, Error> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, "gRPC API listening (inference.GRPCInferenceService)");
+    let app = tonic::service::Routes::new(grpc::OipGrpc::new(state).server())
+        .into_axum_router()
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    Ok(tokio::spawn(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "gRPC server failed");
+        }
+    }))
 }

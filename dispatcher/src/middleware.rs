@@ -90,19 +90,16 @@ pub async fn limit_headers(
     }
 }
 
-fn too_many(path: &str, code: &'static str, wait: std::time::Duration, what: &str) -> Response {
+fn too_many(code: &'static str, wait: std::time::Duration, what: &str) -> ApiError {
     let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
-    reject(
-        path,
-        ApiError {
-            retry_after: Some(seconds),
-            ..ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                code,
-                format!("{what}; retry in {seconds} s"),
-            )
-        },
-    )
+    ApiError {
+        retry_after: Some(seconds),
+        ..ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            code,
+            format!("{what}; retry in {seconds} s"),
+        )
+    }
 }
 
 /// Bearer auth, then the rate limit; health routes are exempt from both. With tenants, the
@@ -124,9 +121,35 @@ pub async fn authorize(
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip())
         .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    match admit(&state, request.headers(), peer) {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        Err(error) => {
+            let unauthorized = error.status == StatusCode::UNAUTHORIZED;
+            let mut response = reject(path, error);
+            if unauthorized {
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            response
+        }
+    }
+}
+
+/// Who is calling (the tenant of the bearer token in `headers`), within the rate limits; or
+/// the error to answer: 401 `unauthorized`, 429 `auth_rate_limited` or `rate_limited`. The one
+/// check of every API, REST ([`authorize`]) and gRPC alike; `peer` is the TCP peer's address.
+pub(crate) fn admit(
+    state: &AppState,
+    headers: &axum::http::HeaderMap,
+    peer: IpAddr,
+) -> Result<Caller, ApiError> {
     let limits = &state.limits;
     // The client address is only needed for a bucket of its own (wrong tokens; no auth).
-    let address = |headers: &axum::http::HeaderMap| {
+    let address = || {
         Client::address(limits::client_ip(
             peer,
             headers,
@@ -136,17 +159,16 @@ pub async fn authorize(
     };
     let now = Instant::now();
     let caller = if state.tenants.required {
-        let address = address(request.headers());
+        let address = address();
         if let Err(wait) = limits.auth_failures.available(address, now) {
             state
                 .metrics
                 .auth_failures
                 .with_label_values(&["locked_out"])
                 .inc();
-            return too_many(path, "auth_rate_limited", wait, "too many wrong tokens");
+            return Err(too_many("auth_rate_limited", wait, "too many wrong tokens"));
         }
-        let presented = request
-            .headers()
+        let presented = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
@@ -160,18 +182,11 @@ pub async fn authorize(
                     .auth_failures
                     .with_label_values(&["unauthorized"])
                     .inc();
-                let mut response = reject(
-                    path,
-                    ApiError::new(
-                        StatusCode::UNAUTHORIZED,
-                        "unauthorized",
-                        "a valid bearer token is required",
-                    ),
-                );
-                response
-                    .headers_mut()
-                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-                return response;
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "a valid bearer token is required",
+                ));
             }
         }
     } else {
@@ -182,10 +197,7 @@ pub async fn authorize(
             .rate
             .as_ref()
             .map(|bucket| bucket.check(Client::Token(0), now)),
-        None => limits
-            .rate
-            .as_ref()
-            .map(|rate| rate.check(address(request.headers()), now)),
+        None => limits.rate.as_ref().map(|rate| rate.check(address(), now)),
     };
     if let Some(Err(wait)) = limited {
         state
@@ -193,8 +205,11 @@ pub async fn authorize(
             .tenant_rate_limited
             .with_label_values(&[caller.label()])
             .inc();
-        return too_many(path, "rate_limited", wait, "over the request rate limit");
+        return Err(too_many(
+            "rate_limited",
+            wait,
+            "over the request rate limit",
+        ));
     }
-    request.extensions_mut().insert(caller);
-    next.run(request).await
+    Ok(caller)
 }

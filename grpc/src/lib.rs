@@ -9,6 +9,12 @@
 //! - [`externalscaler`]: KEDA's external scaler protocol, `externalscaler.ExternalScaler`, which
 //!   the autoscaler serves to a KEDA `ScaledObject` of type `external` or `external-push`.
 
+/// `inference.GRPCInferenceService` (Open Inference Protocol v2).
+#[allow(clippy::all, missing_debug_implementations, unreachable_pub)]
+pub mod inference {
+    include!("gen/inference.rs");
+}
+
 /// `externalscaler.ExternalScaler` (KEDA).
 #[allow(clippy::all, missing_debug_implementations, unreachable_pub)]
 pub mod externalscaler {
