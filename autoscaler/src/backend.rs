@@ -8,6 +8,7 @@ use ember_core::telemetry::Readiness;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::keda::Board;
 use crate::metrics::Metrics;
 use crate::policy::{Decision, PolicyState, Signals};
 use crate::signals::ModelView;
@@ -20,6 +21,9 @@ pub struct Context {
     pub metrics: Metrics,
     /// `/readyz`: true while the loop holds a broker connection.
     pub readiness: Readiness,
+    /// Each model's latest decision, for the KEDA external scaler (posted whether or not it
+    /// serves).
+    pub board: Board,
     /// When the autoscaler started: the policy's clock.
     pub started: Instant,
     pub shutdown: CancellationToken,

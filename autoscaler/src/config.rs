@@ -1,5 +1,6 @@
 //! Autoscaler configuration: every flag is also an `EMBER_AUTOSCALER_*` environment variable.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -16,6 +17,9 @@ pub enum Backend {
     Local,
     /// Deployments named by `InferencePool` resources (kubeconfig or in-cluster config).
     Kubernetes,
+    /// Nothing: decide for each `--signal-model` and only say so (the decisions log, metrics,
+    /// and the KEDA external scaler of `--keda-listen`); no Kubernetes API, no Lease.
+    Signal,
 }
 
 /// The autoscaler's model and admin flags: several models (local backend),
@@ -44,6 +48,19 @@ pub struct Config {
         default_value = "local"
     )]
     pub backend: Backend,
+
+    /// The models to decide for (signal backend); repeat or comma-separate.
+    #[arg(
+        long = "signal-model",
+        env = "EMBER_AUTOSCALER_SIGNAL_MODELS",
+        value_delimiter = ','
+    )]
+    pub signal_models: Vec<String>,
+
+    /// Serve KEDA's external scaler gRPC protocol (`externalscaler.ExternalScaler`) on this
+    /// address, answering with this autoscaler's decisions; off unless set.
+    #[arg(long, env = "EMBER_AUTOSCALER_KEDA_LISTEN")]
+    pub keda_listen: Option<SocketAddr>,
 
     /// Print the InferencePool CRD as YAML and exit.
     #[arg(long)]

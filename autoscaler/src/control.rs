@@ -3,7 +3,7 @@
 //! and hands them to the [`Backend`].
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ember_core::telemetry::Admin;
 use ember_core::topology::{self, QueueSettings};
@@ -12,6 +12,7 @@ use prometheus::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{Backend, Context, Observed, Scaled};
+use crate::keda::{self, Board};
 use crate::metrics::Metrics;
 use crate::policy::PolicyState;
 use crate::signals::{ArrivalMeter, Heartbeats, ModelView};
@@ -46,10 +47,20 @@ pub async fn run<B: Backend>(
     let metrics =
         Metrics::register(&registry).map_err(|e| Error::Config(format!("metrics: {e}")))?;
     let admin = Admin::start(config.model.admin_addr, registry).await?;
+    // Ten ticks without a decision: the loop has lost the broker.
+    let board = Board::new((config.tick * 10).max(Duration::from_secs(5)));
+    for model in &config.signal_models {
+        board.expect(model.trim());
+    }
+    let keda = match config.keda_listen {
+        Some(addr) => Some(keda::Server::start(addr, board.clone(), shutdown.clone()).await?),
+        None => None,
+    };
     let ctx = Context {
         config,
         metrics,
         readiness: admin.readiness(),
+        board,
         started: Instant::now(),
         shutdown,
     };
@@ -68,6 +79,9 @@ pub async fn run<B: Backend>(
         let _ = connection.close(200, "autoscaler".into()).await;
     }
     backend.stop().await;
+    if let Some(keda) = keda {
+        keda.stop().await;
+    }
     admin.stop();
     Ok(())
 }
@@ -140,7 +154,10 @@ async fn tick<B: Backend>(
             .scale(ctx, &target, &observed, &mut memory.policy)
             .await
         {
-            Ok(scaled) => record(&ctx.metrics, &target.model, &observed.view, &scaled),
+            Ok(scaled) => {
+                ctx.board.post(&target.model, &scaled.decision);
+                record(&ctx.metrics, &target.model, &observed.view, &scaled);
+            }
             Err(error) => tracing::warn!(
                 key = %target.key,
                 model = %target.model,

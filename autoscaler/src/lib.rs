@@ -14,6 +14,9 @@
 //! - [`local`]: the `local` backend (worker processes on this machine).
 //! - [`kubernetes`]: the `kubernetes` backend (the `InferencePool` CRD, Deployments' scale, the
 //!   leader Lease, pod deletion costs, Events and status).
+//! - [`signal`]: the `signal` backend: decisions only, for KEDA to carry out.
+//! - [`keda`]: KEDA's external scaler gRPC protocol, answered with the loop's decisions
+//!   (`--keda-listen`, any backend).
 //! - [`policy`]: signals -> replicas, with reasons. Pure and table-tested.
 //! - [`rollout`]: a new model version over a pool, surge then retire, with rollback. Pure and
 //!   table-tested; the local backend carries it out.
@@ -24,11 +27,13 @@
 pub mod backend;
 pub mod config;
 pub mod control;
+pub mod keda;
 pub mod kubernetes;
 pub mod local;
 pub mod metrics;
 pub mod policy;
 pub mod rollout;
+pub mod signal;
 pub mod signals;
 pub mod sim;
 
@@ -56,6 +61,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), Erro
         }
         config::Backend::Kubernetes => {
             let backend = kubernetes::KubernetesBackend::connect(&config).await?;
+            control::run(config, backend, shutdown).await
+        }
+        config::Backend::Signal => {
+            let backend = signal::SignalBackend::new(&config)?;
             control::run(config, backend, shutdown).await
         }
     }
