@@ -130,8 +130,13 @@ impl OipGrpc {
         let version = api::pinned_version(non_empty(&request.model_version))?;
         let parsed = infer_body(&request, state.limits.max_body_bytes)?;
         // The client's deadline bounds the wait and goes with the job: a worker that takes it
-        // up too late answers `deadline_exceeded` rather than running it for no one.
-        let wait = timeout.map_or(state.infer_timeout, |t| t.min(state.infer_timeout));
+        // up too late answers `deadline_exceeded` rather than running it for no one. The wait
+        // ends a tenth (at most 100 ms) before the deadline, so that the client gets this
+        // answer, saying what happened, before its own timer ends the call.
+        let wait = timeout.map_or(state.infer_timeout, |t| {
+            t.saturating_sub((t / 10).min(Duration::from_millis(100)))
+                .min(state.infer_timeout)
+        });
         let call = InferCall {
             name: &request.model_name,
             version,
@@ -526,6 +531,7 @@ fn infer_response(response: InferResponse) -> Result<ModelInferResponse, ApiErro
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
