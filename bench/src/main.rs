@@ -18,6 +18,9 @@ use std::time::{Duration, Instant};
 use clap::{Parser, Subcommand};
 use ember_core::amqp::Headers;
 use ember_core::topology::{self, QueueSettings};
+use ember_grpc::inference::ModelInferRequest;
+use ember_grpc::inference::grpc_inference_service_client::GrpcInferenceServiceClient;
+use ember_grpc::inference::model_infer_request::InferInputTensor;
 use futures_util::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
@@ -243,7 +246,7 @@ async fn overhead(args: &Args, jobs: usize) -> anyhow::Result<()> {
         (vec![], vec![], vec![], vec![]);
     let (mut both_p50, mut confirm_p50) = (vec![], vec![]);
     let tensor = TensorBodies::new()?;
-    let mut tensor_p50: [Vec<f64>; 3] = Default::default();
+    let mut tensor_p50: [Vec<f64>; 4] = Default::default();
     let mut detail = Vec::new();
     for round in 0..args.rounds {
         let (run, decode, both) = bare(jobs).await?;
@@ -266,7 +269,13 @@ async fn overhead(args: &Args, jobs: usize) -> anyhow::Result<()> {
             worker_ms.push(result.timing.worker_ms);
             stages.add(started.elapsed().as_secs_f64() * 1e3, &result.timing);
         }
-        let (dispatcher, api) = fleet::dispatcher(&model, &dir)?;
+        let grpc_port = fleet::free_port();
+        let grpc_listen = format!("127.0.0.1:{grpc_port}");
+        let (dispatcher, api) = fleet::dispatcher_with(
+            &model,
+            &dir,
+            &["--insecure-no-auth", "--grpc-listen", &grpc_listen],
+        )?;
         dispatcher.wait_http(api, "/v2/health/ready").await?;
         let http = reqwest::Client::new();
         let url = format!("http://127.0.0.1:{api}/v1/models/{model}/jobs?wait=30s");
@@ -283,15 +292,18 @@ async fn overhead(args: &Args, jobs: usize) -> anyhow::Result<()> {
             let _ = response.bytes().await?;
             via_http.push(started.elapsed().as_secs_f64());
         }
-        let tensors = tensor.run(&client, &http, &model, api, jobs).await?;
+        let tensors = tensor
+            .run(&client, &http, &model, (api, grpc_port), jobs)
+            .await?;
         for (p50s, times) in tensor_p50.iter_mut().zip(&tensors) {
             p50s.push(summarise(times).p50);
         }
         println!(
-            "  300x300 UINT8 tensor p50: AMQP binary {:.2} ms | HTTP OIP binary {:.2} ms | HTTP OIP JSON {:.2} ms",
+            "  300x300 UINT8 tensor p50: AMQP binary {:.2} ms | HTTP OIP binary {:.2} ms | HTTP OIP JSON {:.2} ms | gRPC OIP raw {:.2} ms",
             summarise(&tensors[0]).p50 * 1e3,
             summarise(&tensors[1]).p50 * 1e3,
-            summarise(&tensors[2]).p50 * 1e3
+            summarise(&tensors[2]).p50 * 1e3,
+            summarise(&tensors[3]).p50 * 1e3
         );
         let s = |v: &[f64]| summarise(v);
         let (b, d, a, h) = (s(&run), s(&decode), s(&amqp), s(&via_http));
@@ -325,7 +337,7 @@ async fn overhead(args: &Args, jobs: usize) -> anyhow::Result<()> {
             "worker_queue_ms": summarise(&queue_ms), "worker_inference_ms": summarise(&inference_ms), "worker_total_ms": summarise(&worker_ms),
             "client_publish_confirm_ms": summarise(&confirm_ms),
             "tensor_300_amqp_binary_s": s(&tensors[0]), "tensor_300_http_binary_s": s(&tensors[1]),
-            "tensor_300_http_json_s": s(&tensors[2])}));
+            "tensor_300_http_json_s": s(&tensors[2]), "tensor_300_grpc_raw_s": s(&tensors[3])}));
         drop(dispatcher);
         drop(worker);
         delete_queues(&model).await;
@@ -338,7 +350,7 @@ async fn overhead(args: &Args, jobs: usize) -> anyhow::Result<()> {
         h.median / b.median,
         (h.median - b.median) * 1e3
     );
-    let [t_amqp, t_binary, t_json] = tensor_p50.map(across);
+    let [t_amqp, t_binary, t_json, t_grpc] = tensor_p50.map(across);
     // Goal 4 of issue 17: what the queue adds to a lone job, against the durable enqueue.
     let (both, confirm) = (across(both_p50), across(confirm_p50));
     let gap_ms = (a.median - both.median) * 1e3;
@@ -347,9 +359,10 @@ async fn overhead(args: &Args, jobs: usize) -> anyhow::Result<()> {
         "AMQP p50 - bare decode+run p50 = {gap_ms:.2} ms; durable enqueue (publish to confirm) p50 + 1 ms = {budget_ms:.2} ms"
     );
     println!(
-        "300x300 tensor (p50): HTTP binary / AMQP binary {:.2}x, HTTP JSON / HTTP binary {:.2}x",
+        "300x300 tensor (p50): HTTP binary / AMQP binary {:.2}x, HTTP JSON / HTTP binary {:.2}x, gRPC raw / HTTP binary {:.2}x",
         t_binary.median / t_amqp.median,
-        t_json.median / t_binary.median
+        t_json.median / t_binary.median,
+        t_grpc.median / t_binary.median
     );
     let doc = json!({"jobs": jobs, "image": "astronaut.png", "threads": "the worker's default in both (the cores this process may use)",
         "bare_run_p50_s": b, "decode_resize_p50_s": across(decode_p50), "amqp_p50_s": a, "http_p50_s": h,
@@ -357,19 +370,21 @@ async fn overhead(args: &Args, jobs: usize) -> anyhow::Result<()> {
         "bare_decode_and_run_p50_s": both, "client_publish_confirm_p50_s": confirm,
         "queue_cost": {"what": "median AMQP p50 minus median bare decode+run p50, against the median publish-to-confirm p50 (the durable enqueue) plus 1 ms",
             "gap_ms": gap_ms, "budget_ms": budget_ms, "within": gap_ms <= budget_ms},
-        "tensor_300": {"what": "astronaut.png resized to 300x300 RGB as a [1,300,300,3] UINT8 tensor, sequential: over AMQP in the binary tensor form, over HTTP POST /v2/models/{m}/infer in the binary form (binary outputs) and in JSON (JSON outputs)",
-            "amqp_binary_p50_s": t_amqp, "http_binary_p50_s": t_binary, "http_json_p50_s": t_json,
-            "ratio_http_binary_to_amqp": t_binary.median / t_amqp.median, "ratio_http_json_to_binary": t_json.median / t_binary.median},
+        "tensor_300": {"what": "astronaut.png resized to 300x300 RGB as a [1,300,300,3] UINT8 tensor, sequential: over AMQP in the binary tensor form, over HTTP POST /v2/models/{m}/infer in the binary form (binary outputs) and in JSON (JSON outputs), over gRPC ModelInfer with raw_input_contents (raw outputs; one HTTP/2 connection kept open, as tritonclient.grpc does)",
+            "amqp_binary_p50_s": t_amqp, "http_binary_p50_s": t_binary, "http_json_p50_s": t_json, "grpc_raw_p50_s": t_grpc,
+            "ratio_http_binary_to_amqp": t_binary.median / t_amqp.median, "ratio_http_json_to_binary": t_json.median / t_binary.median,
+            "ratio_grpc_raw_to_http_binary": t_grpc.median / t_binary.median},
         "rounds_detail": detail});
     save(&args.out, "overhead", doc)
 }
 
-/// The same image as an Open Inference Protocol tensor, three ways (`run` returns each one's
+/// The same image as an Open Inference Protocol tensor, four ways (`run` returns each one's
 /// sequential round trips; an answer that is not `ok` / 200 stops the run).
 struct TensorBodies {
     binary: Vec<u8>,
     header_length: usize,
     json: Vec<u8>,
+    raw: Vec<u8>,
 }
 
 impl TensorBodies {
@@ -394,6 +409,7 @@ impl TensorBodies {
             binary,
             header_length,
             json,
+            raw,
         })
     }
 
@@ -402,10 +418,10 @@ impl TensorBodies {
         client: &RpcClient,
         http: &reqwest::Client,
         model: &str,
-        api: u16,
+        (api, grpc): (u16, u16),
         jobs: usize,
-    ) -> anyhow::Result<[Vec<f64>; 3]> {
-        let mut times: [Vec<f64>; 3] = Default::default();
+    ) -> anyhow::Result<[Vec<f64>; 4]> {
+        let mut times: [Vec<f64>; 4] = Default::default();
         for _ in 0..jobs {
             let started = Instant::now();
             let rx = client
@@ -447,6 +463,30 @@ impl TensorBodies {
                     String::from_utf8_lossy(&body[..body.len().min(300)])
                 );
             }
+        }
+        let mut client = GrpcInferenceServiceClient::connect(format!("http://127.0.0.1:{grpc}"))
+            .await?
+            .max_decoding_message_size(64 << 20);
+        for _ in 0..jobs {
+            let started = Instant::now();
+            // The request is built in the loop, as a client builds each one from its tensor.
+            let request = ModelInferRequest {
+                model_name: model.to_string(),
+                inputs: vec![InferInputTensor {
+                    name: Self::INPUT.to_string(),
+                    datatype: "UINT8".to_string(),
+                    shape: vec![1, 300, 300, 3],
+                    ..Default::default()
+                }],
+                raw_input_contents: vec![self.raw.clone()],
+                ..Default::default()
+            };
+            let response = client.model_infer(request).await?.into_inner();
+            times[3].push(started.elapsed().as_secs_f64());
+            anyhow::ensure!(
+                !response.raw_output_contents.is_empty(),
+                "gRPC answer without outputs"
+            );
         }
         Ok(times)
     }
