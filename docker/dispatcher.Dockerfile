@@ -7,6 +7,7 @@ WORKDIR /src
 # tests/deploy checks this list against Cargo.toml's members.
 COPY Cargo.toml Cargo.lock rust-toolchain.toml ./
 COPY protocol protocol
+COPY grpc grpc
 COPY core core
 COPY worker worker
 COPY dispatcher dispatcher
@@ -24,9 +25,10 @@ COPY --from=build /ember-dispatcher /usr/local/bin/ember-dispatcher
 # The dispatcher reads only model.toml (names, tensors, labels), not the model itself.
 COPY models/ssdlite-person/model.toml /opt/ember/models/ssdlite-person/model.toml
 ENV EMBER_DISPATCHER_LISTEN=0.0.0.0:8080 \
+    EMBER_DISPATCHER_GRPC_LISTEN=0.0.0.0:8081 \
     EMBER_DISPATCHER_ADMIN_ADDR=0.0.0.0:9200 \
     EMBER_DISPATCHER_MODEL_DIRS=/opt/ember/models/ssdlite-person \
     EMBER_LOG_FORMAT=json
 USER 65532:65532
-EXPOSE 8080 9200
+EXPOSE 8080 8081 9200
 ENTRYPOINT ["/usr/local/bin/ember-dispatcher"]

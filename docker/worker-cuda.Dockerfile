@@ -8,6 +8,7 @@ WORKDIR /src
 # Every workspace member is copied; tests/deploy checks this list against Cargo.toml's members.
 COPY Cargo.toml Cargo.lock rust-toolchain.toml ./
 COPY protocol protocol
+COPY grpc grpc
 COPY core core
 COPY worker worker
 COPY dispatcher dispatcher

@@ -6,7 +6,8 @@ lists requested, as_numpy on the result. Prints a JSON summary of both on stdout
 compares them.
 
 The inputs file is a JSON list of {"name", "datatype", "shape"} with either "data" (flat
-values) or "raw" (a file of the tensor's little-endian bytes).
+values) or "raw" (a file of the tensor's little-endian bytes), or a REST infer request body
+(its "inputs"). Without --http-url, only gRPC.
 
 With --expect-error CODE it sends the inputs over gRPC only and prints the error tritonclient
 raised (its gRPC status and message) instead; exit status 1 when the call did not fail so.
@@ -24,6 +25,8 @@ from tritonclient.utils import InferenceServerException, triton_to_np_dtype
 def arrays(spec_file):
     with open(spec_file) as f:
         specs = json.load(f)
+    if isinstance(specs, dict):  # an OIP REST request body
+        specs = specs["inputs"]
     out = []
     for spec in specs:
         dtype = triton_to_np_dtype(spec["datatype"])

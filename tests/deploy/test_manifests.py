@@ -10,11 +10,12 @@ import jsonschema
 import pytest
 import yaml
 
-from conftest import HA_OVERLAYS, K8S_VERSIONS, MODEL_STORE_OVERLAYS, NODE_MODULES, OVERLAYS, ROOT, find, pod_spec, render, render_text, run, tool
+from conftest import (HA_OVERLAYS, K8S_VERSIONS, KEDA_OVERLAYS, MODEL_STORE_OVERLAYS, NODE_MODULES, OVERLAYS, POOL_OVERLAYS, ROOT, find,
+                      pod_spec, render, render_text, run, tool)
 from secure_defaults import Endpoint, Network, _file_source, k8s_violations
 
 # Kinds kubernetes-validate has no schema for; each is validated against its CRD schema below.
-CRD_KINDS = {"InferencePool", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
+CRD_KINDS = {"InferencePool", "ServiceMonitor", "PodMonitor", "PrometheusRule", "ScaledObject"}
 MONITORING_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 # Secrets the manifests reference (mounted as files, never env) but do not contain: docs/deploy.md
 # has the user create them.
@@ -126,7 +127,7 @@ def crd_schema():
     return crd, version["name"], version["schema"]["openAPIV3Schema"]
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", POOL_OVERLAYS)
 def test_inferencepools_match_the_crd_schema(overlay):
     crd, version, schema = crd_schema()
     pools = find(render(overlay), crd["spec"]["names"]["kind"])
@@ -249,7 +250,7 @@ def test_grace_periods_exceed_drain_timeouts(overlay):
         assert spec["terminationGracePeriodSeconds"] > drain, f"{name}: grace <= drain {drain}s"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", POOL_OVERLAYS)
 def test_worker_is_identified_by_pod_name_and_scaled_by_the_autoscaler(overlay):
     objs = render(overlay)
     dep, c = worker(objs)
@@ -262,7 +263,7 @@ def test_worker_is_identified_by_pod_name_and_scaled_by_the_autoscaler(overlay):
     assert ns(pool) == ns(dep) == "ember"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", POOL_OVERLAYS)
 def test_worker_caches_models_on_a_volume_and_leaves_the_source_to_the_pool(overlay):
     objs = render(overlay)
     dep, c = worker(objs)
@@ -358,7 +359,7 @@ def test_monitors_select_pods_and_ports(overlay):
             assert ep["port"] in names, f"{mon['metadata']['name']}: no port {ep['port']}"
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("overlay", POOL_OVERLAYS)
 def test_autoscaler_uses_the_bound_service_account_and_exact_rbac(overlay):
     objs = render(overlay)
     (dep,) = find(objs, "Deployment", "ember-autoscaler")
@@ -570,6 +571,7 @@ def test_network_policies_admit_only_what_each_part_needs(overlay):
     rabbitmq, redis = pods["ember-rabbitmq"], pods["ember-redis"]
     ingress = Endpoint("ingress-nginx controller", "ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"}, "10.1.1.2")
     prometheus = Endpoint("prometheus", "monitoring", {"app.kubernetes.io/name": "prometheus"}, "10.1.1.3")
+    keda = Endpoint("KEDA operator", "keda", {"app": "keda-operator"}, "10.1.1.8")
     client = Endpoint("labelled client", "ember", CLIENT_LABEL, "10.1.1.4")
     stranger = Endpoint("pod of another namespace", "default", {"app": "x"}, "10.1.1.5")
     unlabelled = Endpoint("unlabelled pod here", "ember", {"app": "x"}, "10.1.1.6")
@@ -584,6 +586,9 @@ def test_network_policies_admit_only_what_each_part_needs(overlay):
         # The API: from the ingress controller and labelled clients only.
         (ingress, dispatcher, 8080, True), (client, dispatcher, 8080, True),
         (stranger, dispatcher, 8080, False), (unlabelled, dispatcher, 8080, False), (worker, dispatcher, 8080, False),
+        # The same API over gRPC: the same callers.
+        (ingress, dispatcher, 8081, True), (client, dispatcher, 8081, True),
+        (stranger, dispatcher, 8081, False), (worker, dispatcher, 8081, False),
         # Metrics: from the monitoring namespace only.
         (prometheus, dispatcher, 9200, True), (ingress, dispatcher, 9200, False), (client, dispatcher, 9200, False),
         (prometheus, worker, 9100, True), (stranger, worker, 9100, False),
@@ -600,8 +605,12 @@ def test_network_policies_admit_only_what_each_part_needs(overlay):
         (worker, internet, 443, overlay in MODEL_STORE_OVERLAYS), (worker, internet6, 443, overlay in MODEL_STORE_OVERLAYS),
         (worker, internet, 80, False), (worker, metadata, 80, False), (worker, metadata, 443, False),
         (worker, private, 443, False), (worker, apiserver, 443, False), (worker, dispatcher, 8080, False),
-        # The autoscaler: the broker and the API server's ports.
-        (autoscaler, apiserver, 443, True), (autoscaler, apiserver, 6443, True), (autoscaler, internet, 80, False),
+        # The autoscaler: the broker and the API server's ports; signal-only (KEDA), the broker
+        # only, and KEDA's operator in to the external scaler.
+        (autoscaler, apiserver, 443, overlay not in KEDA_OVERLAYS), (autoscaler, apiserver, 6443, overlay not in KEDA_OVERLAYS),
+        (autoscaler, internet, 80, False),
+        (keda, autoscaler, 9400, overlay in KEDA_OVERLAYS), (prometheus, autoscaler, 9400, False), (client, autoscaler, 9400, False),
+        (stranger, autoscaler, 9400, False),
         # The dispatcher: callbacks to public addresses on any port, not into private ranges.
         (dispatcher, internet, 443, True), (dispatcher, internet, 8443, True), (dispatcher, internet6, 443, True),
         (dispatcher, metadata, 80, False), (dispatcher, private, 443, False), (dispatcher, worker, 9100, False),
