@@ -13,11 +13,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 VENV_BIN = ROOT / ".venv/bin"
 NODE_MODULES = ROOT / ".tools/node/node_modules"
 OVERLAYS = ["base", "overlays/cpu", "overlays/gpu", "overlays/cpu-monitoring", "overlays/gpu-monitoring", "overlays/ha-broker",
-            "overlays/model-store"]
+            "overlays/model-store", "overlays/keda"]
 # Overlays with RabbitMQ as a three-node cluster (manifests/components/ha-broker).
 HA_OVERLAYS = ["overlays/ha-broker"]
 # Overlays whose workers fetch their model from S3 with a web identity (manifests/components/model-store).
 MODEL_STORE_OVERLAYS = ["overlays/model-store"]
+# Overlays where KEDA scales the workers on the signal-only autoscaler's answers (manifests/overlays/keda).
+KEDA_OVERLAYS = ["overlays/keda"]
+# Overlays where the autoscaler's kubernetes backend scales InferencePools.
+POOL_OVERLAYS = [o for o in OVERLAYS if o not in KEDA_OVERLAYS]
 # Kubernetes versions kubernetes-validate checks the rendered objects against.
 K8S_VERSIONS = ["1.33.0", "1.37.0"]
 

@@ -141,6 +141,112 @@ def test_inferencepools_match_the_crd_schema(overlay):
         jsonschema.validate({"spec": broken["spec"]}, schema)
 
 
+KEDA_CRD = ROOT / "tests/deploy/keda/keda.sh_scaledobjects.yaml"
+
+
+def keda_schema():
+    """KEDA's published ScaledObject CRD (tests/deploy/keda/PROVENANCE.md): its served version's schema."""
+    crd = yaml.safe_load(KEDA_CRD.read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["served"] and v["storage"]]
+    return crd, version["name"], version["schema"]["openAPIV3Schema"]
+
+
+def unknown_fields(obj, schema, path=""):
+    """Fields of `obj` that `schema` does not declare: what the API server's strict field
+    validation rejects (jsonschema alone lets them through, as CRD schemas set no
+    additionalProperties: false)."""
+    if "anyOf" in schema or schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    if isinstance(obj, dict) and "properties" in schema:
+        found = []
+        for key, value in obj.items():
+            if key not in schema["properties"]:
+                found.append(f"{path}.{key}")
+            else:
+                found += unknown_fields(value, schema["properties"][key], f"{path}.{key}")
+        return found
+    if isinstance(obj, dict) and isinstance(schema.get("additionalProperties"), dict):
+        return [f for k, v in obj.items() for f in unknown_fields(v, schema["additionalProperties"], f"{path}.{k}")]
+    if isinstance(obj, list) and "items" in schema:
+        return [f for i, v in enumerate(obj) for f in unknown_fields(v, schema["items"], f"{path}[{i}]")]
+    return []
+
+
+def check_scaledobject(obj, schema):
+    jsonschema.validate({k: v for k, v in obj.items() if k in ("spec", "status")}, schema)
+    assert unknown_fields({"spec": obj["spec"]}, schema) == []
+    # The CRD's one CEL rule (x-kubernetes-validations), which jsonschema does not run.
+    spec = obj["spec"]
+    assert spec.get("minReplicaCount", 0) <= spec.get("maxReplicaCount", 100), "minReplicaCount > maxReplicaCount"
+
+
+@pytest.mark.parametrize("overlay", KEDA_OVERLAYS)
+def test_scaledobjects_match_kedas_published_crd_schema(overlay):
+    crd, version, schema = keda_schema()
+    assert crd["metadata"]["name"] == "scaledobjects.keda.sh"
+    objs = find(render(overlay), crd["spec"]["names"]["kind"])
+    for obj in objs:
+        assert obj["apiVersion"] == f"{crd['spec']['group']}/{version}"
+        check_scaledobject(obj, schema)
+    # Negative controls: each of these is an error the schema check must catch.
+    breakages = [
+        lambda spec: spec.pop("scaleTargetRef"),
+        lambda spec: spec["triggers"][0].pop("metadata"),
+        lambda spec: spec.__setitem__("minReplicaCount", -1),
+        lambda spec: spec.__setitem__("pollingInterval", "5s"),
+        lambda spec: spec["triggers"][0]["metadata"].__setitem__("maxReplicas", 8),
+        lambda spec: spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"].__setitem__("stabilizationWindow", 0),
+        lambda spec: spec.__setitem__("minReplicaCount", 9),
+    ]
+    for i, breakage in enumerate(breakages):
+        broken = copy.deepcopy(objs[0])
+        breakage(broken["spec"])
+        with pytest.raises((jsonschema.ValidationError, AssertionError)):
+            check_scaledobject(broken, schema)
+            pytest.fail(f"breakage {i} passed the schema check")
+
+
+@pytest.mark.parametrize("overlay", KEDA_OVERLAYS)
+def test_keda_overlay_runs_the_autoscaler_signal_only_for_what_the_scaledobject_asks(overlay):
+    objs = render(overlay)
+    (so,) = find(objs, "ScaledObject")
+    (dep,) = find(objs, "Deployment", "ember-autoscaler")
+    spec = dep["spec"]["template"]["spec"]
+    c = spec["containers"][0]
+    env = env_of(c)
+    # Signal-only: no scaling of its own, hence no Role, no Lease, no API token, no pools.
+    assert arg_or_env(c, "--backend", "EMBER_AUTOSCALER_BACKEND", "local") == "signal"
+    assert not [o for o in objs if o["kind"] in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding", "InferencePool")]
+    assert not [o for o in objs if o["kind"] == "CustomResourceDefinition"]
+    (sa,) = find(objs, "ServiceAccount", spec["serviceAccountName"])
+    assert spec["automountServiceAccountToken"] is False and sa["automountServiceAccountToken"] is False
+    # The ScaledObject scales the model's worker Deployment, which nothing else sizes.
+    target = so["spec"]["scaleTargetRef"]
+    assert target.get("kind", "Deployment") == "Deployment" and target.get("apiVersion", "apps/v1") == "apps/v1"
+    (workers,) = find(objs, "Deployment", target["name"])
+    assert "replicas" not in workers["spec"], "spec.replicas would fight the HPA on every apply"
+    assert ns(so) == ns(workers) == ns(dep) == "ember"
+    (trigger,) = so["spec"]["triggers"]
+    assert trigger["type"] in ("external-push", "external")
+    # The metric is replicas against a target of 1: only AverageValue makes the HPA's count the value.
+    assert trigger.get("metricType", "AverageValue") == "AverageValue"
+    model = trigger["metadata"]["model"]
+    assert workers["spec"]["template"]["metadata"]["labels"]["ember.dev/model"] == model
+    assert model in env["EMBER_AUTOSCALER_SIGNAL_MODELS"]["value"].split(",")
+    assert so["spec"]["maxReplicaCount"] == int(env["EMBER_AUTOSCALER_MAX_REPLICAS"]["value"])
+    assert so["spec"].get("minReplicaCount", 0) == int(env["EMBER_AUTOSCALER_MIN_REPLICAS"]["value"])
+    # scalerAddress -> the Service -> the container port the autoscaler listens on.
+    host, port = trigger["metadata"]["scalerAddress"].rsplit(":", 1)
+    name, namespace, *rest = host.split(".")
+    assert namespace == ns(dep) and rest in ([], ["svc"], ["svc", "cluster", "local"]), host
+    (svc,) = find(objs, "Service", name)
+    (svc_port,) = [p for p in svc["spec"]["ports"] if p["port"] == int(port)]
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    (container_port,) = [p for p in c["ports"] if p["name"] == svc_port["targetPort"]]
+    assert env["EMBER_AUTOSCALER_KEDA_LISTEN"]["value"] == f"0.0.0.0:{container_port['containerPort']}"
+
+
 def test_crd_equals_the_autoscalers_print_crd():
     proc = run([str(ROOT / "target/debug/ember-autoscaler"), "--print-crd"])
     assert proc.returncode == 0, proc.stderr
