@@ -286,6 +286,19 @@ async fn keda_is_answered_with_the_replicas_the_autoscaler_decides_from_backlog_
         model.clone(),
         12,
     );
+    // The worker is counted (20 ready + 12 in flight asks for more than 3) before the queue
+    // empties, so that activity never drops in between.
+    while !logged_decisions(&log_text(), &model)
+        .iter()
+        .any(|&(_, in_flight)| in_flight == 12)
+    {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the worker's heartbeats were never counted: {}",
+            log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let queue = topology::jobs_queue(&model);
     channel
         .queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
