@@ -16,6 +16,8 @@
 //! - [`args`]: the model and admin flags every part takes ([`args::ModelArgs`], flattened).
 //! - [`telemetry`]: logging set-up, the per-process metrics registry and the admin server
 //!   (`/metrics`, `/livez`, `/readyz`).
+//! - [`otel`]: OpenTelemetry traces across the queue (off unless `OTEL_*` asks), the W3C
+//!   `traceparent` in and out.
 //! - [`retry`]: exponential backoff with jitter, for tries over the network.
 //! - [`shutdown`]: SIGTERM/SIGINT to a `CancellationToken`; a second signal exits at once.
 
@@ -23,6 +25,7 @@ pub use ember_protocol::{model, protocol};
 
 pub mod amqp;
 pub mod args;
+pub mod otel;
 pub mod retry;
 pub mod shutdown;
 pub mod telemetry;

@@ -31,17 +31,66 @@ pub struct LogConfig {
     pub filter: String,
 }
 
-/// Installs the global `tracing` subscriber (logs go to stderr).
-pub fn init(config: &LogConfig) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.filter)?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if config.format == "json" {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
+/// What [`init`] set up that must be flushed at exit: the trace exporter, when traces are on.
+#[derive(Debug, Default)]
+#[must_use = "keep it until exit and call `shutdown`, or the last spans are lost"]
+pub struct Telemetry {
+    traces: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports the spans still buffered and stops the exporter (a blocking call, bounded by
+    /// the exporter's timeout).
+    pub fn shutdown(self) {
+        if let Some(provider) = self.traces
+            && let Err(error) = provider.shutdown()
+        {
+            tracing::warn!(%error, "trace exporter did not shut down cleanly");
+        }
     }
+}
+
+/// Installs the global `tracing` subscriber: logs to stderr, and traces over OTLP when the
+/// `OTEL_*` variables ask for them ([`crate::otel`]; `service` names the part unless
+/// `OTEL_SERVICE_NAME` does). Call it within the Tokio runtime.
+pub fn init(
+    config: &LogConfig,
+    service: &str,
+) -> Result<Telemetry, Box<dyn std::error::Error + Send + Sync>> {
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+
+    // Spans meant for traces never reach the logs.
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.filter)?
+        .add_directive(format!("{}=off", crate::otel::TARGET).parse()?);
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = if config.format == "json" {
+        logs.json().with_filter(filter).boxed()
+    } else {
+        logs.with_filter(filter).boxed()
+    };
+    let traces = if crate::otel::configured()? {
+        Some(crate::otel::provider(service)?)
+    } else {
+        None
+    };
+    let trace_layer = traces.as_ref().map(|provider| {
+        use opentelemetry::trace::TracerProvider as _;
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("ember"))
+            .with_filter(tracing_subscriber::filter::filter_fn(|metadata| {
+                metadata.target() == crate::otel::TARGET
+            }))
+    });
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(trace_layer)
+        .try_init()?;
+    if traces.is_some() {
+        tracing::info!("traces on: exporting over OTLP/gRPC");
+    }
+    Ok(Telemetry { traces })
 }
 
 /// Registers `collector` on `registry` and hands it back, for a part's `Metrics::register` to

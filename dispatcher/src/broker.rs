@@ -295,6 +295,14 @@ impl Broker {
             .await
             .clone()
             .ok_or_else(|| PublishError::Refused("not connected to the broker".into()))?;
+        // With traces on, the publish is a span of its own (a child of the request's), and the
+        // job carries its context: the worker's spans continue this trace.
+        let span = publish_span(&job);
+        let traceparent = ember_core::otel::traceparent(&span);
+        let job = OutgoingJob {
+            traceparent: traceparent.as_deref().or(job.traceparent),
+            ..job
+        };
         let headers = job_headers(&job, unix_ms());
         let mut properties = BasicProperties::default()
             .with_message_id(job.job_id.into())
@@ -317,21 +325,24 @@ impl Broker {
             .version
             .map(|version| topology::version_routing_key(job.model, version));
         let started = Instant::now();
-        let confirmed = async {
-            link.channel
-                .basic_publish(
-                    topology::JOBS_EXCHANGE.into(),
-                    routing_key.as_deref().unwrap_or(job.model).into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    job.body,
-                    properties,
-                )
-                .await?
-                .await
-        }
+        let confirmed = tracing::Instrument::instrument(
+            async {
+                link.channel
+                    .basic_publish(
+                        topology::JOBS_EXCHANGE.into(),
+                        routing_key.as_deref().unwrap_or(job.model).into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        job.body,
+                        properties,
+                    )
+                    .await?
+                    .await
+            },
+            span.clone(),
+        )
         .await;
         metrics
             .publish_confirm
@@ -516,6 +527,30 @@ impl Broker {
             .clear();
         outcome
     }
+}
+
+/// The span of a job's publish, with the OpenTelemetry messaging attributes; none with traces
+/// off.
+fn publish_span(job: &OutgoingJob<'_>) -> tracing::Span {
+    if !ember_core::otel::on() {
+        return tracing::Span::none();
+    }
+    let destination = match job.version {
+        Some(version) => topology::version_routing_key(job.model, version),
+        None => job.model.to_string(),
+    };
+    tracing::info_span!(
+        target: ember_core::otel::TARGET,
+        "publish",
+        otel.name = format!("publish {}", topology::JOBS_EXCHANGE),
+        otel.kind = "producer",
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "send",
+        messaging.destination.name = topology::JOBS_EXCHANGE,
+        messaging.rabbitmq.destination.routing_key = destination,
+        messaging.message.id = job.job_id,
+        ember.model = job.model,
+    )
 }
 
 /// A job's AMQP headers: when it was submitted (`now_ms`), and whichever of the callback URL,

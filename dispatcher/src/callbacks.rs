@@ -138,6 +138,26 @@ enum Attempt {
     GiveUp(String),
 }
 
+/// The span of one callback attempt (a client request), in the job's trace (the result's
+/// `traceparent` is the worker's job span); none with traces off.
+fn attempt_span(traceparent: Option<&str>, job_id: &str, attempt: u32) -> tracing::Span {
+    if !ember_core::otel::on() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        target: ember_core::otel::TARGET,
+        "callback",
+        otel.name = "POST callback",
+        otel.kind = "client",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = "POST",
+        ember.job_id = job_id,
+        ember.callback.attempt = attempt,
+    );
+    ember_core::otel::set_remote_parent(&span, traceparent);
+    span
+}
+
 impl CallbackSender {
     async fn attempt(&self, url: &str, id: &str, body: &[u8]) -> Attempt {
         if let Err(error) = self.guard.check_before_send(url) {
@@ -218,8 +238,20 @@ impl CallbackSender {
         self.metrics.callbacks_pending.inc();
         let started = Instant::now();
         let mut attempt = 1;
+        let traceparent = header_str(headers, header::TRACEPARENT).map(str::to_string);
         let outcome = loop {
-            match self.attempt(&url, &job_id, &delivery.data).await {
+            let span = attempt_span(traceparent.as_deref(), &job_id, attempt);
+            let tried = self.attempt(&url, &job_id, &delivery.data);
+            let tried = tracing::Instrument::instrument(tried, span.clone()).await;
+            if !span.is_disabled() {
+                let status = if matches!(tried, Attempt::Delivered) {
+                    "OK"
+                } else {
+                    "ERROR"
+                };
+                span.record("otel.status_code", status);
+            }
+            match tried {
                 Attempt::Delivered => break Ok(()),
                 Attempt::GiveUp(error) => break Err(error),
                 Attempt::Retry { error, retry_after } => {

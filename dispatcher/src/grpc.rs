@@ -276,7 +276,26 @@ impl GrpcInferenceService for OipGrpc {
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
         let started = Instant::now();
-        let outcome = self.infer(request).await;
+        let span = if ember_core::otel::on() {
+            let span = tracing::info_span!(
+                target: ember_core::otel::TARGET,
+                "rpc",
+                otel.name = "inference.GRPCInferenceService/ModelInfer",
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.service = "inference.GRPCInferenceService",
+                rpc.method = "ModelInfer",
+            );
+            let traceparent = request
+                .metadata()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok());
+            ember_core::otel::set_remote_parent(&span, traceparent);
+            span
+        } else {
+            tracing::Span::none()
+        };
+        let outcome = tracing::Instrument::instrument(self.infer(request), span).await;
         self.observe("ModelInfer", started, outcome)
             .map(Response::new)
     }

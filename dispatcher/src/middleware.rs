@@ -39,7 +39,14 @@ pub async fn observe(State(state): State<Arc<AppState>>, request: Request, next:
         .unwrap_or_else(|| "unmatched".into());
     let method = request.method().as_str().to_string();
     let started = Instant::now();
-    let response = next.run(request).await;
+    let span = server_span(&method, &route, request.headers());
+    let response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
+    if !span.is_disabled() {
+        span.record("http.response.status_code", response.status().as_u16());
+        if response.status().is_server_error() {
+            span.record("otel.status_code", "ERROR");
+        }
+    }
     state
         .metrics
         .request_duration
@@ -51,6 +58,27 @@ pub async fn observe(State(state): State<Arc<AppState>>, request: Request, next:
         .with_label_values(&[&route, &method, response.status().as_str()])
         .inc();
     response
+}
+
+/// The server span of a request, its parent the client's `traceparent` when it sent one; none
+/// with traces off.
+fn server_span(method: &str, route: &str, headers: &axum::http::HeaderMap) -> tracing::Span {
+    if !ember_core::otel::on() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        target: ember_core::otel::TARGET,
+        "request",
+        otel.name = format!("{method} {route}"),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        http.request.method = method,
+        http.route = route,
+        http.response.status_code = tracing::field::Empty,
+    );
+    let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
+    ember_core::otel::set_remote_parent(&span, traceparent);
+    span
 }
 
 /// 431 with a JSON error when the header fields are too many or too large. (hyper's own

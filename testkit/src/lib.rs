@@ -27,6 +27,7 @@ use std::time::Duration;
 pub mod amqp;
 pub mod callbacks;
 pub mod fake_redis;
+pub mod otlp;
 pub mod process;
 pub mod rabbitmq;
 pub mod resolver;

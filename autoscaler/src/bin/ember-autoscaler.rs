@@ -7,8 +7,10 @@ async fn main() -> anyhow::Result<()> {
         print!("{}", ember_autoscaler::kubernetes::crd_yaml());
         return Ok(());
     }
-    ember_core::telemetry::init(&config.log).map_err(|e| anyhow::anyhow!(e))?;
+    let telemetry = ember_core::telemetry::init(&config.log, "ember-autoscaler")
+        .map_err(|e| anyhow::anyhow!(e))?;
     let shutdown = ember_core::shutdown::on_signal();
-    ember_autoscaler::run(config, shutdown).await?;
-    Ok(())
+    let outcome = ember_autoscaler::run(config, shutdown).await;
+    telemetry.shutdown();
+    Ok(outcome?)
 }

@@ -40,6 +40,16 @@ impl Dispatcher {
 
     /// Serving `model_dir` (a bundled model, or a directory holding only `model.onnx`).
     pub async fn start_with_dir(model: &str, model_dir: &Path, extra: &[&str]) -> Self {
+        Self::start_with_env(model, model_dir, extra, &[]).await
+    }
+
+    /// The same, with more environment variables (e.g. `OTEL_*`).
+    pub async fn start_with_env(
+        model: &str,
+        model_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let port = free_port();
         let admin_port = free_port();
         let log = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
@@ -63,7 +73,8 @@ impl Dispatcher {
                 ])
                 .args(insecure_unless_tokens(extra))
                 .args(extra)
-                .env("EMBER_LOG", "info,ember_dispatcher=debug"),
+                .env("EMBER_LOG", "info,ember_dispatcher=debug")
+                .envs(env.iter().copied()),
             log,
         );
         let dispatcher = Self {

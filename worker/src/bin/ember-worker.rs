@@ -10,10 +10,13 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(config: ember_worker::Config) -> anyhow::Result<()> {
-    ember_core::telemetry::init(&config.log).map_err(|e| anyhow::anyhow!(e))?;
+    let telemetry =
+        ember_core::telemetry::init(&config.log, "ember-worker").map_err(|e| anyhow::anyhow!(e))?;
     if config.check {
         // Load, validate against the graph, warm up once, print the verdict, exit.
-        match ember_worker::check(&config).await {
+        let checked = ember_worker::check(&config).await;
+        telemetry.shutdown();
+        match checked {
             Ok(verdict) => println!("{verdict:#}"),
             Err(error) => {
                 println!(
@@ -26,6 +29,7 @@ async fn serve(config: ember_worker::Config) -> anyhow::Result<()> {
         return Ok(());
     }
     let shutdown = ember_core::shutdown::on_signal();
-    ember_worker::run(config, shutdown).await?;
-    Ok(())
+    let outcome = ember_worker::run(config, shutdown).await;
+    telemetry.shutdown();
+    Ok(outcome?)
 }

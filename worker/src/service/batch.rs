@@ -9,10 +9,12 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use ember_core::amqp::unix_ms;
+use ember_core::otel;
 use ember_core::protocol::Timing;
 use lapin::Channel;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 use super::Context;
 use super::intake::Job;
@@ -112,7 +114,14 @@ async fn run(ctx: &Context, bucket: Vec<(Job, Prepared)>, now_ms: u64) -> Vec<An
     for wait in &waits {
         ctx.metrics.queue_wait.observe(wait.as_secs_f64());
     }
-    match ctx.engine.infer(prepared.iter_mut().collect()).await {
+    let mut jobs = jobs;
+    let run_span = run_span(ctx, &mut jobs, rows);
+    let inferred = ctx
+        .engine
+        .infer(prepared.iter_mut().collect())
+        .instrument(run_span)
+        .await;
+    match inferred {
         Ok(output) => {
             let seconds = output.inference.as_secs_f64();
             ctx.metrics.inference.observe(seconds);
@@ -151,6 +160,31 @@ async fn run(ctx: &Context, bucket: Vec<(Job, Prepared)>, now_ms: u64) -> Vec<An
                 .collect()
         }
     }
+}
+
+/// The span of one `session.run` (traces on): a trace of its own, linked to each of its jobs'
+/// spans and they to it; each job's wait for a batch ends here.
+fn run_span(ctx: &Context, jobs: &mut [Job], rows: usize) -> tracing::Span {
+    for job in jobs.iter_mut() {
+        job.batch_wait = tracing::Span::none();
+    }
+    if !otel::on() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        target: otel::TARGET,
+        parent: None,
+        "session.run",
+        otel.name = "session.run",
+        ember.model = ctx.model.as_str(),
+        ember.batch.jobs = jobs.len(),
+        ember.batch.rows = rows,
+    );
+    for job in jobs.iter() {
+        otel::link(&span, &job.span);
+        otel::link(&job.span, &span);
+    }
+    span
 }
 
 #[cfg(test)]

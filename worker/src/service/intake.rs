@@ -4,15 +4,17 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ember_core::amqp::{header_flag, header_str, header_u64, unix_ms};
 use ember_core::protocol::header;
+use ember_core::{otel, topology};
 use lapin::message::Delivery;
 use lapin::types::{LongString, ShortString};
 use lapin::{Acker, BasicProperties, Channel};
 use tokio::sync::mpsc;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 use super::Context;
 use super::reply::{Answer, finish};
@@ -109,6 +111,10 @@ pub struct Job {
     pub arrived: Instant,
     /// How long its body took to prepare (decode, preprocess).
     pub prepare: Duration,
+    /// The job's span, with traces on (ended when the job is settled); else none.
+    pub span: tracing::Span,
+    /// Its wait for a batch, from its preparation to its run (traces on).
+    pub batch_wait: tracing::Span,
 }
 
 impl Job {
@@ -126,8 +132,50 @@ impl Job {
             envelope: decode_envelope(&properties, redelivered),
             arrived: Instant::now(),
             prepare: Duration::ZERO,
+            span: tracing::Span::none(),
+            batch_wait: tracing::Span::none(),
         };
         (job, data)
+    }
+
+    /// Starts the job's trace (traces on): its time in the queue, from the submission stamp to
+    /// now, as a span under the publish that sent it, and the job's own span, continuing the
+    /// publisher's trace (its `traceparent`; a job without one starts a trace).
+    pub fn start_trace(&mut self, model: &str) {
+        let traceparent = self.envelope.traceparent.as_ref().map(|t| t.to_string());
+        let parent = otel::remote(traceparent.as_deref());
+        let queue = topology::jobs_queue(model);
+        if let Some(at) = self.envelope.submitted_at_ms {
+            let start = UNIX_EPOCH + Duration::from_millis(at);
+            let now = SystemTime::now();
+            if start <= now {
+                otel::record_span(
+                    "queue",
+                    &parent,
+                    start,
+                    now,
+                    vec![otel::KeyValue::new(
+                        "messaging.destination.name",
+                        queue.clone(),
+                    )],
+                );
+            }
+        }
+        let span = tracing::info_span!(
+            target: otel::TARGET,
+            parent: None,
+            "process",
+            otel.name = format!("process {queue}"),
+            otel.kind = "consumer",
+            otel.status_code = tracing::field::Empty,
+            messaging.system = "rabbitmq",
+            messaging.operation.type = "process",
+            messaging.destination.name = queue,
+            messaging.message.id = self.envelope.job_id.as_str(),
+            ember.attempt = self.envelope.attempt,
+        );
+        otel::set_remote_parent(&span, traceparent.as_deref());
+        self.span = span;
     }
 
     pub fn id(&self) -> &str {
@@ -162,7 +210,10 @@ pub fn accept(
 ) {
     ctx.stats.in_flight.fetch_add(1, Ordering::Relaxed);
     ctx.metrics.in_flight.inc();
-    let (job, body) = Job::from_delivery(delivery);
+    let (mut job, body) = Job::from_delivery(delivery);
+    if otel::on() {
+        job.start_trace(&ctx.model);
+    }
     chaos_crash_on(&body);
     if let Some(error) = ctx.refusal(&job, unix_ms()) {
         tracker.spawn(finish(
@@ -177,8 +228,10 @@ pub fn accept(
     tracker.spawn(async move {
         let mut job = job;
         let started = Instant::now();
-        let prepared = prepare(&ctx, &job.envelope, body).await;
+        let decode = otel::step(&job.span, "decode");
+        let prepared = prepare(&ctx, &job.envelope, body).instrument(decode).await;
         job.prepare = started.elapsed();
+        job.batch_wait = otel::step(&job.span, "batch wait");
         ctx.stats.preparing.fetch_sub(1, Ordering::SeqCst);
         match prepared {
             // A closed batcher (connection lost) drops the job: the broker redelivers it.

@@ -14,6 +14,7 @@ use ember_core::topology;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicPublishOptions};
 use lapin::types::LongString;
 use lapin::{BasicProperties, Channel};
+use tracing::Instrument as _;
 
 use super::Context;
 use super::intake::Job;
@@ -37,6 +38,14 @@ impl Answer {
             timing: Timing::default(),
         }
     }
+}
+
+/// The result's `traceparent`: the job span's with traces on (a callback's attempts continue
+/// the job's trace), else the job's own as it came.
+fn result_traceparent(job: &Job) -> Option<LongString> {
+    ember_core::otel::traceparent(&job.span)
+        .map(LongString::from)
+        .or_else(|| job.envelope.traceparent.clone())
 }
 
 fn result_headers(result: &JobResult, traceparent: Option<&LongString>) -> Headers {
@@ -132,13 +141,29 @@ async fn publish_result(
     job: &Job,
     result: &JobResult,
 ) -> Result<Vec<lapin::PublisherConfirm>> {
+    let span = ember_core::otel::step(&job.span, "publish result");
+    if result.status != Status::Ok && !job.span.is_disabled() {
+        job.span.record("otel.status_code", "ERROR");
+    }
+    publish_result_in(ctx, publisher, job, result)
+        .instrument(span)
+        .await
+}
+
+async fn publish_result_in(
+    ctx: &Context,
+    publisher: &Channel,
+    job: &Job,
+    result: &JobResult,
+) -> Result<Vec<lapin::PublisherConfirm>> {
+    let traceparent = result_traceparent(job);
     let body = serde_json::to_vec(result).map_err(|e| Error::Internal(e.to_string()))?;
     let mut properties = BasicProperties::default()
         .with_content_type(protocol::content_type::JSON.into())
         .with_message_id(job.envelope.job_id.as_str().into())
         .with_delivery_mode(2)
         .with_timestamp(unix_ms() / 1000)
-        .with_headers(result_headers(result, job.envelope.traceparent.as_ref()).into_table());
+        .with_headers(result_headers(result, traceparent.as_ref()).into_table());
     if let Some(correlation_id) = &job.envelope.correlation_id {
         properties = properties.with_correlation_id(correlation_id.clone());
     }
@@ -174,7 +199,7 @@ async fn publish_result(
         );
     }
     if let Some(url) = &job.envelope.callback_url {
-        let mut headers = result_headers(result, job.envelope.traceparent.as_ref());
+        let mut headers = result_headers(result, traceparent.as_ref());
         headers.text(header::CALLBACK_URL, url.clone());
         confirms.push(
             publisher
