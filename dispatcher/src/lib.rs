@@ -344,6 +344,14 @@ async fn serve_grpc(
 ) -> Result<tokio::task::JoinHandle<()>, Error> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "gRPC API listening (inference.GRPCInferenceService)");
+    // HTTP/2 answers a call in several writes (headers, data, trailers): without TCP_NODELAY
+    // the last waits for the client's delayed ACK (measured: a 300x300 tensor's round trip
+    // 44.5 ms against 24.9 over REST, benchmarks.md section 2).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "TCP_NODELAY not set");
+        }
+    });
     let app = tonic::service::Routes::new(grpc::OipGrpc::new(state).server())
         .into_axum_router()
         .into_make_service_with_connect_info::<std::net::SocketAddr>();
