@@ -113,6 +113,9 @@ pub fn remote(traceparent: Option<&str>) -> Context {
 /// The `traceparent` that makes a receiver's spans children of `span`; `None` when the span is
 /// not recorded (traces off, or not sampled: then a given header passes on as it came).
 pub fn traceparent(span: &tracing::Span) -> Option<String> {
+    if span.is_disabled() {
+        return None;
+    }
     let context = span.context();
     if !context.span().span_context().is_valid() {
         return None;
