@@ -345,8 +345,9 @@ async fn serve_grpc(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "gRPC API listening (inference.GRPCInferenceService)");
     // HTTP/2 answers a call in several writes (headers, data, trailers): without TCP_NODELAY
-    // the last waits for the client's delayed ACK (measured: a 300x300 tensor's round trip
-    // 44.5 ms against 24.9 over REST, benchmarks.md section 2).
+    // the last waits for the client's delayed ACK (measured without it: a 300x300 tensor's
+    // round trip p50 45.1 ms over gRPC against 25.0 ms over REST, median of 3 rounds,
+    // docs/benchmarks/overhead-grpc-before-nodelay.json).
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
         if let Err(error) = tcp.set_nodelay(true) {
             tracing::debug!(%error, "TCP_NODELAY not set");
