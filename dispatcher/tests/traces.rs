@@ -241,7 +241,10 @@ async fn a_job_is_one_trace_across_dispatcher_queue_and_worker_and_a_batch_links
         largest = largest.max(jobs);
     }
     assert_eq!(linked, 8, "each queued job's span is linked from one run");
-    assert_eq!(largest, 4, "a batch of four links four job spans: {runs:#?}");
+    assert_eq!(
+        largest, 4,
+        "a batch of four links four job spans: {runs:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
