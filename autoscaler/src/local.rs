@@ -665,21 +665,8 @@ fn report(ctx: &Context, model: &LocalModel, scaled: &Scaled, view: &ModelView, 
         stopped = ?applied.stopped,
         "scaling decision"
     );
-    let direction = match model.last {
-        Some(last) if decision.replicas > last => "up",
-        Some(last) if decision.replicas < last => "down",
-        None if decision.replicas > 0 => "up",
-        _ => "hold",
-    };
-    let reason = decision
-        .reasons
-        .first()
-        .map(|r| r.as_str())
-        .unwrap_or("steady");
     ctx.metrics
-        .decisions
-        .with_label_values(&[&model.name, direction, reason])
-        .inc();
+        .count_decision(&model.name, model.last, decision);
 }
 
 /// How to start a worker (the model's flags come from its [`ModelSource`]).

@@ -19,6 +19,30 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Counts one decision in `ember_autoscaler_decisions_total`: its direction from the last
+    /// decided count (`None`: the first), its reason the first of the decision's.
+    pub fn count_decision(
+        &self,
+        model: &str,
+        last: Option<u32>,
+        decision: &crate::policy::Decision,
+    ) {
+        let direction = match last {
+            Some(last) if decision.replicas > last => "up",
+            Some(last) if decision.replicas < last => "down",
+            None if decision.replicas > 0 => "up",
+            _ => "hold",
+        };
+        let reason = decision
+            .reasons
+            .first()
+            .map(|r| r.as_str())
+            .unwrap_or("steady");
+        self.decisions
+            .with_label_values(&[model, direction, reason])
+            .inc();
+    }
+
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
         let int = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["model"]);
         let float = |name: &str, help: &str| GaugeVec::new(Opts::new(name, help), &["model"]);

@@ -113,21 +113,7 @@ fn report(ctx: &Context, model: &str, last: Option<u32>, scaled: &Scaled, servic
         replicas_starting = signals.replicas_starting,
         "scaling decision"
     );
-    let direction = match last {
-        Some(last) if decision.replicas > last => "up",
-        Some(last) if decision.replicas < last => "down",
-        None if decision.replicas > 0 => "up",
-        _ => "hold",
-    };
-    let reason = decision
-        .reasons
-        .first()
-        .map(|r| r.as_str())
-        .unwrap_or("steady");
-    ctx.metrics
-        .decisions
-        .with_label_values(&[model, direction, reason])
-        .inc();
+    ctx.metrics.count_decision(model, last, decision);
 }
 
 #[cfg(test)]
